@@ -1,0 +1,40 @@
+// Storage-dtype adapters for CPU kernels: load to fp32, store from fp32. Plain
+// bit operations on uint16_t (not c10::BFloat16 objects) so gcc vectorizes them.
+#pragma once
+#include <c10/util/Half.h>
+#include <type_traits>
+#include "dlopt/rounding.h"
+
+namespace dlopt {
+
+// How an fp32 result is written into a low-precision param.
+enum class Store { kNearest, kMaster, kStochastic };
+
+struct F32 {
+  using T = float;
+  static inline float load(float x) { return x; }
+  static inline float store(float x) { return x; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(uint16_t x) { return bf16_bits_to_float(x); }
+  static inline uint16_t store(float x) { return bf16_bits_rne(x); }
+};
+
+struct F16 {
+  using T = uint16_t;
+  static inline float load(uint16_t x) { return c10::detail::fp16_ieee_to_fp32_value(x); }
+  static inline uint16_t store(float x) { return c10::detail::fp16_ieee_from_fp32_value(x); }
+};
+
+template <class P, Store STORE>
+inline typename P::T store_param(float x, uint32_t key, int64_t i) {
+  if constexpr (STORE == Store::kStochastic && std::is_same_v<P, BF16>) {
+    return bf16_bits_stochastic(x, sr_random(key, static_cast<uint64_t>(i)));
+  } else {
+    return P::store(x);
+  }
+}
+
+}  // namespace dlopt

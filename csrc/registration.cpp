@@ -1,0 +1,48 @@
+// The private op namespace `dlopt_C`: schemas of every compiled kernel, plus
+// build facts for `dlopt-kernels info`. Device files register implementations
+// with TORCH_LIBRARY_IMPL(dlopt_C, CPU|CUDA, m); the public `torch.ops.dlopt.*`
+// contract lives in Python (dlopt_kernels/ops/) and routes here.
+//
+// Why the classic TORCH_LIBRARY API and not the ABI-stable one: the stable
+// API's boxed kernels on torch 2.11-2.13 do not accept Tensor[] arguments for
+// every list we need (mutable tensor lists), and multi-tensor ops are our core.
+#include <Python.h>
+#include <string>
+#include <torch/library.h>
+
+namespace {
+
+std::string build_info() {
+  std::string isa = "generic";
+#if defined(__AVX512F__)
+  isa = "avx512";
+#elif defined(__AVX2__)
+  isa = "avx2";
+#elif defined(__ARM_NEON)
+  isa = "neon";
+#endif
+#if defined(DLOPT_WITH_CUDA)
+  return "cpu_isa=" + isa + ";cuda=1;cuda_arch=" DLOPT_CUDA_ARCH_STR;
+#else
+  return "cpu_isa=" + isa + ";cuda=0";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dlopt_C, m) {
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
+      "Tensor(f!)[] state_steps, Tensor lr, float beta1, float beta2, float weight_decay, "
+      "float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed) -> ()");
+  m.def("build_info() -> str", &build_info);
+}
+
+// Importing dlopt_kernels._C loads this library and so runs the registrations
+// above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,125 @@
+"""Which implementation runs an op: the backend registry.
+
+Each backend module registers its kernels with `@register(op, backend)`. `resolve`
+picks one per call from the tensors' device and the requested backend:
+
+- ``auto`` (or the ``DLOPT_BACKEND`` environment variable when the caller said
+  auto): CUDA tensors -> cuda > triton > reference; CPU tensors -> cpu > reference;
+  any other device (MPS, XLA, ...) -> reference. A fall back past a missing
+  compiled library is logged once.
+- an explicit backend that cannot run here raises `BackendUnavailableError`
+  saying why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Callable
+
+import torch
+
+from dlopt_kernels import _lib
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_KERNELS: dict[tuple[str, str], Callable] = {}
+_CACHE: dict[tuple, tuple[str, Callable]] = {}
+_LOGGED: set = set()
+log = logging.getLogger("dlopt_kernels")
+
+
+class BackendUnavailableError(ValueError):
+    """An explicitly requested backend cannot run on this machine or device."""
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def deco(fn: Callable) -> Callable:
+        _KERNELS[(op, backend)] = fn
+        _CACHE.clear()
+        return fn
+
+    return deco
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_unavailable(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run tensors of `device_type` here, else the reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs CPU tensors, not {device_type} tensors"
+        if not _lib.LOADED["cpu"]:
+            return f"the C++ library failed to load: {_lib.LOAD_ERRORS.get('cpu')}"
+        return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs CUDA tensors, not {device_type} tensors"
+        if not _lib.LOADED["cuda"]:
+            return f"the CUDA library is not available: {_lib.LOAD_ERRORS.get('cuda')}"
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpreted()):
+            return None
+        return (f"triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                f"not {device_type} tensors")
+    return f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}"
+
+
+def check_backend_name(backend: str, arg: str = "backend") -> str:
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"{arg} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
+def requested_backend(backend: str) -> str:
+    """The caller's choice, with DLOPT_BACKEND standing in for 'auto'."""
+    if backend == "auto":
+        env = os.environ.get("DLOPT_BACKEND", "auto") or "auto"
+        return check_backend_name(env, "DLOPT_BACKEND")
+    return backend
+
+
+def resolve(op: str, device: torch.device, backend: str = "auto") -> tuple[str, Callable]:
+    """The (backend name, kernel) that runs `op` on `device` for the request `backend`."""
+    requested = requested_backend(backend)
+    key = (op, device.type, requested)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    if requested != "auto":
+        reason = why_unavailable(requested, device.type)
+        if reason is None and (op, requested) not in _KERNELS:
+            reason = f"op {op!r} has no {requested} kernel"
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={requested!r} cannot run {op}: {reason}")
+        choice = requested
+    else:
+        order = _AUTO_ORDER.get(device.type, ("reference",))
+        choice = next(b for b in order
+                      if (op, b) in _KERNELS and why_unavailable(b, device.type) is None)
+        if choice != order[0] and (op, device.type) not in _LOGGED:
+            _LOGGED.add((op, device.type))
+            log.warning("dlopt_kernels: %s on %s uses the %s backend (%s)", op, device.type,
+                        choice, why_unavailable(order[0], device.type))
+    _CACHE[key] = (choice, _KERNELS[(op, choice)])
+    return _CACHE[key]
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    """Backends that can run tensors of `device_type` on this machine."""
+    return [b for b in BACKENDS if why_unavailable(b, device_type) is None]
+
+
+def clear_cache() -> None:
+    """Forget resolved choices (after changing DLOPT_BACKEND or TRITON_INTERPRET)."""
+    _CACHE.clear()

@@ -1,0 +1,246 @@
+"""Machinery every dlopt optimizer shares: argument checks, backend choice, low-precision
+params (fp32 master weights or bf16 stochastic rounding), state creation, GradScaler
+support and state_dict loading that keeps our state dtypes.
+
+A subclass sets `_state_keys` (the per-param state tensors besides 'step'), and
+implements `_group_step(group, lists, grad_scale, found_inf)`, which calls one fused op
+per (device, dtype) bucket.
+"""
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from dlopt_kernels.backends import registry
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_hparam(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None,
+                 high_inclusive: bool = False, allow_tensor: bool = False) -> None:
+    """Raise TypeError/ValueError naming `name` unless low <= value (< or <=) high."""
+    if isinstance(value, Tensor):
+        if not allow_tensor:
+            raise TypeError(f"{name} must be a float, got a Tensor")
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype == torch.int64):
+            raise TypeError(f"Tensor {name} must be a real floating point tensor, got {value.dtype}")
+        v = float(value.detach().cpu())
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    else:
+        v = float(value)
+    ok = low <= v and (high is None or (v <= high if high_inclusive else v < high))
+    if not ok or math.isnan(v):
+        bound = "" if high is None else f" and {'<=' if high_inclusive else '<'} {high}"
+        raise ValueError(f"Invalid {name}: {v} (must be >= {low}{bound})")
+
+
+def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: a torch.optim.Optimizer whose step is one fused multi-tensor op."""
+
+    _state_keys: tuple[str, ...] = ()
+    # GradScaler hands us grad_scale / found_inf instead of unscaling grads itself.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str,
+                 master_weights: bool, stochastic_rounding: bool, differentiable: bool,
+                 foreach: Optional[bool], fused: Optional[bool]) -> None:
+        registry.check_backend_name(backend)
+        check_bool("master_weights", master_weights)
+        check_bool("stochastic_rounding", stochastic_rounding)
+        check_bool("foreach", foreach, allow_none=True)
+        check_bool("fused", fused, allow_none=True)
+        if differentiable:
+            raise ValueError(
+                "differentiable=True is not supported: dlopt_kernels optimizers update params "
+                "in place with fused kernels that autograd cannot differentiate through "
+                "(use torch.optim for differentiable optimizer steps)")
+        if foreach and fused:
+            raise ValueError("fused=True and foreach=True cannot be set together")
+        if master_weights and stochastic_rounding:
+            raise ValueError("master_weights=True and stochastic_rounding=True exclude each "
+                             "other: pick fp32 master copies or bf16 stochastic rounding")
+        defaults.update(backend=backend, master_weights=master_weights,
+                        stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults)
+
+    # -- param groups -------------------------------------------------------------------
+    def _check_group_hparams(self, group: dict[str, Any]) -> None:
+        """Subclasses validate their hyperparameters (called for every param group)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except Exception:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        registry.check_backend_name(group["backend"], "backend")
+        self._check_group_hparams(group)
+        device_types = set()
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(f"params[{i}] is complex ({p.dtype}); dlopt_kernels optimizers "
+                                "support float32, bfloat16 and float16 params")
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"params[{i}] has dtype {p.dtype}; dlopt_kernels optimizers "
+                                "support float32, bfloat16 and float16 params")
+            if p.is_sparse:
+                raise TypeError(f"params[{i}] is a sparse tensor, which is not supported")
+            if group["stochastic_rounding"] and p.dtype == torch.float16:
+                raise ValueError(f"stochastic_rounding=True rounds to bfloat16, but params[{i}] is "
+                                 "float16: use master_weights=True for float16 params")
+            device_types.add(p.device.type)
+        requested = registry.requested_backend(group["backend"])
+        if requested != "auto":
+            for dt in device_types:
+                reason = registry.why_unavailable(requested, dt)
+                if reason is not None:
+                    raise registry.BackendUnavailableError(f"backend={requested!r}: {reason}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints from torch.optim lack our keys: take this optimizer's defaults.
+        for group in self.param_groups:
+            for key in ("backend", "master_weights", "stochastic_rounding"):
+                group.setdefault(key, self.defaults.get(key, False if key != "backend" else "auto"))
+
+    # -- state ------------------------------------------------------------------------
+    @staticmethod
+    def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        """fp32 states for low-precision params with master weights or stochastic rounding
+        (that is the point of both); otherwise the param dtype, as torch.optim does."""
+        if p.dtype in _LOW_PRECISION and (
+                group["master_weights"] or (group["stochastic_rounding"] and p.dtype == torch.bfloat16)):
+            return torch.float32
+        return p.dtype
+
+    def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state tensors this group's params carry (besides 'step')."""
+        return self._state_keys
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = self._state_dtype(p, group)
+        # On the param's device (torch's fused/capturable layout), so kernels read it there.
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in self._state_keys_for(group):
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if group["master_weights"] and p.dtype in _LOW_PRECISION:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+
+    def _master_of(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Optional[Tensor]:
+        if not group["master_weights"] or p.dtype not in _LOW_PRECISION:
+            return None
+        master = state.get("master_param")
+        if master is None:  # e.g. loaded from a torch.optim checkpoint
+            master = state["master_param"] = p.detach().to(torch.float32, copy=True)
+        return master
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint from this class or from the torch.optim twin.
+
+        torch casts every floating state tensor to its param's dtype; we then restore
+        the saved values at the dtype we keep (fp32 states and master copies for
+        low-precision params), so training resumes bit for bit.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        super().load_state_dict(state_dict)
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(saved_ids, params):
+            if pid not in saved_state or p not in self.state:
+                continue
+            state = self.state[p]
+            for key, value in saved_state[pid].items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "step":
+                    state[key] = value.detach().to(dtype=torch.float32, device=p.device).clone()
+                elif key == "master_param":
+                    state[key] = value.detach().to(dtype=torch.float32, device=p.device).clone()
+                elif key in self._state_keys and value.is_floating_point():
+                    dtype = self._state_dtype(p, group)
+                    t = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state[key] = t.copy_(value.detach())
+
+    # -- step -------------------------------------------------------------------------
+    @staticmethod
+    def _sr_seed(group: dict[str, Any], device: torch.device, dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+        if not group["stochastic_rounding"] or dtype == torch.float32:
+            return None
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+
+    @staticmethod
+    def _lr_tensor(lr: Any, device: torch.device) -> Tensor:
+        if isinstance(lr, Tensor):
+            return lr.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+        return torch.tensor(lr, dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                            device=device)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._group_step(group, grad_scale, found_inf)
+        return loss
+
+    def _group_step(self, group: dict[str, Any], grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _collect(self, group: dict[str, Any], name: str) -> dict[tuple, list[list]]:
+        """Bucket the params of `group` that have a grad by (device, dtype), creating
+        state on first use. Each bucket is [params, grads, steps, masters, *states] with
+        states in `_state_keys` order; `masters` is empty unless the bucket is
+        low-precision under master_weights."""
+        buckets: dict[tuple, list[list]] = {}
+        state_of = self.state
+        keys = self._state_keys_for(group)
+        use_master = group["master_weights"]
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise TypeError(f"{name} does not support sparse gradients (got one for a param "
+                                f"of shape {tuple(p.shape)}); use torch.optim.SparseAdam")
+            if g.dtype != p.dtype:
+                raise TypeError(f"a grad has dtype {g.dtype} but its param has {p.dtype}")
+            state = state_of[p]
+            if len(state) == 0:
+                self._init_state(p, state, group)
+            key = (p.device, p.dtype)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = [[] for _ in range(4 + len(keys))]
+            bucket[0].append(p)
+            bucket[1].append(g)
+            bucket[2].append(state["step"])
+            if use_master and p.dtype in _LOW_PRECISION:
+                bucket[3].append(self._master_of(p, state, group))
+            for i, k in enumerate(keys):
+                bucket[4 + i].append(state[k])
+        return buckets

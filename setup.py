@@ -1,0 +1,52 @@
+"""Build the compiled kernels: dlopt_kernels._C (C++ CPU, always) and, where a CUDA
+toolkit and a CUDA build of torch exist, dlopt_kernels._C_cuda.
+
+Environment:
+  DLOPT_BUILD_CUDA  auto (default) | 1 (force, fail if impossible) | 0 (never)
+  DLOPT_CPU_ARCH    -march value for the CPU kernels (default: native; e.g. x86-64-v3)
+  DLOPT_CUDA_ARCH   SM list for nvcc, e.g. "80;90" (default: 80;90)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(ROOT, "csrc", "include")
+
+
+def want_cuda() -> bool:
+    # Decide from the toolkit and torch's build, never from torch.cuda.is_available():
+    # a GPU build host may have no GPU.
+    flag = os.environ.get("DLOPT_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    nvcc = shutil.which("nvcc") or (
+        cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    possible = bool(__import__("torch").version.cuda) and bool(nvcc)
+    if flag in ("1", "true", "yes", "on") and not possible:
+        raise RuntimeError("DLOPT_BUILD_CUDA=1 but torch has no CUDA build or nvcc is missing")
+    return possible
+
+
+cxx_flags = ["-O3", "-std=c++17", f"-march={os.environ.get('DLOPT_CPU_ARCH', 'native')}",
+             "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+ext_modules = [
+    cpp_extension.CppExtension(
+        "dlopt_kernels._C", cpu_sources, include_dirs=[INCLUDE],
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+]
+
+if want_cuda():
+    archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ext_modules.append(cpp_extension.CUDAExtension(
+        "dlopt_kernels._C_cuda", sorted(glob.glob("csrc/cuda/*.cu")), include_dirs=[INCLUDE],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                     "-lineinfo"] + gencode}))
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})
