@@ -194,6 +194,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     }
   });
   L.finish();
+  for (auto list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps})
+    bump_versions(list);
 }
 
 }  // namespace

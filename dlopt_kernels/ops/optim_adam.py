@@ -1,9 +1,9 @@
 """`torch.ops.dlopt.adam_step`: the multi-tensor Adam/AdamW step.
 
 One call updates every param of a list in one pass over memory. The op mutates
-`params`, `exp_avgs`, `exp_avg_sqs`, `max_exp_avg_sqs` (amsgrad), `master_params`
-(fp32 master weights, may be empty) and `state_steps` (incremented by one unless
-`found_inf` is non-zero, in which case nothing at all changes).
+`params`, `exp_avgs`, `exp_avg_sqs`, `max_exp_avg_sqs` (amsgrad; empty otherwise),
+`master_params` (fp32 master weights; empty for none) and `state_steps` (each
+incremented by one, unless `found_inf` is non-zero: then nothing at all changes).
 
 `lr` is a 0-dim tensor so schedulers and torch.compile do not recompile. `sr_seed`
 (an int64 0-dim tensor, or None) turns on stochastic rounding of bf16 params.
@@ -11,25 +11,22 @@ One call updates every param of a list in one pass over memory. The op mutates
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from dlopt_kernels.backends.registry import resolve
+from dlopt_kernels.ops._library import define
 
-_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params",
-            "state_steps")
+SCHEMA = (
+    "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
+    "Tensor(f!)[] state_steps, Tensor lr, float beta1, float beta2, float weight_decay, "
+    "float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+    "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
 
-@torch.library.custom_op("dlopt::adam_step", mutates_args=_MUTATED)
-def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-              exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor],
-              master_params: list[Tensor], state_steps: list[Tensor], lr: Tensor,
-              beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool,
-              maximize: bool, decoupled_weight_decay: bool, grad_scale: Optional[Tensor],
-              found_inf: Optional[Tensor], sr_seed: Optional[Tensor],
-              backend: str = "auto") -> None:
+def _impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+          lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
+          grad_scale, found_inf, sr_seed, backend="auto") -> None:
     if not params:
         return
     _, kernel = resolve("adam_step", params[0].device, backend)
@@ -38,8 +35,8 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
            grad_scale, found_inf, sr_seed)
 
 
-@adam_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr,
-      beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale,
-      found_inf, sr_seed, backend="auto") -> None:
+def _fake(*args) -> None:
     return None
+
+
+adam_step = define(SCHEMA, _impl, _fake)

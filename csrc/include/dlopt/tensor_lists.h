@@ -1,6 +1,7 @@
 // Host-side helpers shared by the CPU and CUDA wrappers of multi-tensor ops.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <string>
 #include <vector>
@@ -48,6 +49,12 @@ class AlignedLists {
   std::vector<std::vector<at::Tensor>> lists_;
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback_;
 };
+
+// Ops called from Python through the dispatcher do not bump the version counters
+// of the tensors they mutate (autograd's in-place checks rely on them): do it here.
+inline void bump_versions(c10::ArrayRef<at::Tensor> ts) {
+  for (const auto& t : ts) t.unsafeGetTensorImpl()->bump_version();
+}
 
 inline void check_same_length(const std::vector<at::Tensor>& ref, const std::vector<at::Tensor>& other,
                               const char* name, bool may_be_empty) {
