@@ -74,11 +74,14 @@ ChunkFn pick_flags(WeightDecay wd, bool amsgrad) {
 ChunkFn pick_kernel(at::ScalarType pt, at::ScalarType st, Store store, WeightDecay wd, bool ams) {
   const bool f32_state = st == at::kFloat;
   switch (pt) {
-    case at::kFloat:
-      return pick_flags<F32, F32, Store::kNearest>(wd, ams);
+    case at::kFloat:  // fp32 params: stochastic rounding is moot; a master copy is honoured
+      return store == Store::kMaster ? pick_flags<F32, F32, Store::kMaster>(wd, ams)
+                                     : pick_flags<F32, F32, Store::kNearest>(wd, ams);
     case at::kBFloat16:
       if (store == Store::kMaster) return pick_flags<BF16, F32, Store::kMaster>(wd, ams);
-      if (store == Store::kStochastic) return pick_flags<BF16, F32, Store::kStochastic>(wd, ams);
+      if (store == Store::kStochastic)
+        return f32_state ? pick_flags<BF16, F32, Store::kStochastic>(wd, ams)
+                         : pick_flags<BF16, BF16, Store::kStochastic>(wd, ams);
       return f32_state ? pick_flags<BF16, F32, Store::kNearest>(wd, ams)
                        : pick_flags<BF16, BF16, Store::kNearest>(wd, ams);
     case at::kHalf:
@@ -182,8 +185,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     a.grad_mul = static_cast<float>(grad_mul);
     a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
     const at::ScalarType pt = L[0][i].scalar_type();
-    fns[i] = pick_kernel(pt, L[2][i].scalar_type(),
-                         pt == at::kFloat ? Store::kNearest : store, wd, amsgrad);
+    fns[i] = pick_kernel(pt, L[2][i].scalar_type(), store, wd, amsgrad);
     for (int64_t b = 0; b < numel; b += kChunk)
       chunks.push_back({static_cast<int32_t>(i), b, std::min(numel, b + kChunk)});
   }

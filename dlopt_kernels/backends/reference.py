@@ -99,7 +99,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
             exp_avg_sqs[i].copy_(v)
             if master is not None:
                 master.copy_(pf)
-            if seed is not None and p.dtype == torch.bfloat16:
+            if seed is not None and master is None and p.dtype == torch.bfloat16:
                 p.copy_(bf16_stochastic(pf, sr_tensor_key(seed, i)))
             else:
                 p.copy_(pf)

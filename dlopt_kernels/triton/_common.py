@@ -1,0 +1,176 @@
+"""Helpers every Triton optimizer kernel shares: device-side bit tricks that must
+match csrc/include/dlopt/rounding.h bit for bit, fp64 scalar maths for per-tensor
+coefficients, and the host-side plumbing (layout alignment, device scalars, step
+counters) that keeps a launcher free of host syncs.
+
+Interpreter rules (TRITON_INTERPRET=1, how the CPU tests run these kernels): float
+kernel arguments arrive as Python floats there but as typed scalars when compiled,
+so kernels declare them `tl.float64` and read them through `f64()`; no libdevice;
+clamp before any float->int cast.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_size() -> int:
+    # The interpreter pays ~0.9 ms per program instance: few, huge programs there.
+    return 65536 if interpreted() else 4096
+
+
+# ---------------------------------------------------------------- device side
+
+
+@triton.jit
+def f64(x):
+    """An fp64 scalar from a `tl.float64` argument: a no-op when compiled; exact
+    (not rounded through fp32, as a bare Python float would be) in the interpreter."""
+    return tl.full((), x, tl.float64)
+
+
+@triton.jit
+def mix32(x):
+    """rounding.h mix32 ("lowbias32") on uint32 values; wraps mod 2^32 like C."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def sr_tensor_key(seed_ptr, tensor_index):
+    """rounding.h sr_tensor_key(uint32(seed), tensor_index); seed is an int64 tensor."""
+    seed = (tl.load(seed_ptr) & 0xFFFFFFFF).to(tl.uint32)
+    return mix32(seed ^ (tensor_index.to(tl.uint32) * 0x9E3779B9))
+
+
+@triton.jit
+def _bf16_round(x, rnd):
+    """Add `rnd` below the bf16 mantissa and truncate; the fp32 value of the bf16
+    result comes back (low 16 bits zero, so `.to(bf16)` is exact everywhere). NaN
+    becomes 0x7FC0 as in rounding.h; inf + noise stays inf."""
+    bits = (x.to(tl.uint32, bitcast=True) + rnd) & 0xFFFF0000
+    bits = tl.where(x != x, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_stochastic(x, key, offs):
+    """rounding.h bf16_bits_stochastic(x, sr_random(key, offs)), as an fp32 value."""
+    return _bf16_round(x, mix32(offs.to(tl.uint32) ^ key) & 0xFFFF)
+
+
+@triton.jit
+def store_f32(ptrs, x, mask):
+    """Store fp32 `x` in the pointee dtype, rounding to nearest-even. bf16 goes
+    through rounding.h bf16_bits_rne by hand: the interpreter's fp32->bf16 cast
+    truncates, and this keeps it bit-identical to the C++ kernels."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        x = _bf16_round(x, 0x7FFF + ((u >> 16) & 1))
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pow_f64(base, e):
+    """base ** e in fp64 (no fp64 exp/log in the interpreter or without libdevice):
+    square-and-multiply over the integer part, which is exact to a few fp64 ulps, so
+    the fp32 coefficients match a host `pow` in double. Steps are whole numbers;
+    a fractional part, if any, is applied in fp32."""
+    e = tl.where(e > 0, e, 0.0)  # also maps NaN to 0 before the int cast
+    e = tl.where(e < 1073741824.0, e, 1073741824.0)  # beta ** 2^30 has underflowed
+    k = e.to(tl.int32)
+    frac = (e - k.to(tl.float64)).to(tl.float32)
+    r = tl.full((), 1.0, tl.float64)
+    b = base
+    while k > 0:
+        r = tl.where((k & 1) != 0, r * b, r)
+        b = b * b
+        k = k >> 1
+    b32 = base.to(tl.float32)
+    fpart = tl.math.exp2(frac * tl.math.log2(tl.where(b32 > 0, b32, 1.0)))
+    fpart = tl.where(b32 > 0, fpart, 0.0)
+    return tl.where(frac > 0, r * fpart.to(tl.float64), r)
+
+
+# ------------------------------------------------------------------ host side
+
+
+def on_device(t, device):
+    """A 0-dim hyperparameter tensor on `device` (lr or found_inf may live on the CPU
+    while params are on CUDA); a copy, never a sync or `.item()`."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def bump_steps(steps, found_inf, device):
+    """steps[i] += 1 unless found_inf != 0, on the device and before the kernels that
+    read them (stream order), without a host sync. Returns (tensors the kernels
+    read, a callback to run after them)."""
+    inc = 1 if found_inf is None else (found_inf.reshape(()) == 0).to(steps[0].dtype)
+    if all(s.device == device for s in steps):
+        torch._foreach_add_(steps, inc)
+        return steps, lambda: None
+    # Steps kept on the CPU for CUDA params (torch's non-capturable layout): count on
+    # a device copy and copy back afterwards, which costs one sync.
+    buf = torch.stack([s.detach().reshape(()).to(device, torch.float64) for s in steps])
+    buf += inc
+
+    def finish():
+        for s, v in zip(steps, buf.cpu()):
+            s.copy_(v)
+
+    return list(buf.unbind()), finish
+
+
+def is_dense(t) -> bool:
+    """ATen's is_non_overlapping_and_dense (not exposed in Python): some permutation
+    of the dims makes `t` contiguous."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def align_to_params(lists, mutated):
+    """Python twin of csrc/include/dlopt/tensor_lists.h AlignedLists. Kernels walk a
+    param and its per-param tensors with one flat index over memory, which is only
+    right when all share one dense layout: give each tensor that does not (a
+    transposed grad, a non-dense param) a scratch copy in the param's layout.
+    Returns (lists, writeback); after the kernels, `dst.copy_(src)` each writeback
+    pair to put mutated scratch copies back into the caller's tensors."""
+    lists = [list(lst) for lst in lists]
+    writeback = []
+    for i, p in enumerate(lists[0]):
+        if not is_dense(p):
+            pw = p.contiguous()
+            if mutated[0]:
+                writeback.append((p, pw))
+            lists[0][i] = p = pw
+        for k in range(1, len(lists)):
+            if not lists[k]:
+                continue
+            t = lists[k][i]
+            if t.stride() == p.stride() and is_dense(t):
+                continue
+            tw = torch.empty_like(p, dtype=t.dtype)  # keeps p's (dense) strides
+            tw.copy_(t)
+            if mutated[k]:
+                writeback.append((t, tw))
+            lists[k][i] = tw
+    return lists, writeback

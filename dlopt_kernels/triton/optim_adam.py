@@ -1,0 +1,186 @@
+"""Adam / AdamW step in Triton: the maths of csrc/include/dlopt/adam_math.h, the
+storage rules of csrc/cpu/optim_adam.cpp (fp32 arithmetic; params fp32/bf16/fp16;
+states fp32 or the param dtype; fp32 master weights; bf16 stochastic rounding with
+the random bits of rounding.h).
+
+No host syncs: lr, grad_scale, found_inf, sr_seed and the steps stay tensors that
+the kernel reads; it derives the bias corrections from each tensor's own step in
+fp64, as adam_coeffs() does on the host. One launch per tensor for now.
+
+Storage: with master weights the kernel reads and writes the fp32 master and stores
+the param rounded to nearest (stochastic rounding is only for bf16 params without
+masters, as in the C++ kernel); an fp32 param's master is updated too, as in the
+reference. Steps may live on the params' device (no sync) or on the CPU (one sync).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.triton._common import (
+    align_to_params,
+    bf16_stochastic,
+    block_size,
+    bump_steps,
+    f64,
+    on_device,
+    pow_f64,
+    sr_tensor_key,
+    store_f32,
+)
+
+_WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, step_ptr, lr_ptr, gs_ptr,
+                 fi_ptr, seed_ptr, n, tensor_index,
+                 beta1: tl.float64, beta2: tl.float64, one_minus_beta1: tl.float64,
+                 one_minus_beta2: tl.float64, weight_decay: tl.float64, eps: tl.float64,
+                 WD: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
+                 SR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    step = tl.load(step_ptr).to(tl.float64)
+    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
+        skip = tl.load(fi_ptr) != 0
+        n = tl.where(skip, 0, n)
+        step = tl.where(skip, 1.0, step)  # unused then; avoids 1/(1 - beta^0) warnings
+    mask = offs < n
+
+    # Per-tensor coefficients in fp64, rounded once to fp32: adam_coeffs().
+    lr = tl.load(lr_ptr).to(tl.float64)
+    b1 = f64(beta1)
+    b2 = f64(beta2)
+    step_size = (lr / (1.0 - pow_f64(b1, step))).to(tl.float32)
+    inv_bc2_sqrt = (1.0 / tl.sqrt(1.0 - pow_f64(b2, step))).to(tl.float32)  # fp64: IEEE
+    omb1 = f64(one_minus_beta1).to(tl.float32)
+    omb2 = f64(one_minus_beta2).to(tl.float32)
+    beta2_f = b2.to(tl.float32)
+    eps_f = f64(eps).to(tl.float32)
+    wd = f64(weight_decay)
+    sign = -1.0 if MAXIMIZE else 1.0
+    if HAS_GS:
+        grad_mul = (sign / tl.load(gs_ptr).to(tl.float64)).to(tl.float32)
+    else:
+        grad_mul = tl.full((), sign, tl.float32)
+
+    # One element: adam_update() line by line, all in fp32.
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    if MASTER:
+        p = tl.load(master_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    if WD == 2:  # _WD_DECOUPLED (AdamW)
+        p = p * (1.0 - lr * wd).to(tl.float32)
+    elif WD == 1:  # _WD_L2 (Adam)
+        g = g + wd.to(tl.float32) * p
+    m = m + omb1 * (g - m)
+    v = beta2_f * v + omb2 * (g * g)
+    v_hat = v
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+        vmax = tl.where(vmax > v, vmax, v)  # as C++ `vmax > v ? vmax : v`, NaN included
+        store_f32(vmax_ptr + offs, vmax, mask)
+        v_hat = vmax
+    # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
+    p = p - step_size * tl.math.div_rn(m, tl.sqrt_rn(v_hat) * inv_bc2_sqrt + eps_f)
+
+    store_f32(m_ptr + offs, m, mask)
+    store_f32(v_ptr + offs, v, mask)
+    if MASTER:
+        tl.store(master_ptr + offs, p, mask=mask)
+    if SR:  # bf16 params only; the result is exactly representable in bf16
+        p = bf16_stochastic(p, sr_tensor_key(seed_ptr, tensor_index), offs)
+    store_f32(p_ptr + offs, p, mask)
+
+
+def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+           amsgrad, use_sr):
+    """The C++ kernel's argument checks (host-side metadata only, no syncs)."""
+    n = len(params)
+    for name, lst, may_be_empty in (("grads", grads, False), ("exp_avgs", exp_avgs, False),
+                                    ("exp_avg_sqs", exp_avg_sqs, False),
+                                    ("max_exp_avg_sqs", max_exp_avg_sqs, not amsgrad),
+                                    ("master_params", master_params, True),
+                                    ("state_steps", state_steps, False)):
+        if len(lst) != n and not (may_be_empty and not lst):
+            raise ValueError(f"dlopt: {name} has {len(lst)} tensors but params has {n}")
+    for i, p in enumerate(params):
+        others = [grads[i], exp_avgs[i], exp_avg_sqs[i]]
+        others += [max_exp_avg_sqs[i]] if amsgrad else []
+        others += [master_params[i]] if master_params else []
+        for t in others:
+            if t.shape != p.shape or t.device != p.device:
+                raise ValueError(f"dlopt: tensors of params[{i}] must share its shape "
+                                 f"{tuple(p.shape)} and device {p.device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+        st = exp_avgs[i].dtype
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"dlopt::adam_step: unsupported param dtype {p.dtype}")
+        if grads[i].dtype != p.dtype:
+            raise TypeError(f"dlopt: grads[{i}] dtype {grads[i].dtype} != params dtype {p.dtype}")
+        if st not in (torch.float32, p.dtype) or exp_avg_sqs[i].dtype != st or (
+                amsgrad and max_exp_avg_sqs[i].dtype != st):
+            raise TypeError(f"dlopt: state tensors of params[{i}] must share one dtype, "
+                            f"float32 or the param dtype")
+        if master_params and (master_params[i].dtype != torch.float32 or st != torch.float32):
+            raise TypeError("dlopt: master weights must be float32, with float32 states")
+        if use_sr and p.dtype == torch.float16:
+            raise TypeError("dlopt: stochastic rounding supports bfloat16 and float32 params, "
+                            "not float16")
+        if state_steps[i].numel() != 1 or not state_steps[i].is_floating_point():
+            raise TypeError(f"dlopt: state_steps[{i}] must be a one-element float tensor")
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+              state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+              decoupled_weight_decay, grad_scale, found_inf, sr_seed) -> None:
+    """Triton kernel for torch.ops.dlopt.adam_step (see dlopt_kernels/ops/optim_adam.py)."""
+    if not params:
+        return
+    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+           amsgrad, sr_seed is not None)
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    # Count first (stream order makes the kernels read the new step), on device,
+    # honouring found_inf; the kernels then mask everything out if found_inf != 0.
+    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    (P, G, M, V, VM, MP), writeback = align_to_params(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+         master_params], (True, False, True, True, True, True))
+
+    # Hyperparameters go in as fp64 (`1 - beta` exact in double, as adam_coeffs()).
+    floats = (float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+              float(weight_decay), float(eps))
+    flags = dict(WD=(_WD_NONE if weight_decay == 0.0 else
+                     _WD_DECOUPLED if decoupled_weight_decay else _WD_L2),
+                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
+                 HAS_FI=found_inf is not None, MASTER=bool(master_params))
+    block = block_size()
+    # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    # Triton launches on the current CUDA device: make it the params' one.
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p in enumerate(P):
+            numel = p.numel()
+            if numel == 0:  # its step was still counted above
+                continue
+            _adam_kernel[(triton.cdiv(numel, block),)](
+                p, G[i], M[i], V[i], VM[i] if amsgrad else p, MP[i] if master_params else p,
+                steps[i], lr, gs, fi, seed, numel, i, *floats, **flags,
+                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
+                BLOCK=block, num_warps=4 if block > 4096 else 8)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    # Writes through raw pointers bypass autograd's version counters (the C++
+    # kernels bump them too); the steps were counted by a torch op already.
+    torch.autograd.graph.increment_version(
+        [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *master_params])
