@@ -33,6 +33,10 @@ def want_cuda() -> bool:
 
 cxx_flags = ["-O3", "-std=c++17", f"-march={os.environ.get('DLOPT_CPU_ARCH', 'native')}",
              "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+use_cuda = want_cuda()
+archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
+if use_cuda:  # lets `dlopt-kernels info` say what the CUDA library was built for
+    cxx_flags += ["-DDLOPT_WITH_CUDA", f'-DDLOPT_CUDA_ARCH_STR="{";".join(archs)}"']
 cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 ext_modules = [
     cpp_extension.CppExtension(
@@ -40,13 +44,12 @@ ext_modules = [
         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 ]
 
-if want_cuda():
-    archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
+if use_cuda:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     ext_modules.append(cpp_extension.CUDAExtension(
         "dlopt_kernels._C_cuda", sorted(glob.glob("csrc/cuda/*.cu")), include_dirs=[INCLUDE],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                            "nvcc": ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr",
                                      "-lineinfo"] + gencode}))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})

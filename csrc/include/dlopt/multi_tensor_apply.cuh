@@ -1,0 +1,274 @@
+// Multi-tensor apply, shared by every optimizer op: run one element-wise
+// functor over many tensors (each with N parallel "lists": param, grad,
+// states, ...) in a few kernel launches.
+//
+// Host side (for_each_table, multi_tensor_apply): the caller hands a vector of
+// TensorEntry (N raw pointers + numel + per-tensor metadata). They are packed
+// into a table that travels by value as the kernel argument (under the classic
+// 4 KB parameter limit: no device-side buffer, no host->device copy, nothing
+// that breaks CUDA graph capture). Each tensor is cut into kChunk-element
+// chunks, one thread block per chunk. When the table runs out of tensor slots
+// or block slots it is launched and refilled; a tensor whose chunks straddle
+// two launches is carried over into slot 0 of the next table. Indices are
+// 64-bit (numel, chunk start), so tensors over 2^31 elements are fine.
+//
+// Device side (run_thread): each thread handles kILP elements per iteration.
+// The functor never touches memory: run_thread loads every list into fp32
+// registers through the list's storage adapter (dlopt/cuda_storage.cuh), calls
+// the functor per element, and stores the lists the functor writes. A block
+// uses one 16-byte (fp32) / 8-byte (16-bit) vector access per list and thread
+// when every pointer of its tensor is aligned for it and the chunk length is a
+// multiple of kILP, and coalesced scalar accesses otherwise.
+//
+// An Op (functor) provides (member functions __host__ __device__, so a CPU loop
+// can emulate a launch in tests):
+//   static constexpr int kLists;                 // N
+//   template <int K> using List = Access<Storage, kRead|kWrite|kReadWrite>;  or NoAccess
+//   using Meta = ...;                            // per-tensor, trivially copyable
+//   struct Block {...};                          // per-block state, built by begin()
+//   bool begin(const Meta&, Block&) const;       // false: skip this block
+//   void operator()(float (&x)[kLists], const Block&, int64_t index) const;
+// `index` is the element's index in its tensor. The Op object itself (trivially
+// copyable: device pointers, hyperparameters) is part of the table and so is
+// shared by every block of a launch.
+#pragma once
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "dlopt/macros.h"
+
+namespace dlopt {
+namespace mta {
+
+constexpr int kILP = 4;
+constexpr int kChunk = 65536;  // elements per block; multiple of kILP
+constexpr int kBlockSize = 512;
+constexpr int kArgBudget = 4000;  // bytes of kernel argument we allow ourselves (< 4096)
+
+enum : int { kRead = 1, kWrite = 2, kReadWrite = 3 };
+
+// How one list is accessed: its storage adapter and read/write mode.
+template <class S, int MODE>
+struct Access {
+  using Storage = S;
+  using T = typename S::T;
+  static constexpr bool kUsed = true;
+  static constexpr bool kReads = (MODE & kRead) != 0;
+  static constexpr bool kWrites = (MODE & kWrite) != 0;
+};
+
+// A list slot this Op instantiation does not use (pointer may be null).
+struct NoAccess {
+  using T = char;
+  static constexpr bool kUsed = false;
+  static constexpr bool kReads = false;
+  static constexpr bool kWrites = false;
+};
+
+template <int N, class Meta>
+struct TensorEntry {
+  void* ptr[N];
+  int64_t numel;
+  Meta meta;
+};
+
+// Table capacities from the argument budget: room for 320 blocks (20M fp32
+// elements) per launch, the rest for tensor slots (32 for Adam's 6 lists).
+template <int N, class Meta, class Op>
+struct Capacity {
+  static constexpr int kPerTensor = N * 8 + 8 + static_cast<int>(sizeof(Meta));
+  static constexpr int kPerBlock = 4 + 2;  // chunk index + tensor slot
+  static constexpr int kFree = kArgBudget - static_cast<int>(sizeof(Op)) - 64;  // 64: padding
+  static constexpr int kTensors = (kFree - 320 * kPerBlock) / kPerTensor;
+  static constexpr int kBlocks = (kFree - kTensors * kPerTensor) / kPerBlock;
+  static_assert(kTensors >= 8, "multi_tensor_apply: per-tensor data too large for the table");
+};
+
+template <class Op>
+struct Table {
+  static constexpr int N = Op::kLists;
+  using Meta = typename Op::Meta;
+  using Cap = Capacity<N, Meta, Op>;
+  void* ptr[N][Cap::kTensors];
+  int64_t numel[Cap::kTensors];
+  Meta meta[Cap::kTensors];
+  Op op;
+  int32_t block_chunk[Cap::kBlocks];
+  uint16_t block_tensor[Cap::kBlocks];
+};
+
+template <class T>
+struct alignas(sizeof(T) * kILP) Vec {
+  T v[kILP];
+};
+
+// Compile-time loop over list indices 0..N-1 (f gets std::integral_constant<int, K>).
+template <class F, int... K>
+DLOPT_HD void static_for_impl(F&& f, std::integer_sequence<int, K...>) {
+  (f(std::integral_constant<int, K>{}), ...);
+}
+template <int N, class F>
+DLOPT_HD void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// The work of thread `thread` of block `block`. Host-callable too: threads of a
+// block never talk to each other, so a CPU loop over (block, thread) emulates
+// a launch exactly, which lets CPU-only machines test this indexing.
+template <class Op>
+DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthreads) {
+  constexpr int N = Op::kLists;
+  const int slot = tab.block_tensor[block];
+  const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
+  const int64_t left = tab.numel[slot] - begin;
+  const int n = left < kChunk ? static_cast<int>(left) : kChunk;
+
+  typename Op::Block blk;
+  if (!tab.op.begin(tab.meta[slot], blk)) return;
+
+  // Chunk base pointers, typed per list; all lists share one flat index.
+  void* base[N];
+  bool aligned = (n % kILP) == 0;
+  static_for<N>([&](auto k) {
+    using L = typename Op::template List<decltype(k)::value>;
+    if constexpr (L::kUsed) {
+      auto* p = static_cast<typename L::T*>(tab.ptr[k][slot]) + begin;
+      base[k] = p;
+      aligned = aligned && reinterpret_cast<uintptr_t>(p) % sizeof(Vec<typename L::T>) == 0;
+    }
+  });
+
+  float x[kILP][N];
+  if (aligned) {
+    for (int i = thread * kILP; i < n; i += nthreads * kILP) {
+      static_for<N>([&](auto k) {
+        using L = typename Op::template List<decltype(k)::value>;
+        if constexpr (L::kReads) {
+          const auto v = reinterpret_cast<const Vec<typename L::T>*>(base[k])[i / kILP];
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) x[j][k] = L::Storage::load(v.v[j]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) x[j][k] = 0.f;
+        }
+      });
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) tab.op(x[j], blk, begin + i + j);
+      static_for<N>([&](auto k) {
+        using L = typename Op::template List<decltype(k)::value>;
+        if constexpr (L::kWrites) {
+          Vec<typename L::T> v;
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) v.v[j] = L::Storage::store(x[j][k], blk, begin + i + j);
+          reinterpret_cast<Vec<typename L::T>*>(base[k])[i / kILP] = v;
+        }
+      });
+    }
+  } else {
+    // Element j of a thread sits nthreads apart, so each access is coalesced.
+    for (int i0 = 0; i0 < n; i0 += nthreads * kILP) {
+      static_for<N>([&](auto k) {
+        using L = typename Op::template List<decltype(k)::value>;
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) {
+          const int i = i0 + thread + j * nthreads;
+          x[j][k] = 0.f;
+          if constexpr (L::kReads) {
+            if (i < n) x[j][k] = L::Storage::load(static_cast<const typename L::T*>(base[k])[i]);
+          }
+        }
+      });
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        const int i = i0 + thread + j * nthreads;
+        if (i < n) tab.op(x[j], blk, begin + i);
+      }
+      static_for<N>([&](auto k) {
+        using L = typename Op::template List<decltype(k)::value>;
+        if constexpr (L::kWrites) {
+#pragma unroll
+          for (int j = 0; j < kILP; ++j) {
+            const int i = i0 + thread + j * nthreads;
+            if (i < n)
+              static_cast<typename L::T*>(base[k])[i] = L::Storage::store(x[j][k], blk, begin + i);
+          }
+        }
+      });
+    }
+  }
+}
+
+// __grid_constant__: run_thread takes the table by reference; without it the
+// compiler would copy the whole table into per-thread local memory.
+// Launch bounds (512, 2) cap registers at 64 so two blocks fit per SM (some
+// instantiations wanted 112, i.e. one block); ptxas reports no spills.
+template <class Op>
+__global__ void __launch_bounds__(kBlockSize, 2)
+    multi_tensor_kernel(const __grid_constant__ Table<Op> tab) {
+  run_thread(tab, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
+// Packs the non-empty entries into tables and calls fn(table, number_of_blocks)
+// for each; host-only and CUDA-free (multi_tensor_apply launches from fn).
+template <class Op, class Fn>
+void for_each_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
+                    const Op& op, Fn&& fn) {
+  using Tab = Table<Op>;
+  using Cap = typename Tab::Cap;
+  static_assert(sizeof(Tab) <= 4096, "multi_tensor_apply: kernel argument over 4 KB");
+  static_assert(std::is_trivially_copyable<Op>::value, "Op must be trivially copyable");
+  constexpr int N = Op::kLists;
+  using Entry = TensorEntry<N, typename Op::Meta>;
+
+  std::vector<const Entry*> todo;
+  for (const auto& e : entries)
+    if (e.numel > 0) todo.push_back(&e);
+  Tab tab;
+  tab.op = op;
+  int nt = 0, nb = 0;
+  auto put = [&](int s, const Entry& e) {
+    for (int k = 0; k < N; ++k) tab.ptr[k][s] = e.ptr[k];
+    tab.numel[s] = e.numel;
+    tab.meta[s] = e.meta;
+  };
+  for (size_t t = 0; t < todo.size(); ++t) {
+    const Entry& e = *todo[t];
+    const int64_t chunks = (e.numel + kChunk - 1) / kChunk;
+    TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "dlopt: tensor too large");
+    put(nt++, e);
+    for (int64_t c = 0; c < chunks; ++c) {
+      tab.block_tensor[nb] = static_cast<uint16_t>(nt - 1);
+      tab.block_chunk[nb] = static_cast<int32_t>(c);
+      ++nb;
+      const bool last_chunk = c == chunks - 1;
+      if (nb == Cap::kBlocks || (last_chunk && (nt == Cap::kTensors || t + 1 == todo.size()))) {
+        fn(static_cast<const Tab&>(tab), nb);
+        nb = 0;
+        nt = 0;
+        if (!last_chunk) put(nt++, e);  // the rest of this tensor goes in the next table
+      }
+    }
+  }
+}
+
+// Launches Op over every entry on the current stream of the current device
+// (the caller sets the device with a CUDAGuard). Empty tensors are skipped.
+template <class Op>
+void multi_tensor_apply(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
+                        const Op& op) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for_each_table(entries, op, [&](const Table<Op>& tab, int blocks) {
+    multi_tensor_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace mta
+}  // namespace dlopt
