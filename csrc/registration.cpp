@@ -1,7 +1,8 @@
-// The private op namespace `dlopt_C`: schemas of every compiled kernel, plus
-// build facts for `dlopt-kernels info`. Device files register implementations
-// with TORCH_LIBRARY_IMPL(dlopt_C, CPU|CUDA, m); the public `torch.ops.dlopt.*`
-// contract lives in Python (dlopt_kernels/ops/) and routes here.
+// The private op namespace `dlopt_C` and build facts for `dlopt-kernels info`.
+// Each op's schema sits beside its CPU kernel (csrc/cpu/<op>.cpp, in a
+// TORCH_LIBRARY_FRAGMENT, since the CPU library is always built); device files
+// register implementations with TORCH_LIBRARY_IMPL(dlopt_C, CPU|CUDA, m). The
+// public `torch.ops.dlopt.*` contract lives in Python (dlopt_kernels/ops/).
 //
 // Why the classic TORCH_LIBRARY API and not the ABI-stable one: the stable
 // API's boxed kernels on torch 2.11-2.13 do not accept Tensor[] arguments for
@@ -31,12 +32,6 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(dlopt_C, m) {
-  m.def(
-      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
-      "Tensor(f!)[] state_steps, Tensor lr, float beta1, float beta2, float weight_decay, "
-      "float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

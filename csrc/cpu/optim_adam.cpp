@@ -202,6 +202,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(dlopt_C, m) {
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
+      "Tensor(f!)[] state_steps, Tensor lr, float beta1, float beta2, float weight_decay, "
+      "float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(dlopt_C, CPU, m) { m.impl("adam_step", &adam_step_cpu); }
 
 }  // namespace dlopt

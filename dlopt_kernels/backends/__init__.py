@@ -1,5 +1,4 @@
-"""Backend selection and the per-device kernel modules (imported for registration)."""
-from dlopt_kernels.backends import compiled, reference, triton  # noqa: F401
+"""Backend selection (registry.py) and the pure-torch reference kernels (reference/)."""
 from dlopt_kernels.backends.registry import (  # noqa: F401
     BACKENDS,
     BackendUnavailableError,

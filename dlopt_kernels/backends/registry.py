@@ -1,6 +1,7 @@
 """Which implementation runs an op: the backend registry.
 
-Each backend module registers its kernels with `@register(op, backend)`. `resolve`
+Each public op names its kernels per backend when it is defined
+(`dlopt_kernels.ops._library.define(..., backends=...)`). `resolve`
 picks one per call from the tensors' device and the requested backend:
 
 - ``auto`` (or the ``DLOPT_BACKEND`` environment variable when the caller said
@@ -12,6 +13,7 @@ picks one per call from the tensors' device and the requested backend:
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -33,16 +35,21 @@ class BackendUnavailableError(ValueError):
     """An explicitly requested backend cannot run on this machine or device."""
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+def register(op: str, backend: str, kernel: Callable | str) -> None:
+    """Register `kernel` for (`op`, `backend`): a callable, or "module:function",
+    imported on first use (so triton is only imported when a triton kernel runs)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
+    _KERNELS[(op, backend)] = kernel
+    _CACHE.clear()
 
-    def deco(fn: Callable) -> Callable:
-        _KERNELS[(op, backend)] = fn
-        _CACHE.clear()
-        return fn
 
-    return deco
+def _kernel(op: str, backend: str) -> Callable:
+    k = _KERNELS[(op, backend)]
+    if isinstance(k, str):
+        module, _, attr = k.partition(":")
+        k = _KERNELS[(op, backend)] = getattr(importlib.import_module(module), attr)
+    return k
 
 
 def triton_interpreted() -> bool:
@@ -111,7 +118,7 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> tuple[str, 
             _LOGGED.add((op, device.type))
             log.warning("dlopt_kernels: %s on %s uses the %s backend (%s)", op, device.type,
                         choice, why_unavailable(order[0], device.type))
-    _CACHE[key] = (choice, _KERNELS[(op, choice)])
+    _CACHE[key] = (choice, _kernel(op, choice))
     return _CACHE[key]
 
 

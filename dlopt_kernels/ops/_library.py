@@ -13,13 +13,30 @@ from typing import Callable
 
 import torch
 
+from dlopt_kernels.backends.registry import register
+
 LIB = torch.library.Library("dlopt", "DEF")
 
 
-def define(schema: str, impl: Callable, fake: Callable):
-    """Define `dlopt::<name>` from `schema`; return the op overload packet."""
+def define(schema: str, impl: Callable, fake: Callable, backends: dict[str, Callable | str]):
+    """Define `dlopt::<name>` from `schema` with its routing `impl`, its `fake`, and its
+    kernels per backend (a callable or "module:function", imported on first use);
+    return the op overload packet."""
     name = schema.split("(", 1)[0]
     LIB.define(schema)
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"dlopt::{name}", fake, lib=LIB)
+    for backend, kernel in backends.items():
+        register(name, backend, kernel)
     return getattr(torch.ops.dlopt, name)
+
+
+def compiled(name: str) -> Callable:
+    """The kernel of the compiled libraries: `torch.ops.dlopt_C.<name>`, whose CPU and
+    CUDA implementations the dispatcher picks by device."""
+
+    def kernel(*args) -> None:
+        getattr(torch.ops.dlopt_C, name)(*args)
+
+    kernel.__name__ = name
+    return kernel

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import define
+from dlopt_kernels.ops._library import compiled, define
 
 SCHEMA = (
     "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -39,4 +39,9 @@ def _fake(*args) -> None:
     return None
 
 
-adam_step = define(SCHEMA, _impl, _fake)
+adam_step = define(SCHEMA, _impl, _fake, backends={
+    "cpu": compiled("adam_step"),
+    "cuda": compiled("adam_step"),
+    "triton": "dlopt_kernels.triton.optim_adam:adam_step",
+    "reference": "dlopt_kernels.backends.reference.optim_adam:adam_step",
+})

@@ -1,0 +1,8 @@
+"""Pure-torch implementations: the path for every device we have no kernel for
+(MPS, XLA/TPU, ...), written with plain tensor ops so they run anywhere. Each module
+follows one op's kernel maths line by line (csrc/include/dlopt/*_math.h), in fp32
+whatever the storage dtype. Tests use torch.optim and float64 oracles, not these, as
+the truth. Ops name their reference function in `ops._library.define(backends=...)`.
+"""
+from dlopt_kernels.backends.reference._common import bf16_stochastic, sr_tensor_key  # noqa: F401
+from dlopt_kernels.backends.reference.optim_adam import adam_step  # noqa: F401
