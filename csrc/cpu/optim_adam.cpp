@@ -1,13 +1,13 @@
 // Multi-tensor Adam / AdamW step on the CPU: one parallel region over 32K-element
 // chunks of every tensor in the list, each chunk one vectorizable loop calling
 // the shared per-element maths in dlopt/adam_math.h.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "dlopt/adam_math.h"
+#include "dlopt/cpu_multi_tensor.h"
 #include "dlopt/cpu_storage.h"
 #include "dlopt/rounding.h"
 #include "dlopt/tensor_lists.h"
@@ -58,42 +58,22 @@ void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
 }
 
 template <class P, class S, Store STORE>
-ChunkFn pick_flags(WeightDecay wd, bool amsgrad) {
-#define DLOPT_WD_CASE(W)                                                               \
-  case W:                                                                              \
-    return amsgrad ? &adam_chunk<P, S, STORE, W, true> : &adam_chunk<P, S, STORE, W, false>;
-  switch (wd) {
-    DLOPT_WD_CASE(WeightDecay::kNone)
-    DLOPT_WD_CASE(WeightDecay::kL2)
-    DLOPT_WD_CASE(WeightDecay::kDecoupled)
+struct PickAdam {
+  static ChunkFn get(WeightDecay wd, bool amsgrad) {
+    switch (wd) {
+      case WeightDecay::kNone:
+        return amsgrad ? &adam_chunk<P, S, STORE, WeightDecay::kNone, true>
+                       : &adam_chunk<P, S, STORE, WeightDecay::kNone, false>;
+      case WeightDecay::kL2:
+        return amsgrad ? &adam_chunk<P, S, STORE, WeightDecay::kL2, true>
+                       : &adam_chunk<P, S, STORE, WeightDecay::kL2, false>;
+      default:
+        return amsgrad ? &adam_chunk<P, S, STORE, WeightDecay::kDecoupled, true>
+                       : &adam_chunk<P, S, STORE, WeightDecay::kDecoupled, false>;
+    }
   }
-#undef DLOPT_WD_CASE
-  return nullptr;
-}
+};
 
-ChunkFn pick_kernel(at::ScalarType pt, at::ScalarType st, Store store, WeightDecay wd, bool ams) {
-  const bool f32_state = st == at::kFloat;
-  switch (pt) {
-    case at::kFloat:  // fp32 params: stochastic rounding is moot; a master copy is honoured
-      return store == Store::kMaster ? pick_flags<F32, F32, Store::kMaster>(wd, ams)
-                                     : pick_flags<F32, F32, Store::kNearest>(wd, ams);
-    case at::kBFloat16:
-      if (store == Store::kMaster) return pick_flags<BF16, F32, Store::kMaster>(wd, ams);
-      if (store == Store::kStochastic)
-        return f32_state ? pick_flags<BF16, F32, Store::kStochastic>(wd, ams)
-                         : pick_flags<BF16, BF16, Store::kStochastic>(wd, ams);
-      return f32_state ? pick_flags<BF16, F32, Store::kNearest>(wd, ams)
-                       : pick_flags<BF16, BF16, Store::kNearest>(wd, ams);
-    case at::kHalf:
-      if (store == Store::kMaster) return pick_flags<F16, F32, Store::kMaster>(wd, ams);
-      return f32_state ? pick_flags<F16, F32, Store::kNearest>(wd, ams)
-                       : pick_flags<F16, F16, Store::kNearest>(wd, ams);
-    default:
-      TORCH_CHECK(false, "dlopt::adam_step: unsupported param dtype ", pt);
-  }
-}
-
-constexpr int64_t kChunk = 32768;
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -115,13 +95,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (n == 0) return;
   // GradScaler found an inf/NaN: the whole step is skipped, steps included
   // (torch increments then subtracts found_inf: same end state).
-  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
+  if (skip_step(found_inf)) return;
   const bool use_master = !master_params.empty();
   const bool use_sr = sr_seed.has_value();
   const Store store = use_master ? Store::kMaster : (use_sr ? Store::kStochastic : Store::kNearest);
-  const double lr_v = lr.item<double>();
-  double grad_mul = maximize ? -1.0 : 1.0;
-  if (grad_scale.has_value()) grad_mul /= grad_scale->item<double>();
+  const double lr_v = scalar_value(lr, "lr");
+  const double grad_mul = grad_multiplier(maximize, grad_scale);
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
                          : decoupled_weight_decay ? WeightDecay::kDecoupled
@@ -148,10 +127,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     TORCH_CHECK(!use_master || st == at::kFloat, "dlopt: master weights need float32 states");
     TORCH_CHECK(!use_sr || p.scalar_type() != at::kHalf,
                 "dlopt: stochastic rounding supports bfloat16 and float32 params, not float16");
-    const at::Tensor& s = state_steps[i];
-    TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "dlopt: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
+    check_step_tensor(state_steps[i], i);
   }
 
   AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), max_exp_avg_sqs.vec(),
@@ -160,20 +136,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
   std::vector<AdamTensorArgs> args(n);
   std::vector<ChunkFn> fns(n);
-  struct Chunk { int32_t t; int64_t begin, end; };
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& s = state_steps[i];
-    double step;
-    if (s.scalar_type() == at::kFloat) {
-      float* sp = s.data_ptr<float>();
-      step = static_cast<double>(*sp += 1.0f);
-    } else {
-      double* sp = s.data_ptr<double>();
-      step = (*sp += 1.0);
-    }
-    const int64_t numel = L[0][i].numel();
-    if (numel == 0) continue;
+    const double step = increment_step(state_steps[i]);
+    numels[i] = L[0][i].numel();
+    if (numels[i] == 0) continue;
     AdamTensorArgs& a = args[i];
     a.p = L[0][i].data_ptr();
     a.g = L[1][i].data_ptr();
@@ -184,17 +151,10 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     a.c = adam_coeffs(lr_v, step, beta1, beta2, weight_decay, eps);
     a.grad_mul = static_cast<float>(grad_mul);
     a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
-    const at::ScalarType pt = L[0][i].scalar_type();
-    fns[i] = pick_kernel(pt, L[2][i].scalar_type(), store, wd, amsgrad);
-    for (int64_t b = 0; b < numel; b += kChunk)
-      chunks.push_back({static_cast<int32_t>(i), b, std::min(numel, b + kChunk)});
+    fns[i] = pick_storage<PickAdam>(L[0][i].scalar_type(), L[2][i].scalar_type(), store, wd,
+                                    amsgrad);
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t k = cb; k < ce; ++k) {
-      const Chunk& ch = chunks[k];
-      fns[ch.t](args[ch.t], ch.begin, ch.end);
-    }
-  });
+  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) { fns[t](args[t], b, e); });
   L.finish();
   for (auto list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps})
     bump_versions(list);

@@ -1,0 +1,97 @@
+// Scaffolding every multi-tensor CPU optimizer kernel shares: the storage-dtype
+// dispatch, host-side scalar reads, step counting, and one parallel region over
+// fixed-size chunks of all tensors in a call (so 1,000 tiny tensors cost one
+// fork/join, not 1,000).
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <optional>
+#include <vector>
+
+#include "dlopt/cpu_storage.h"
+
+namespace dlopt {
+
+constexpr int64_t kCpuChunk = 32768;
+
+// body(tensor_index, begin, end) over kCpuChunk-element pieces of tensors with
+// `numels` elements (zero-size tensors are skipped), all in one at::parallel_for.
+template <class Body>
+void for_each_chunk(const std::vector<int64_t>& numels, const Body& body) {
+  struct Chunk {
+    int32_t t;
+    int64_t begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < numels.size(); ++i)
+    for (int64_t b = 0; b < numels[i]; b += kCpuChunk)
+      chunks.push_back({static_cast<int32_t>(i), b, std::min(numels[i], b + kCpuChunk)});
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t k = cb; k < ce; ++k) body(chunks[k].t, chunks[k].begin, chunks[k].end);
+  });
+}
+
+inline double scalar_value(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, "dlopt: ", name, " must have one element, got ", t.numel());
+  return t.item<double>();
+}
+
+// GradScaler's found_inf: a non-zero value skips the whole step (steps included).
+inline bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && scalar_value(*found_inf, "found_inf") != 0.0;
+}
+
+// (maximize ? -1 : 1) / grad_scale, applied to every grad element.
+inline double grad_multiplier(bool maximize, const std::optional<at::Tensor>& grad_scale) {
+  double mul = maximize ? -1.0 : 1.0;
+  if (grad_scale.has_value()) mul /= scalar_value(*grad_scale, "grad_scale");
+  return mul;
+}
+
+inline void check_step_tensor(const at::Tensor& s, size_t i) {
+  TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "dlopt: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
+}
+
+// Adds one to a step tensor in place (no dispatcher call: 1,000 add_ calls would
+// cost more than a small step) and returns the new count.
+inline double increment_step(const at::Tensor& s) {
+  if (s.scalar_type() == at::kFloat) {
+    float* sp = s.data_ptr<float>();
+    return static_cast<double>(*sp += 1.0f);
+  }
+  double* sp = s.data_ptr<double>();
+  return *sp += 1.0;
+}
+
+// Maps (param dtype, state dtype, store mode) to the template instantiation
+// `Pick<P, S, STORE>::get(args...)`. fp32 params honour a master copy and ignore
+// stochastic rounding; bf16 params take any mode; fp16 params no stochastic rounding.
+template <template <class, class, Store> class Pick, class... Args>
+auto pick_storage(at::ScalarType pt, at::ScalarType st, Store store, Args... args) {
+  const bool f32_state = st == at::kFloat;
+  switch (pt) {
+    case at::kFloat:
+      return store == Store::kMaster ? Pick<F32, F32, Store::kMaster>::get(args...)
+                                     : Pick<F32, F32, Store::kNearest>::get(args...);
+    case at::kBFloat16:
+      if (store == Store::kMaster) return Pick<BF16, F32, Store::kMaster>::get(args...);
+      if (store == Store::kStochastic)
+        return f32_state ? Pick<BF16, F32, Store::kStochastic>::get(args...)
+                         : Pick<BF16, BF16, Store::kStochastic>::get(args...);
+      return f32_state ? Pick<BF16, F32, Store::kNearest>::get(args...)
+                       : Pick<BF16, BF16, Store::kNearest>::get(args...);
+    case at::kHalf:
+      TORCH_CHECK(store != Store::kStochastic,
+                  "dlopt: stochastic rounding supports bfloat16 and float32 params, not float16");
+      if (store == Store::kMaster) return Pick<F16, F32, Store::kMaster>::get(args...);
+      return f32_state ? Pick<F16, F32, Store::kNearest>::get(args...)
+                       : Pick<F16, F16, Store::kNearest>::get(args...);
+    default:
+      TORCH_CHECK(false, "dlopt: unsupported param dtype ", pt);
+  }
+}
+
+}  // namespace dlopt
