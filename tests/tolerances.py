@@ -23,3 +23,76 @@ TOL = {
 def tol(dtype: torch.dtype) -> dict:
     rtol, atol = TOL[dtype]
     return {"rtol": rtol, "atol": atol}
+
+
+# --- norms (multi_tensor_norm, clip_grad_norm_, LAMB's trust ratio) ------------------------
+# fp32 results against a float64 torch.linalg.vector_norm. The CPU kernel accumulates in
+# double and rounds once (~6e-8); Triton and CUDA sum fp32 terms per block / thread, then
+# in double (a few fp32 ulps). atol 0: a zero norm must be exactly 0.
+NORM_TOL = {"rtol": 2e-6, "atol": 0.0}
+# ord other than 2, 1, inf, -inf, 0: Triton takes |x|^p as exp2(p * log2|x|) in fp32.
+NORM_TOL_P = {"rtol": 2e-5, "atol": 0.0}
+
+# LAMB (no torch twin) with bf16 / fp16 params, against the float64 oracle: each step
+# rounds the param once to nearest (<= 0.5 ulp) and moves it by lr * trust * u with u
+# from fp32 (or low-precision) moments; the error may grow by at most this many ulps of
+# the storage dtype per step (a missing trust ratio or bias correction is off by many).
+LAMB_LOWP_ULPS_PER_STEP = 1.0
+
+
+# --- low precision judged against the float64 oracle, in ulps of the storage dtype ----
+# err(x) = max over elements of |x - oracle| / spacing(dtype, scale), where `scale` bounds
+# |param| along the whole trajectory (so errors made at an earlier, larger magnitude are
+# not blown up by a later, smaller one). Ours must satisfy
+#     err(ours) <= LOWP_ERR_RATIO * max(err(torch), LOWP_ERR_FLOOR_ULPS)
+# with torch's own optimizer run at the same precision on the same inputs. A kernel that
+# skips the update, flips its sign or loses a bias correction is off by many ulps.
+LOWP_ERR_RATIO = 2.0
+LOWP_ERR_FLOOR_ULPS = 1.0
+
+# --- stochastic rounding (bf16) ---------------------------------------------------------
+# A stochastically rounded value lies within SR_MAX_ULPS bf16 ulps of the fp32 update it
+# rounds (plus the fp32 row of TOL for the fp32 update itself).
+SR_MAX_ULPS = 1.0
+# Unbiasedness: |mean of N roundings - value| <= SR_MEAN_SIGMAS * ulp * sqrt(q(1-q)/N)
+# (q = fractional position of the value between its two bf16 neighbours). 6 sigma:
+# a correct kernel fails about once in 5e8 runs; round-to-nearest misses by > 100 sigma.
+SR_MEAN_SIGMAS = 6.0
+# Backends draw the same random bits for (seed, tensor, element); their fp32 updates may
+# differ by an fp32 ulp, which moves the rounded bf16 value only when the 16 random bits
+# fall at the very edge (about 1 in 65536). Fraction of elements whose bits must agree:
+SR_BIT_AGREEMENT = 0.99
+
+
+def spacing(dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+    """ulp of `dtype` at magnitude |scale| (elementwise, float64); below the smallest
+    normal number, the ulp there."""
+    fi = torch.finfo(dtype)
+    scale = scale.double().abs().clamp_min(fi.tiny)
+    return torch.exp2(torch.floor(torch.log2(scale))) * fi.eps
+
+
+def ulp_error(x: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
+              scale: torch.Tensor) -> float:
+    """max |x - oracle| in ulps of `dtype` at `scale` (0.0 for empty tensors)."""
+    if x.numel() == 0:
+        return 0.0
+    err = (x.double() - oracle.double()).abs() / spacing(dtype, scale)
+    return float(err.max())
+
+
+# --- sign-based updates (Lion) ----------------------------------------------------------
+# sign(c) flips under any rounding where |c| is tiny, moving that element by 2 lr. Tests
+# with unconstrained grads compare only elements whose float64 |c| stayed above this
+# margin at every step (fp32 rounding of c is ~1e-7 for O(1) inputs); at most
+# SIGN_EXCLUDED_MAX of the elements may be excluded, so a test cannot pass vacuously.
+SIGN_MARGIN = 1e-5
+SIGN_EXCLUDED_MAX = 1e-2
+
+
+# --- training check (tests/optim: a small model on a synthetic task, same data and init)
+# ours' final loss vs torch's after the same N fp32 steps: the runs differ only by
+# rounding order, so the losses agree to TRAIN_LOSS_RTOL; and the run must have learned
+# (final loss at most TRAIN_LOSS_MAX_FRACTION of the target's mean square).
+TRAIN_LOSS_RTOL = 1e-3
+TRAIN_LOSS_MAX_FRACTION = 0.5

@@ -28,6 +28,7 @@
 
 #include "dlopt/adam_math.h"
 #include "dlopt/cuda_scalar.cuh"
+#include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/rounding.h"
@@ -51,20 +52,11 @@ struct AdamHyper {
   bool maximize;
 };
 
-DLOPT_HD bool skip_step(const ScalarRef& found_inf) {
-  return cuda::load_f64(found_inf) != 0.0;  // NaN counts as found, as on the CPU
-}
+using cuda::skip_step;  // NaN counts as found, as on the CPU
 
 // ---- phase 1: steps and coefficients -------------------------------------------------
 
-constexpr int kStepsPerLaunch = 384;  // keeps StepBatch + AdamHyper under 4 KB
-
-struct StepBatch {
-  void* step[kStepsPerLaunch];
-  bool is_double[kStepsPerLaunch];
-  int32_t first;  // global index of step[0]
-  int32_t count;
-};
+using cuda::StepBatch;  // dlopt/cuda_steps.cuh
 static_assert(sizeof(StepBatch) + sizeof(AdamHyper) + sizeof(void*) <= 4096,
               "adam_prepare_kernel arguments over 4 KB");
 
@@ -72,17 +64,7 @@ static_assert(sizeof(StepBatch) + sizeof(AdamHyper) + sizeof(void*) <= 4096,
 DLOPT_HD void adam_prepare_one(const StepBatch& b, const AdamHyper& h, AdamTensorCoeffs* out,
                                int k) {
   if (k >= b.count || skip_step(h.found_inf)) return;
-  double step;
-  if (b.is_double[k]) {
-    double* s = static_cast<double*>(b.step[k]);
-    step = *s + 1.0;
-    *s = step;
-  } else {
-    float* s = static_cast<float*>(b.step[k]);
-    const float f = *s + 1.0f;  // float32 step counts like the CPU kernel's `*sp += 1.0f`
-    *s = f;
-    step = f;
-  }
+  const double step = cuda::bump_step(b, k);  // float32 steps count in float, as the CPU
   const int32_t i = b.first + k;
   AdamTensorCoeffs r;
   r.c = adam_coeffs(cuda::load_f64(h.lr), step, h.beta1, h.beta2, h.weight_decay, h.eps);
@@ -100,7 +82,7 @@ __global__ void adam_prepare_kernel(const __grid_constant__ StepBatch b,
 // ---- phase 2: the element-wise update ------------------------------------------------
 
 enum class WeightDecay : int32_t { kNone, kL2, kDecoupled };
-enum class StoreMode { kNearest, kMaster, kStochastic };
+using cuda::StoreMode;
 
 enum : int { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMaster, kNumLists };
 
@@ -159,32 +141,13 @@ void launch(const Entries& entries, const AdamShared& shared) {
   mta::multi_tensor_apply(entries, Op{shared});
 }
 
+// The same choice as the CPU kernel's (cuda::pick_storage, dlopt/cuda_storage.cuh).
 template <class PS, class S, bool MASTER>
-Launcher pick_ams(bool amsgrad) {
-  return amsgrad ? &launch<AdamOp<PS, S, MASTER, true>> : &launch<AdamOp<PS, S, MASTER, false>>;
-}
-
-// The same choice as the CPU kernel's pick_kernel.
-Launcher pick_launcher(at::ScalarType pt, at::ScalarType st, StoreMode store, bool ams) {
-  using namespace cuda;
-  const bool f32_state = st == at::kFloat;
-  switch (pt) {
-    case at::kFloat:  // stochastic rounding is moot for fp32; a master copy is honoured
-      return store == StoreMode::kMaster ? pick_ams<F32, F32, true>(ams)
-                                         : pick_ams<F32, F32, false>(ams);
-    case at::kBFloat16:
-      if (store == StoreMode::kMaster) return pick_ams<BF16, F32, true>(ams);
-      if (store == StoreMode::kStochastic)
-        return f32_state ? pick_ams<BF16Stochastic, F32, false>(ams)
-                         : pick_ams<BF16Stochastic, BF16, false>(ams);
-      return f32_state ? pick_ams<BF16, F32, false>(ams) : pick_ams<BF16, BF16, false>(ams);
-    case at::kHalf:
-      if (store == StoreMode::kMaster) return pick_ams<F16, F32, true>(ams);
-      return f32_state ? pick_ams<F16, F32, false>(ams) : pick_ams<F16, F16, false>(ams);
-    default:
-      TORCH_CHECK(false, "dlopt::adam_step: unsupported param dtype ", pt);
+struct PickAdam {
+  static Launcher get(bool amsgrad) {
+    return amsgrad ? &launch<AdamOp<PS, S, MASTER, true>> : &launch<AdamOp<PS, S, MASTER, false>>;
   }
-}
+};
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -238,10 +201,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(!use_master || st == at::kFloat, "dlopt: master weights need float32 states");
     TORCH_CHECK(!use_sr || p.scalar_type() != at::kHalf,
                 "dlopt: stochastic rounding supports bfloat16 and float32 params, not float16");
-    const at::Tensor& s = state_steps[i];
-    TORCH_CHECK(s.numel() == 1 && s.device() == device &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "dlopt: state_steps[", i, "] must be a one-element float32/float64 tensor on ", device);
+    cuda::check_step_tensor(state_steps[i], device, i);
   }
 
   const c10::cuda::CUDAGuard guard(device);
@@ -261,18 +221,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                                    P[0].options().dtype(at::kByte));
   auto* coeffs = reinterpret_cast<AdamTensorCoeffs*>(coeff_buf.data_ptr());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (size_t first = 0; first < n; first += kStepsPerLaunch) {
-    StepBatch b;
-    b.first = static_cast<int32_t>(first);
-    b.count = static_cast<int32_t>(std::min<size_t>(kStepsPerLaunch, n - first));
-    for (int k = 0; k < b.count; ++k) {
-      const at::Tensor& s = state_steps[first + k];
-      b.step[k] = s.data_ptr();
-      b.is_double[k] = s.scalar_type() == at::kDouble;
-    }
+  cuda::for_each_step_batch(state_steps, [&](const StepBatch& b) {
     adam_prepare_kernel<<<(b.count + 127) / 128, 128, 0, stream>>>(b, h, coeffs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
 
   // Phase 2 over tensors laid out like their params (scratch copies otherwise).
   AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), max_exp_avg_sqs.vec(),
@@ -294,7 +246,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   for (const auto& [key, entries] : groups) {
     const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
     const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    pick_launcher(pt, st, store, amsgrad)(entries, shared);
+    cuda::pick_storage<PickAdam>(pt, st, store, amsgrad)(entries, shared);
   }
   L.finish();
 }

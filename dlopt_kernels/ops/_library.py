@@ -35,8 +35,8 @@ def compiled(name: str) -> Callable:
     """The kernel of the compiled libraries: `torch.ops.dlopt_C.<name>`, whose CPU and
     CUDA implementations the dispatcher picks by device."""
 
-    def kernel(*args) -> None:
-        getattr(torch.ops.dlopt_C, name)(*args)
+    def kernel(*args):
+        return getattr(torch.ops.dlopt_C, name)(*args)
 
     kernel.__name__ = name
     return kernel

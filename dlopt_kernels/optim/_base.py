@@ -53,6 +53,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Base class: a torch.optim.Optimizer whose step is one fused multi-tensor op."""
 
     _state_keys: tuple[str, ...] = ()
+    # Whether the per-param state has a 'step' counter (torch's SGD keeps none).
+    _has_step: bool = True
     # GradScaler hands us grad_scale / found_inf instead of unscaling grads itself.
     _step_supports_amp_scaling = True
 
@@ -139,7 +141,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = self._state_dtype(p, group)
         # On the param's device (torch's fused/capturable layout), so kernels read it there.
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if self._has_step:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self._state_keys_for(group):
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if group["master_weights"] and p.dtype in _LOW_PRECISION:
@@ -177,7 +180,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state[key] = value.detach().to(dtype=torch.float32, device=p.device).clone()
                 elif key in self._state_keys and value.is_floating_point():
                     dtype = self._state_dtype(p, group)
-                    t = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    if value.shape == p.shape:
+                        t = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    else:  # a state not shaped like its param (Adafactor's row_var / col_var)
+                        t = torch.empty(value.shape, dtype=dtype, device=p.device)
                     state[key] = t.copy_(value.detach())
 
     # -- step -------------------------------------------------------------------------
@@ -186,6 +192,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not group["stochastic_rounding"] or dtype == torch.float32:
             return None
         return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+
+    @staticmethod
+    def _on_device(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+        """A GradScaler tensor (grad_scale, found_inf) on the bucket's device, no sync."""
+        return None if t is None else t.to(device, non_blocking=True)
 
     @staticmethod
     def _lr_tensor(lr: Any, device: torch.device) -> Tensor:
@@ -203,6 +214,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        self._check_step_inputs()  # before any group is stepped: a refused step changes nothing
         for group in self.param_groups:
             self._group_step(group, grad_scale, found_inf)
         return loss
@@ -211,11 +223,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                     found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError
 
+    def _check_step_inputs(self) -> None:
+        name = type(self).__name__
+        for group in self.param_groups:
+            registry.check_backend_name(group["backend"], "backend")
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise TypeError(f"{name} does not support sparse gradients (got one for a "
+                                    f"param of shape {tuple(p.shape)}); use torch.optim.SparseAdam")
+                if g.dtype != p.dtype:
+                    raise TypeError(f"a grad has dtype {g.dtype} but its param has {p.dtype}")
+
     def _collect(self, group: dict[str, Any], name: str) -> dict[tuple, list[list]]:
         """Bucket the params of `group` that have a grad by (device, dtype), creating
         state on first use. Each bucket is [params, grads, steps, masters, *states] with
         states in `_state_keys` order; `masters` is empty unless the bucket is
-        low-precision under master_weights."""
+        low-precision under master_weights; `steps` is empty without `_has_step`."""
         buckets: dict[tuple, list[list]] = {}
         state_of = self.state
         keys = self._state_keys_for(group)
@@ -224,21 +250,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise TypeError(f"{name} does not support sparse gradients (got one for a param "
-                                f"of shape {tuple(p.shape)}); use torch.optim.SparseAdam")
-            if g.dtype != p.dtype:
-                raise TypeError(f"a grad has dtype {g.dtype} but its param has {p.dtype}")
-            state = state_of[p]
-            if len(state) == 0:
+            state = state_of.get(p)
+            if not state:
+                # an optimizer that keeps nothing for p (SGD without momentum) leaves no
+                # entry in self.state, as torch does
+                state = {}
                 self._init_state(p, state, group)
+                if state:
+                    state_of[p] = state
             key = (p.device, p.dtype)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = [[] for _ in range(4 + len(keys))]
             bucket[0].append(p)
             bucket[1].append(g)
-            bucket[2].append(state["step"])
+            if self._has_step:
+                bucket[2].append(state["step"])
             if use_master and p.dtype in _LOW_PRECISION:
                 bucket[3].append(self._master_of(p, state, group))
             for i, k in enumerate(keys):

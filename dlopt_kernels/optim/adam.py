@@ -68,6 +68,7 @@ class Adam(FusedOptimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         self._check_group_hparams(defaults)
+        _check_tensor_hparams(lr, betas, foreach, capturable)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding, differentiable=differentiable,
                          foreach=foreach, fused=fused)
@@ -116,6 +117,18 @@ class Adam(FusedOptimizer):
                       group["maximize"], group["decoupled_weight_decay"],
                       _on(grad_scale, device), _on(found_inf, device),
                       self._sr_seed(group, device, dtype), group["backend"])
+
+
+def _check_tensor_hparams(lr: Any, betas: Any, foreach: Optional[bool], capturable: bool) -> None:
+    """torch.optim.Adam's rules for Tensor lr / betas, kept so that code which runs
+    here also runs on torch (our kernels would take any of these)."""
+    if isinstance(lr, Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    if isinstance(betas[0], Tensor) and foreach and not capturable:
+        raise ValueError("betas[0] as a Tensor is not supported for capturable=False and "
+                         "foreach=True")
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

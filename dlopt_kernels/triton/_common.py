@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+# shared with the reference backend (no triton there), re-exported for the kernels here
+from dlopt_kernels.backends.checks import check_elementwise_lists  # noqa: E402,F401
+
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -100,6 +103,87 @@ def pow_f64(base, e):
     fpart = tl.math.exp2(frac * tl.math.log2(tl.where(b32 > 0, b32, 1.0)))
     fpart = tl.where(b32 > 0, fpart, 0.0)
     return tl.where(frac > 0, r * fpart.to(tl.float64), r)
+
+
+@triton.jit
+def grad_multiplier(gs_ptr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr):
+    """cpu_multi_tensor.h grad_multiplier: (maximize ? -1 : 1) / grad_scale in fp64,
+    rounded once to fp32 (gs_ptr is not read unless HAS_GS)."""
+    sign = -1.0 if MAXIMIZE else 1.0
+    if HAS_GS:
+        mul = (sign / tl.load(gs_ptr).to(tl.float64)).to(tl.float32)
+    else:
+        mul = tl.full((), sign, tl.float32)
+    return mul
+
+
+@triton.jit
+def decoupled_decay_factor(lr, weight_decay):
+    """weight_decay.h: 1 - lr * weight_decay from fp64 values, rounded once to fp32."""
+    return (1.0 - lr.to(tl.float64) * weight_decay).to(tl.float32)
+
+
+@triton.jit
+def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
+    """cpu_storage.h load_param: the fp32 value an update starts from (the fp32 master
+    copy under MASTER, else the param upcast)."""
+    if MASTER:
+        p = tl.load(master_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    return p
+
+
+@triton.jit
+def write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index,
+                MASTER: tl.constexpr, SR: tl.constexpr):
+    """cpu_storage.h write_param: the updated fp32 `p` into the master (MASTER) and the
+    param, rounded to nearest, or stochastically (SR: bf16 params without masters)."""
+    if MASTER:
+        tl.store(master_ptr + offs, p, mask=mask)
+    if SR:  # the result is exactly representable in bf16
+        p = bf16_stochastic(p, sr_tensor_key(seed_ptr, tensor_index), offs)
+    store_f32(p_ptr + offs, p, mask)
+
+
+@triton.jit
+def round_to_storage(x, ptrs):
+    """fp32 `x` as store_f32 would store it into `ptrs`, read back as fp32 (bf16 and
+    fp16 rounded to nearest-even; fp32 unchanged): what a later load will see."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        x = _bf16_round(x, 0x7FFF + ((u >> 16) & 1))
+    elif ptrs.dtype.element_ty == tl.float16:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+# --- Adam's maths, shared with LAMB (twins of adam_math.h) ---------------------------
+
+
+@triton.jit
+def adam_bias_corrections(lr, step, beta1, beta2):
+    """adam_coeffs: (lr / (1 - beta1^step), 1 / sqrt(1 - beta2^step)) from fp64 lr,
+    step and betas, each rounded once to fp32."""
+    step_size = (lr / (1.0 - pow_f64(beta1, step))).to(tl.float32)
+    inv_bc2_sqrt = (1.0 / tl.sqrt(1.0 - pow_f64(beta2, step))).to(tl.float32)  # fp64: IEEE
+    return step_size, inv_bc2_sqrt
+
+
+@triton.jit
+def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
+    """adam_moments (fp32): the new (m, v)."""
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    return m, v
+
+
+@triton.jit
+def adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps):
+    """adam_direction (fp32): step_size * m / (sqrt(v_hat) * inv_bc2_sqrt + eps), with
+    IEEE sqrt and division like the C++ kernel (plain `/` and tl.sqrt are approximate
+    on GPUs)."""
+    return step_size * tl.math.div_rn(m, tl.sqrt_rn(v_hat) * inv_bc2_sqrt + eps)
 
 
 # ------------------------------------------------------------------ host side

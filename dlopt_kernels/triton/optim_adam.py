@@ -21,13 +21,15 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    adam_bias_corrections,
+    adam_direction,
+    adam_moments,
     align_to_params,
     bf16_stochastic,
     block_size,
     bump_steps,
     f64,
     on_device,
-    pow_f64,
     sr_tensor_key,
     store_f32,
 )
@@ -55,8 +57,7 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, step_ptr, lr_
     lr = tl.load(lr_ptr).to(tl.float64)
     b1 = f64(beta1)
     b2 = f64(beta2)
-    step_size = (lr / (1.0 - pow_f64(b1, step))).to(tl.float32)
-    inv_bc2_sqrt = (1.0 / tl.sqrt(1.0 - pow_f64(b2, step))).to(tl.float32)  # fp64: IEEE
+    step_size, inv_bc2_sqrt = adam_bias_corrections(lr, step, b1, b2)
     omb1 = f64(one_minus_beta1).to(tl.float32)
     omb2 = f64(one_minus_beta2).to(tl.float32)
     beta2_f = b2.to(tl.float32)
@@ -80,16 +81,14 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, step_ptr, lr_
         p = p * (1.0 - lr * wd).to(tl.float32)
     elif WD == 1:  # _WD_L2 (Adam)
         g = g + wd.to(tl.float32) * p
-    m = m + omb1 * (g - m)
-    v = beta2_f * v + omb2 * (g * g)
+    m, v = adam_moments(g, m, v, omb1, beta2_f, omb2)
     v_hat = v
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
         vmax = tl.where(vmax > v, vmax, v)  # as C++ `vmax > v ? vmax : v`, NaN included
         store_f32(vmax_ptr + offs, vmax, mask)
         v_hat = vmax
-    # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
-    p = p - step_size * tl.math.div_rn(m, tl.sqrt_rn(v_hat) * inv_bc2_sqrt + eps_f)
+    p = p - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f)
 
     store_f32(m_ptr + offs, m, mask)
     store_f32(v_ptr + offs, v, mask)

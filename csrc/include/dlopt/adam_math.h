@@ -6,6 +6,7 @@
 #pragma once
 #include <cmath>
 #include "dlopt/macros.h"
+#include "dlopt/weight_decay.h"
 
 namespace dlopt {
 
@@ -33,9 +34,22 @@ DLOPT_HD AdamCoeffs adam_coeffs(double lr, double step, double beta1, double bet
   c.beta2 = static_cast<float>(beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.weight_decay = static_cast<float>(weight_decay);
-  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  c.decay_factor = decoupled_decay_factor(lr, weight_decay);
   c.eps = static_cast<float>(eps);
   return c;
+}
+
+// The moment updates, shared with LAMB (lamb_math.h).
+DLOPT_HD void adam_moments(float g, float& m, float& v, const AdamCoeffs& c) {
+  m = m + c.one_minus_beta1 * (g - m);  // lerp(m, g, 1 - beta1), as torch
+  v = c.beta2 * v + c.one_minus_beta2 * (g * g);
+}
+
+// The bias-corrected step direction step_size * m / (sqrt(v_hat / bc2) + eps); with
+// lr = 1 in adam_coeffs it is m_hat / (sqrt(v_hat) + eps) (LAMB's Adam ratio).
+DLOPT_HD float adam_direction(float m, float v_hat, const AdamCoeffs& c) {
+  const float denom = sqrtf(v_hat) * c.inv_bc2_sqrt + c.eps;
+  return c.step_size * (m / denom);
 }
 
 // One element. `g` is already unscaled (divided by the grad scale) and negated
@@ -47,18 +61,16 @@ DLOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax,
     if (ADAMW) {
       p = p * c.decay_factor;
     } else {
-      g = g + c.weight_decay * p;
+      g = l2_decayed_grad(g, p, c.weight_decay);
     }
   }
-  m = m + c.one_minus_beta1 * (g - m);  // lerp(m, g, 1 - beta1), as torch
-  v = c.beta2 * v + c.one_minus_beta2 * (g * g);
+  adam_moments(g, m, v, c);
   float v_hat = v;
   if (AMSGRAD) {
     vmax = vmax > v ? vmax : v;
     v_hat = vmax;
   }
-  const float denom = sqrtf(v_hat) * c.inv_bc2_sqrt + c.eps;
-  p = p - c.step_size * (m / denom);
+  p = p - adam_direction(m, v_hat, c);
 }
 
 }  // namespace dlopt

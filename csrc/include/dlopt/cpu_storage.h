@@ -37,4 +37,22 @@ inline typename P::T store_param(float x, uint32_t key, int64_t i) {
   }
 }
 
+// The fp32 value an update starts from: the fp32 master copy, or the param itself.
+template <class P, Store STORE>
+inline float load_param(const typename P::T* p, const float* master, int64_t i) {
+  if constexpr (STORE == Store::kMaster) {
+    return master[i];
+  } else {
+    return P::load(p[i]);
+  }
+}
+
+// Writes an updated fp32 value back: into the master copy (if any) and into the
+// param, rounded as STORE says.
+template <class P, Store STORE>
+inline void write_param(typename P::T* p, float* master, float x, uint32_t key, int64_t i) {
+  if constexpr (STORE == Store::kMaster) master[i] = x;
+  p[i] = store_param<P, STORE>(x, key, i);
+}
+
 }  // namespace dlopt

@@ -10,6 +10,8 @@
 // element). Master weights need no adapter: the fp32 master is one more F32
 // list, and the low-precision param is stored with nearest-even rounding.
 #pragma once
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
 #include <cuda_fp16.h>
 #include <cstdint>
 #include "dlopt/rounding.h"
@@ -52,6 +54,36 @@ struct F16 {
     return __half_as_ushort(__float2half_rn(x));
   }
 };
+
+// How an fp32 result is written into a param (the CUDA twin of cpu_storage.h Store).
+enum class StoreMode { kNearest, kMaster, kStochastic };
+
+// The CUDA twin of cpu_multi_tensor.h pick_storage: maps (param dtype, state dtype,
+// store mode) to `Pick<PS, S, MASTER>::get(args...)`, PS the param's storage (whose
+// store rounds stochastically under kStochastic), S the states'. fp32 params honour a
+// master copy and ignore stochastic rounding; fp16 params take no stochastic rounding.
+template <template <class, class, bool> class Pick, class... Args>
+auto pick_storage(at::ScalarType pt, at::ScalarType st, StoreMode store, Args... args) {
+  const bool f32_state = st == at::kFloat;
+  switch (pt) {
+    case at::kFloat:
+      return store == StoreMode::kMaster ? Pick<F32, F32, true>::get(args...)
+                                         : Pick<F32, F32, false>::get(args...);
+    case at::kBFloat16:
+      if (store == StoreMode::kMaster) return Pick<BF16, F32, true>::get(args...);
+      if (store == StoreMode::kStochastic)
+        return f32_state ? Pick<BF16Stochastic, F32, false>::get(args...)
+                         : Pick<BF16Stochastic, BF16, false>::get(args...);
+      return f32_state ? Pick<BF16, F32, false>::get(args...) : Pick<BF16, BF16, false>::get(args...);
+    case at::kHalf:
+      TORCH_CHECK(store != StoreMode::kStochastic,
+                  "dlopt: stochastic rounding supports bfloat16 and float32 params, not float16");
+      if (store == StoreMode::kMaster) return Pick<F16, F32, true>::get(args...);
+      return f32_state ? Pick<F16, F32, false>::get(args...) : Pick<F16, F16, false>::get(args...);
+    default:
+      TORCH_CHECK(false, "dlopt: unsupported param dtype ", pt);
+  }
+}
 
 }  // namespace cuda
 }  // namespace dlopt

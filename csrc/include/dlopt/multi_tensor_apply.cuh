@@ -122,8 +122,10 @@ DLOPT_HD void static_for(F&& f) {
 // The work of thread `thread` of block `block`. Host-callable too: threads of a
 // block never talk to each other, so a CPU loop over (block, thread) emulates
 // a launch exactly, which lets CPU-only machines test this indexing.
-template <class Op>
-DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthreads) {
+// `acc...` (none for element-wise ops) is passed on to every functor call: a
+// per-thread accumulator of reducing ops (dlopt/multi_tensor_reduce.cuh).
+template <class Op, class... Acc>
+DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthreads, Acc&... acc) {
   constexpr int N = Op::kLists;
   const int slot = tab.block_tensor[block];
   const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
@@ -160,7 +162,7 @@ DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthrea
         }
       });
 #pragma unroll
-      for (int j = 0; j < kILP; ++j) tab.op(x[j], blk, begin + i + j);
+      for (int j = 0; j < kILP; ++j) tab.op(x[j], blk, begin + i + j, acc...);
       static_for<N>([&](auto k) {
         using L = typename Op::template List<decltype(k)::value>;
         if constexpr (L::kWrites) {
@@ -188,7 +190,7 @@ DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthrea
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int i = i0 + thread + j * nthreads;
-        if (i < n) tab.op(x[j], blk, begin + i);
+        if (i < n) tab.op(x[j], blk, begin + i, acc...);
       }
       static_for<N>([&](auto k) {
         using L = typename Op::template List<decltype(k)::value>;

@@ -2,6 +2,9 @@
 bf16 stochastic rounding of csrc/include/dlopt/rounding.h, on int64 tensors."""
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -41,3 +44,58 @@ def bf16_stochastic(x: Tensor, key: int) -> Tensor:
     out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32).view(torch.float32)
     out = torch.where(torch.isnan(flat), flat, out)
     return out.to(torch.bfloat16).reshape(x.shape)
+
+
+# --- maths every optimizer shares (twins of csrc/include/dlopt/cpu_multi_tensor.h,
+# weight_decay.h and cpu_storage.h store_param) ------------------------------------
+
+
+def skip_step(found_inf: Optional[Tensor]) -> bool:
+    """GradScaler found an inf/NaN (found_inf != 0, NaN included): skip the whole step."""
+    return found_inf is not None and float(found_inf) != 0.0
+
+
+def grad_multiplier(maximize: bool, grad_scale: Optional[Tensor]) -> float:
+    """(maximize ? -1 : 1) / grad_scale, in double; the kernels round it to fp32 once."""
+    return (-1.0 if maximize else 1.0) / (float(grad_scale) if grad_scale is not None else 1.0)
+
+
+def decoupled_decay_factor(lr: float, weight_decay: float) -> float:
+    """weight_decay.h: p <- p * (1 - lr * weight_decay), the factor in double."""
+    return 1.0 - lr * weight_decay
+
+
+def store_param(p: Tensor, pf: Tensor, master: Optional[Tensor], seed: Optional[int],
+                tensor_index: int) -> None:
+    """Write the fp32 result `pf` back: into the fp32 master (if any) and the param,
+    rounded to nearest, or stochastically for bf16 params under a seed without master."""
+    if master is not None:
+        master.copy_(pf)
+    if seed is not None and master is None and p.dtype == torch.bfloat16:
+        p.copy_(bf16_stochastic(pf, sr_tensor_key(seed, tensor_index)))
+    else:
+        p.copy_(pf)
+
+
+# --- Adam's maths, shared with LAMB (twins of adam_math.h) -----------------------------
+
+
+def adam_coeffs(lr: float, step: float, beta1: float, beta2: float, weight_decay: float):
+    """adam_math.h adam_coeffs, in double: (lr / (1 - beta1^step),
+    1 / sqrt(1 - beta2^step), 1 - lr * weight_decay)."""
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    return lr / bc1, 1.0 / math.sqrt(bc2), decoupled_decay_factor(lr, weight_decay)
+
+
+def adam_moments(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float):
+    """adam_math.h adam_moments: the new (m, v), fp32."""
+    m = m + (1.0 - beta1) * (g - m)
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    return m, v
+
+
+def adam_direction(m: Tensor, v_hat: Tensor, step_size: float, inv_bc2_sqrt: float,
+                   eps: float) -> Tensor:
+    """adam_math.h adam_direction: step_size * m / (sqrt(v_hat) * inv_bc2_sqrt + eps)."""
+    return step_size * (m / (v_hat.sqrt() * inv_bc2_sqrt + eps))

@@ -1,18 +1,14 @@
 """Pure-torch Adam/AdamW step (the maths of csrc/include/dlopt/adam_math.h)."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from dlopt_kernels.backends.reference._common import bf16_stochastic, sr_tensor_key
-
-def adam_coeffs(lr: float, step: float, beta1: float, beta2: float, weight_decay: float):
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
-    return lr / bc1, 1.0 / math.sqrt(bc2), 1.0 - lr * weight_decay
+from dlopt_kernels.backends.checks import check_elementwise_lists
+from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
+                                                      bf16_stochastic, sr_tensor_key)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
@@ -22,6 +18,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
               sr_seed: Optional[Tensor]) -> None:
     if not params:
         return
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        states["max_exp_avg_sqs"] = max_exp_avg_sqs
+    # refuse a malformed call before anything is written (steps included)
+    check_elementwise_lists(params, grads, states, master_params, state_steps,
+                            sr_seed is not None, op="dlopt::adam_step")
     if found_inf is not None and float(found_inf) != 0.0:
         return
     lr_v = float(lr)
@@ -44,14 +46,13 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                     pf = pf * decay
                 else:
                     g = g + weight_decay * pf
-            m = m + (1.0 - beta1) * (g - m)
-            v = beta2 * v + (1.0 - beta2) * (g * g)
+            m, v = adam_moments(g, m, v, beta1, beta2)
             v_hat = v
             if amsgrad:
                 vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
                 max_exp_avg_sqs[i].copy_(vmax)
                 v_hat = vmax
-            pf = pf - step_size * (m / (v_hat.sqrt() * inv_bc2_sqrt + eps))
+            pf = pf - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps)
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
             if master is not None:

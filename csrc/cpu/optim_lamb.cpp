@@ -1,0 +1,206 @@
+// Multi-tensor LAMB step on the CPU (maths: dlopt/lamb_math.h), in two parallel
+// regions over 32K-element chunks of every tensor in the call:
+//   1. moments: m, v updated; per chunk, sum p^2 and sum u^2 in double (u the LAMB
+//      update direction, computed from m and v as stored);
+//   2. apply: per tensor the trust ratio from its chunks' sums (combined in chunk
+//      order on one thread, so results do not depend on the thread count), then
+//      p -= lr * trust * u with u recomputed from the stored m, v.
+// 24 + 16 bytes per fp32 param: read p, g, m, v, write m, v; read p, m, v, write p.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "dlopt/cpu_multi_tensor.h"
+#include "dlopt/cpu_storage.h"
+#include "dlopt/lamb_math.h"
+#include "dlopt/rounding.h"
+#include "dlopt/tensor_lists.h"
+
+namespace dlopt {
+namespace {
+
+struct LambTensorArgs {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  float* master;
+  AdamCoeffs c;
+  float grad_mul;  // 1 / grad_scale * clip factor
+  uint32_t sr_key;
+};
+
+using MomentsFn = void (*)(const LambTensorArgs&, int64_t, int64_t, double*);
+using ApplyFn = void (*)(const LambTensorArgs&, float, int64_t, int64_t);
+
+struct LambFns {
+  MomentsFn moments;
+  ApplyFn apply;
+};
+
+// One element of pass 1: updates m[i], v[i]; returns p and u through pf, u.
+template <class P, class S, Store STORE, bool WD>
+inline void lamb_moments_one(const LambTensorArgs& a, int64_t i, float& pf, float& u) {
+  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
+  auto* __restrict__ m = static_cast<typename S::T*>(a.m);
+  auto* __restrict__ v = static_cast<typename S::T*>(a.v);
+  pf = load_param<P, STORE>(static_cast<const typename P::T*>(a.p), a.master, i);
+  float mf = S::load(m[i]);
+  float vf = S::load(v[i]);
+  adam_moments(P::load(g[i]) * a.grad_mul, mf, vf, a.c);
+  const typename S::T ms = S::store(mf);
+  const typename S::T vs = S::store(vf);
+  m[i] = ms;
+  v[i] = vs;
+  u = lamb_direction<WD>(pf, S::load(ms), S::load(vs), a.c);
+}
+
+template <class P, class S, Store STORE, bool WD>
+void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, double* out) {
+  // 16 double lanes per sum so the additions do not wait on each other (vectorized).
+  constexpr int kLanes = 16;
+  double pp[kLanes] = {}, uu[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      float pf, u;
+      lamb_moments_one<P, S, STORE, WD>(a, i + j, pf, u);
+      pp[j] += static_cast<double>(pf) * pf;
+      uu[j] += static_cast<double>(u) * u;
+    }
+  }
+  double sp = 0.0, su = 0.0;
+  for (; i < end; ++i) {
+    float pf, u;
+    lamb_moments_one<P, S, STORE, WD>(a, i, pf, u);
+    sp += static_cast<double>(pf) * pf;
+    su += static_cast<double>(u) * u;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    sp += pp[j];
+    su += uu[j];
+  }
+  out[0] = sp;
+  out[1] = su;
+}
+
+template <class P, class S, Store STORE, bool WD>
+void lamb_apply_chunk(const LambTensorArgs& a, float scale, int64_t begin, int64_t end) {
+  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
+  const auto* __restrict__ m = static_cast<const typename S::T*>(a.m);
+  const auto* __restrict__ v = static_cast<const typename S::T*>(a.v);
+  float* __restrict__ master = a.master;
+  const AdamCoeffs c = a.c;
+  const uint32_t key = a.sr_key;
+  for (int64_t i = begin; i < end; ++i) {
+    float pf = load_param<P, STORE>(p, master, i);
+    const float u = lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
+    pf = pf - scale * u;
+    write_param<P, STORE>(p, master, pf, key, i);
+  }
+}
+
+template <class P, class S, Store STORE>
+struct PickLamb {
+  static LambFns get(bool wd) {
+    if (wd) return {&lamb_moments_chunk<P, S, STORE, true>, &lamb_apply_chunk<P, S, STORE, true>};
+    return {&lamb_moments_chunk<P, S, STORE, false>, &lamb_apply_chunk<P, S, STORE, false>};
+  }
+};
+
+void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList master_params,
+                   at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2,
+                   double weight_decay, double eps, bool bias_correction, double max_grad_norm,
+                   const std::optional<at::Tensor>& global_grad_norm,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& sr_seed) {
+  const size_t n = params.size();
+  std::vector<at::Tensor> P(params.begin(), params.end());
+  const bool use_master = !master_params.empty();
+  const bool use_sr = sr_seed.has_value();
+  check_elementwise_lists(P, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                          master_params, state_steps, use_sr);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(P[i].device().is_cpu(), "dlopt::lamb_step (cpu): params[", i, "] is on ",
+                P[i].device());
+    check_step_tensor(state_steps[i], i);
+  }
+  TORCH_CHECK(max_grad_norm <= 0.0 || global_grad_norm.has_value(),
+              "dlopt::lamb_step: max_grad_norm > 0 needs global_grad_norm");
+  if (n == 0) return;
+  // GradScaler found an inf/NaN: the whole step is skipped, steps included.
+  if (skip_step(found_inf)) return;
+  const Store store = use_master ? Store::kMaster : (use_sr ? Store::kStochastic : Store::kNearest);
+  const double lr_v = scalar_value(lr, "lr");
+  const double unscale = grad_multiplier(false, grad_scale);
+  const double clip = max_grad_norm > 0.0
+      ? lamb_clip_factor(scalar_value(*global_grad_norm, "global_grad_norm") * unscale,
+                         max_grad_norm)
+      : 1.0;
+  const float grad_mul = static_cast<float>(unscale * clip);
+  const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
+
+  AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), master_params.vec()},
+                 {true, false, true, true, true});
+  std::vector<LambTensorArgs> args(n);
+  std::vector<LambFns> fns(n);
+  std::vector<int64_t> numels(n), chunk_base(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const double step = increment_step(state_steps[i]);
+    numels[i] = L[0][i].numel();
+    chunk_base[i + 1] = chunk_base[i] + (numels[i] + kCpuChunk - 1) / kCpuChunk;
+    if (numels[i] == 0) continue;
+    LambTensorArgs& a = args[i];
+    a.p = L[0][i].data_ptr();
+    a.g = L[1][i].data_ptr();
+    a.m = L[2][i].data_ptr();
+    a.v = L[3][i].data_ptr();
+    a.master = use_master ? L[4][i].data_ptr<float>() : nullptr;
+    a.c = lamb_coeffs(step, beta1, beta2, weight_decay, eps, bias_correction);
+    a.grad_mul = grad_mul;
+    a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
+    fns[i] = pick_storage<PickLamb>(L[0][i].scalar_type(), L[2][i].scalar_type(), store,
+                                    weight_decay != 0.0);
+  }
+  // Pass 1: moments and per-chunk sums of p^2, u^2.
+  std::vector<double> partials(2 * static_cast<size_t>(chunk_base[n]));
+  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) {
+    fns[t].moments(args[t], b, e, &partials[2 * (chunk_base[t] + b / kCpuChunk)]);
+  });
+  // Trust ratios, then pass 2.
+  std::vector<float> scales(n);
+  for (size_t i = 0; i < n; ++i) {
+    double pp = 0.0, uu = 0.0;
+    for (int64_t c = chunk_base[i]; c < chunk_base[i + 1]; ++c) {
+      pp += partials[2 * c];
+      uu += partials[2 * c + 1];
+    }
+    scales[i] = static_cast<float>(lr_v * lamb_trust_ratio(std::sqrt(pp), std::sqrt(uu)));
+  }
+  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) {
+    fns[t].apply(args[t], scales[t], b, e);
+  });
+  L.finish();
+  for (auto list : {params, exp_avgs, exp_avg_sqs, master_params, state_steps})
+    bump_versions(list);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dlopt_C, m) {
+  m.def(
+      "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] master_params, Tensor(e!)[] state_steps, "
+      "Tensor lr, float beta1, float beta2, float weight_decay, float eps, "
+      "bool bias_correction, float max_grad_norm, Tensor? global_grad_norm, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dlopt_C, CPU, m) { m.impl("lamb_step", &lamb_step_cpu); }
+
+}  // namespace dlopt

@@ -1,0 +1,524 @@
+// Multi-tensor Adafactor step on CUDA; same semantics and passes as
+// csrc/cpu/optim_adafactor.cpp, the maths in dlopt/adafactor_math.h.
+//
+// Everything runs on the current stream without host syncs (capturable): lr,
+// grad_scale, found_inf and sr_seed are read by the kernels (or on the host when they
+// are CPU tensors), steps are counted on the device. Launches:
+//   prepare    one thread per tensor: step += 1 (unless found_inf), per-tensor
+//              coefficients (adafactor_coeffs, grad multiplier, SR key) to scratch;
+// then, per (param dtype, state dtype) group, each a series of launches whose work
+// items (one block each) travel in the kernel argument (AfTable, < 4 KB):
+//   stats      rows of a factored matrix: each row's sum of g^2 (a warp per row),
+//              each column's partial sum (fp64 atomics), sum(p^2) (fp64 atomic);
+//              vector chunks: sum(p^2);
+//   factors    one block per matrix: row / column factors lerp towards their means,
+//              den = max(mean(row factor), eps1);
+//   direction  sum(u^2) per tensor (fp64 atomics); vectors update their variance;
+//   apply      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u.
+// Factored tensors are walked as row-major [batch, rows, cols] (contiguous stand-ins
+// for other layouts, copied back afterwards).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "dlopt/adafactor_math.h"
+#include "dlopt/cuda_scalar.cuh"
+#include "dlopt/cuda_steps.cuh"
+#include "dlopt/cuda_storage.cuh"
+#include "dlopt/rounding.h"
+#include "dlopt/tensor_lists.h"
+
+namespace dlopt {
+namespace {
+
+using cuda::ScalarRef;
+
+constexpr int kThreads = 256;
+constexpr int64_t kPartElems = 16384;  // elements per block
+constexpr int kParts = 8;              // blocks per work item (gridDim.y)
+constexpr int64_t kItemElems = kParts * kPartElems;
+
+// Per-tensor values written by the prepare kernel.
+struct AfTensorCoeffs {
+  AdafactorCoeffs c;
+  float grad_mul;  // (maximize ? -1 : 1) / grad_scale
+  uint32_t sr_key;
+};
+
+// What a store adapter (cuda_storage.cuh) needs from the calling block.
+struct StoreCtx {
+  uint32_t sr_key;
+};
+
+// ---- prepare ------------------------------------------------------------------------
+
+struct AfHyper {
+  ScalarRef lr, grad_scale, found_inf, seed;
+  double beta2_decay, weight_decay;
+  bool maximize;
+};
+static_assert(sizeof(cuda::StepBatch) + sizeof(AfHyper) + sizeof(void*) <= 4096,
+              "af_prepare_kernel arguments over 4 KB");
+
+__global__ void af_prepare_kernel(const __grid_constant__ cuda::StepBatch b,
+                                  const __grid_constant__ AfHyper h, AfTensorCoeffs* out) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= b.count || cuda::skip_step(h.found_inf)) return;
+  const double step = cuda::bump_step(b, k);
+  const int32_t i = b.first + k;
+  AfTensorCoeffs r;
+  r.c = adafactor_coeffs(cuda::load_f64(h.lr), step, h.beta2_decay, h.weight_decay);
+  r.grad_mul = static_cast<float>((h.maximize ? -1.0 : 1.0) / cuda::load_f64(h.grad_scale));
+  r.sr_key = sr_tensor_key(static_cast<uint32_t>(cuda::load_i64(h.seed)), static_cast<uint32_t>(i));
+  out[i] = r;
+}
+
+// ---- work tables ----------------------------------------------------------------------
+
+struct AfDesc {  // one tensor of a launch table
+  void* p;
+  const void* g;
+  float* master;
+  void* var;  // 0-/1-D: variance
+  void* rv;   // factored: row / column factors (state storage)
+  void* cv;
+  int64_t numel, rows, cols;
+  int64_t row_off, col_off, den_off;  // into the row_sum / col_sum / den scratch
+  int32_t index;                      // into coeffs and sums
+  int32_t factored;
+};
+
+// stats / direction / apply: rows [begin, begin + count) of the flattened (batch x
+// rows) of a factored tensor, never across a matrix, or elements of a vector;
+// factors: begin is the matrix (batch index), count 1.
+struct AfItem {
+  int64_t begin;
+  int32_t count;
+  int32_t slot;
+};
+
+struct AfShared {
+  ScalarRef found_inf;
+  const AfTensorCoeffs* coeffs;
+  double* sums;  // [2 n]: sum(p^2), then sum(u^2)
+  double* row_sum;
+  double* col_sum;
+  float* den;
+  float eps1, eps1_sq;
+  double eps2, d;
+  int32_t n;
+};
+
+constexpr int kDescs = 14;
+constexpr int kItems = 120;
+
+struct AfTable {
+  AfShared s;
+  AfDesc t[kDescs];
+  AfItem it[kItems];
+};
+static_assert(sizeof(AfTable) <= 4000, "AfTable kernel argument over 4 KB");
+
+// Packs (desc, items) into tables of kDescs tensors and kItems items; fn(table, items).
+// A tensor whose items straddle two tables is added to the next one again.
+template <class Fn>
+void for_each_table(const AfShared& s, const std::vector<AfDesc>& descs,
+                    const std::vector<std::vector<AfItem>>& items, Fn&& fn) {
+  AfTable tab;
+  tab.s = s;
+  int nt = 0, ni = 0;
+  for (size_t d = 0; d < descs.size(); ++d) {
+    if (items[d].empty()) continue;
+    if (nt == kDescs) {
+      fn(static_cast<const AfTable&>(tab), ni);
+      nt = ni = 0;
+    }
+    tab.t[nt++] = descs[d];
+    for (const AfItem& item : items[d]) {
+      if (ni == kItems) {
+        fn(static_cast<const AfTable&>(tab), ni);
+        ni = 0;
+        tab.t[0] = descs[d];
+        nt = 1;
+      }
+      tab.it[ni] = item;
+      tab.it[ni].slot = nt - 1;
+      ++ni;
+    }
+  }
+  if (ni > 0) fn(static_cast<const AfTable&>(tab), ni);
+}
+
+// The part of an item this block handles: an item is split into gridDim.y parts (rows
+// of a factored item, elements of a vector), so that one launch of kItems items gives
+// the GPU kItems * kParts blocks.
+__device__ __forceinline__ AfItem my_part(const AfItem& it) {
+  const int32_t parts = static_cast<int32_t>(gridDim.y);
+  const int32_t per = (it.count + parts - 1) / parts;
+  const int32_t lo = min(it.count, per * static_cast<int32_t>(blockIdx.y));
+  const int32_t hi = min(it.count, lo + per);
+  return AfItem{it.begin + lo, hi - lo, it.slot};
+}
+
+// ---- reductions -------------------------------------------------------------------------
+
+__device__ __forceinline__ double warp_sum(double x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// The block's sum, valid in thread 0.
+__device__ __forceinline__ double block_sum(double x) {
+  __shared__ double part[kThreads / 32];
+  x = warp_sum(x);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = x;
+  __syncthreads();
+  x = threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.0;
+  if (warp == 0) x = warp_sum(x);
+  __syncthreads();  // part may be reused by a later call
+  return x;
+}
+
+// ---- kernels --------------------------------------------------------------------------
+
+template <class PS, bool MASTER>
+__device__ __forceinline__ float load_p(const AfDesc& t, int64_t i) {
+  if (MASTER) return t.master[i];
+  return PS::load(static_cast<const typename PS::T*>(t.p)[i]);
+}
+
+template <class PS>
+__device__ __forceinline__ float load_g(const AfDesc& t, int64_t i, float mul) {
+  return PS::load(static_cast<const typename PS::T*>(t.g)[i]) * mul;
+}
+
+template <class PS, class S, bool MASTER>
+__global__ void __launch_bounds__(kThreads) af_stats_kernel(const __grid_constant__ AfTable tab) {
+  const AfShared& s = tab.s;
+  if (cuda::skip_step(s.found_inf)) return;
+  const AfItem it = my_part(tab.it[blockIdx.x]);
+  if (it.count <= 0) return;
+  const AfDesc& t = tab.t[it.slot];
+  const float mul = s.coeffs[t.index].grad_mul;
+  double ps = 0.0;
+  if (t.factored) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int r = warp; r < it.count; r += kThreads / 32) {
+      const int64_t row = it.begin + r;
+      double rs = 0.0;
+      for (int64_t c = lane; c < t.cols; c += 32) {
+        const double g = load_g<PS>(t, row * t.cols + c, mul);
+        const double p = load_p<PS, MASTER>(t, row * t.cols + c);
+        rs += g * g;
+        ps += p * p;
+      }
+      rs = warp_sum(rs);
+      if (lane == 0) s.row_sum[t.row_off + row] = rs;
+    }
+    const int64_t b = it.begin / t.rows;  // an item's rows share one matrix
+    for (int64_t c = threadIdx.x; c < t.cols; c += kThreads) {
+      double cs = 0.0;
+      for (int r = 0; r < it.count; ++r) {
+        const double g = load_g<PS>(t, (it.begin + r) * t.cols + c, mul);
+        cs += g * g;
+      }
+      atomicAdd(s.col_sum + t.col_off + b * t.cols + c, cs);
+    }
+  } else {
+    for (int64_t i = it.begin + threadIdx.x; i < it.begin + it.count; i += kThreads) {
+      const double p = load_p<PS, MASTER>(t, i);
+      ps += p * p;
+    }
+  }
+  ps = block_sum(ps);
+  if (threadIdx.x == 0) atomicAdd(s.sums + t.index, ps);
+}
+
+template <class PS, class S, bool MASTER>
+__global__ void __launch_bounds__(kThreads) af_factors_kernel(const __grid_constant__ AfTable tab) {
+  const AfShared& s = tab.s;
+  if (cuda::skip_step(s.found_inf)) return;
+  const AfItem& it = tab.it[blockIdx.x];
+  const AfDesc& t = tab.t[it.slot];
+  const float w = s.coeffs[t.index].c.one_minus_beta2;
+  const int64_t b = it.begin;
+  auto* rv = static_cast<typename S::T*>(t.rv);
+  auto* cv = static_cast<typename S::T*>(t.cv);
+  const StoreCtx ctx{0u};
+  double rsum = 0.0;
+  for (int64_t r = threadIdx.x; r < t.rows; r += kThreads) {
+    const int64_t j = b * t.rows + r;
+    const float mean = static_cast<float>(s.row_sum[t.row_off + j] / t.cols);
+    const typename S::T v = S::store(lerp_torch(S::load(rv[j]), mean, w), ctx, j);
+    rv[j] = v;
+    rsum += S::load(v);  // as stored: what the later kernels read
+  }
+  rsum = block_sum(rsum);
+  if (threadIdx.x == 0)
+    s.den[t.den_off + b] = clamp_min_nan(static_cast<float>(rsum / t.rows), s.eps1);
+  for (int64_t c = threadIdx.x; c < t.cols; c += kThreads) {
+    const int64_t j = b * t.cols + c;
+    const float mean = static_cast<float>(s.col_sum[t.col_off + j] / t.rows);
+    cv[j] = S::store(lerp_torch(S::load(cv[j]), mean, w), ctx, j);
+  }
+}
+
+// The update direction of element e of a factored item (row it.begin + e / cols).
+template <class PS, class S>
+__device__ __forceinline__ float factored_u(const AfShared& s, const AfDesc& t, int64_t row,
+                                            int64_t c, float den, float mul) {
+  const int64_t b = row / t.rows;
+  const float rv = S::load(static_cast<const typename S::T*>(t.rv)[row]);
+  const float cv = S::load(static_cast<const typename S::T*>(t.cv)[b * t.cols + c]);
+  return adafactor_direction(load_g<PS>(t, row * t.cols + c, mul),
+                             factored_variance(rv, cv, den), s.eps1_sq);
+}
+
+template <class PS, class S, bool MASTER>
+__global__ void __launch_bounds__(kThreads)
+    af_direction_kernel(const __grid_constant__ AfTable tab) {
+  const AfShared& s = tab.s;
+  if (cuda::skip_step(s.found_inf)) return;
+  const AfItem it = my_part(tab.it[blockIdx.x]);
+  if (it.count <= 0) return;
+  const AfDesc& t = tab.t[it.slot];
+  const AfTensorCoeffs& k = s.coeffs[t.index];
+  double us = 0.0;
+  if (t.factored) {
+    const float den = s.den[t.den_off + it.begin / t.rows];
+    const int64_t count = static_cast<int64_t>(it.count) * t.cols;
+    for (int64_t e = threadIdx.x; e < count; e += kThreads) {
+      const float u = factored_u<PS, S>(s, t, it.begin + e / t.cols, e % t.cols, den, k.grad_mul);
+      us += static_cast<double>(u) * u;
+    }
+  } else {
+    auto* var = static_cast<typename S::T*>(t.var);
+    const StoreCtx ctx{0u};
+    for (int64_t i = it.begin + threadIdx.x; i < it.begin + it.count; i += kThreads) {
+      const float g = load_g<PS>(t, i, k.grad_mul);
+      const typename S::T v = S::store(lerp_torch(S::load(var[i]), g * g, k.c.one_minus_beta2),
+                                       ctx, i);
+      var[i] = v;
+      const float u = adafactor_direction(g, S::load(v), s.eps1_sq);
+      us += static_cast<double>(u) * u;
+    }
+  }
+  us = block_sum(us);
+  if (threadIdx.x == 0) atomicAdd(s.sums + s.n + t.index, us);
+}
+
+template <class PS, class S, bool MASTER, bool WD>
+__global__ void __launch_bounds__(kThreads) af_apply_kernel(const __grid_constant__ AfTable tab) {
+  const AfShared& s = tab.s;
+  if (cuda::skip_step(s.found_inf)) return;
+  const AfItem it = my_part(tab.it[blockIdx.x]);
+  if (it.count <= 0) return;
+  const AfDesc& t = tab.t[it.slot];
+  const AfTensorCoeffs& k = s.coeffs[t.index];
+  const float step = static_cast<float>(adafactor_step_size(
+      s.sums[t.index], s.sums[s.n + t.index], static_cast<double>(t.numel), s.eps2, k.c.rho, s.d));
+  const StoreCtx ctx{k.sr_key};
+  auto* p = static_cast<typename PS::T*>(t.p);
+  auto update = [&](int64_t i, float u) {
+    const float x = adafactor_apply<WD>(load_p<PS, MASTER>(t, i), u, k.c.decay_factor, step);
+    if (MASTER) t.master[i] = x;
+    p[i] = PS::store(x, ctx, i);
+  };
+  if (t.factored) {
+    const float den = s.den[t.den_off + it.begin / t.rows];
+    const int64_t count = static_cast<int64_t>(it.count) * t.cols;
+    for (int64_t e = threadIdx.x; e < count; e += kThreads) {
+      const int64_t row = it.begin + e / t.cols, c = e % t.cols;
+      update(row * t.cols + c, factored_u<PS, S>(s, t, row, c, den, k.grad_mul));
+    }
+  } else {
+    const auto* var = static_cast<const typename S::T*>(t.var);
+    for (int64_t i = it.begin + threadIdx.x; i < it.begin + it.count; i += kThreads)
+      update(i, adafactor_direction(load_g<PS>(t, i, k.grad_mul), S::load(var[i]), s.eps1_sq));
+  }
+}
+
+// ---- launching ----------------------------------------------------------------------
+
+struct AfGroup {
+  std::vector<AfDesc> descs;
+  std::vector<std::vector<AfItem>> items;    // stats / direction / apply
+  std::vector<std::vector<AfItem>> matrices; // factors
+};
+
+using GroupRunner = void (*)(const AfShared&, const AfGroup&, cudaStream_t);
+
+template <class PS, class S, bool MASTER, bool WD>
+void run_group(const AfShared& s, const AfGroup& g, cudaStream_t stream) {
+  auto launch = [&](auto kernel, const std::vector<std::vector<AfItem>>& items, int parts) {
+    for_each_table(s, g.descs, items, [&](const AfTable& tab, int blocks) {
+      kernel<<<dim3(blocks, parts), kThreads, 0, stream>>>(tab);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  };
+  launch(af_stats_kernel<PS, S, MASTER>, g.items, kParts);
+  launch(af_factors_kernel<PS, S, MASTER>, g.matrices, 1);
+  launch(af_direction_kernel<PS, S, MASTER>, g.items, kParts);
+  launch(af_apply_kernel<PS, S, MASTER, WD>, g.items, kParts);
+}
+
+template <class PS, class S, bool MASTER>
+struct PickAdafactor {
+  static GroupRunner get(bool wd) {
+    return wd ? &run_group<PS, S, MASTER, true> : &run_group<PS, S, MASTER, false>;
+  }
+};
+
+void adafactor_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList row_vars,
+                         at::TensorList col_vars, at::TensorList variances,
+                         at::TensorList master_params, at::TensorList state_steps,
+                         const at::Tensor& lr, double beta2_decay, double eps1, double eps2,
+                         double d, double weight_decay, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& sr_seed) {
+  const size_t n = params.size();
+  std::vector<at::Tensor> P(params.begin(), params.end());
+  const bool use_master = !master_params.empty();
+  const bool use_sr = sr_seed.has_value();
+  check_factored_lists(P, grads, row_vars, col_vars, variances, master_params, state_steps,
+                       use_sr);
+  if (n == 0) return;
+  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2),
+              "dlopt: too many tensors");
+  const c10::Device device = P[0].device();
+  TORCH_CHECK(device.is_cuda(), "dlopt::adafactor_step (cuda): params[0] is on ", device);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(P[i].device() == device, "dlopt::adafactor_step (cuda): all tensors must be on "
+                "one CUDA device, but params[", i, "] is on ", P[i].device());
+    cuda::check_step_tensor(state_steps[i], device, i);
+  }
+  const cuda::StoreMode store = use_master ? cuda::StoreMode::kMaster
+                                : use_sr   ? cuda::StoreMode::kStochastic
+                                           : cuda::StoreMode::kNearest;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AfHyper h;
+  h.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
+  h.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
+  h.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
+  h.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
+  h.beta2_decay = beta2_decay;
+  h.weight_decay = weight_decay;
+  h.maximize = maximize;
+
+  // Scratch from the caching allocator (graph-safe): coefficients, per-tensor sums.
+  at::Tensor coeff_buf = at::empty({static_cast<int64_t>(n * sizeof(AfTensorCoeffs))},
+                                   P[0].options().dtype(at::kByte));
+  auto* coeffs = reinterpret_cast<AfTensorCoeffs*>(coeff_buf.data_ptr());
+  cuda::for_each_step_batch(state_steps, [&](const cuda::StepBatch& b) {
+    af_prepare_kernel<<<(b.count + 127) / 128, 128, 0, stream>>>(b, h, coeffs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // Row-major stand-ins, work items and scratch offsets, grouped by storage.
+  ContiguousCopies cc;
+  std::map<std::tuple<int, int>, AfGroup> groups;
+  int64_t rows_total = 0, cols_total = 0, dens_total = 0;
+  std::vector<at::Tensor> keep;  // stand-ins must outlive the launches
+  for (size_t i = 0, kf = 0, kv = 0; i < n; ++i) {
+    const bool factored = P[i].dim() >= 2;
+    const size_t k = factored ? kf++ : kv++;
+    const int64_t numel = P[i].numel();
+    if (numel == 0) continue;  // its step was counted; nothing else (torch divides by zero)
+    AfDesc t{};
+    const at::Tensor p = cc.get(P[i], true), g = cc.get(grads[i], false);
+    keep.push_back(p);
+    keep.push_back(g);
+    t.p = p.data_ptr();
+    t.g = g.data_ptr();
+    if (use_master) {
+      const at::Tensor m = cc.get(master_params[i], true);
+      keep.push_back(m);
+      t.master = m.data_ptr<float>();
+    }
+    t.numel = numel;
+    t.index = static_cast<int32_t>(i);
+    t.factored = factored;
+    at::ScalarType st;
+    std::vector<AfItem> items, matrices;
+    if (factored) {
+      const at::Tensor rv = cc.get(row_vars[k], true), cv = cc.get(col_vars[k], true);
+      keep.push_back(rv);
+      keep.push_back(cv);
+      st = rv.scalar_type();
+      t.rv = rv.data_ptr();
+      t.cv = cv.data_ptr();
+      t.rows = P[i].size(-2);
+      t.cols = P[i].size(-1);
+      const int64_t batch = numel / (t.rows * t.cols);
+      t.row_off = rows_total;
+      t.col_off = cols_total;
+      t.den_off = dens_total;
+      rows_total += batch * t.rows;
+      cols_total += batch * t.cols;
+      dens_total += batch;
+      const int64_t per = std::max<int64_t>(1, std::min<int64_t>(kItemElems / t.cols, 1 << 30));
+      for (int64_t b = 0; b < batch; ++b) {
+        matrices.push_back({b, 1, 0});
+        for (int64_t r = 0; r < t.rows; r += per)
+          items.push_back({b * t.rows + r, static_cast<int32_t>(std::min(per, t.rows - r)), 0});
+      }
+    } else {
+      const at::Tensor v = cc.get(variances[k], true);
+      keep.push_back(v);
+      st = v.scalar_type();
+      t.var = v.data_ptr();
+      for (int64_t b = 0; b < numel; b += kItemElems)
+        items.push_back({b, static_cast<int32_t>(std::min(kItemElems, numel - b)), 0});
+    }
+    AfGroup& grp = groups[{static_cast<int>(P[i].scalar_type()), static_cast<int>(st)}];
+    grp.descs.push_back(t);
+    grp.items.push_back(std::move(items));
+    grp.matrices.push_back(std::move(matrices));
+  }
+
+  const auto f64 = P[0].options().dtype(at::kDouble);
+  at::Tensor sums = at::zeros({static_cast<int64_t>(2 * n)}, f64);
+  at::Tensor row_sum = at::empty({std::max<int64_t>(1, rows_total)}, f64);
+  at::Tensor col_sum = at::zeros({std::max<int64_t>(1, cols_total)}, f64);
+  at::Tensor den = at::empty({std::max<int64_t>(1, dens_total)}, P[0].options().dtype(at::kFloat));
+  AfShared s;
+  s.found_inf = h.found_inf;
+  s.coeffs = coeffs;
+  s.sums = sums.data_ptr<double>();
+  s.row_sum = row_sum.data_ptr<double>();
+  s.col_sum = col_sum.data_ptr<double>();
+  s.den = den.data_ptr<float>();
+  s.eps1 = static_cast<float>(eps1);
+  s.eps1_sq = static_cast<float>(eps1 * eps1);
+  s.eps2 = eps2;
+  s.d = d;
+  s.n = static_cast<int32_t>(n);
+  for (const auto& [key, grp] : groups) {
+    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
+    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
+    cuda::pick_storage<PickAdafactor>(pt, st, store, weight_decay != 0.0)(s, grp, stream);
+  }
+  cc.finish();
+  for (auto list : {params, row_vars, col_vars, variances, master_params, state_steps})
+    bump_versions(list);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("adafactor_step", &adafactor_step_cuda); }
+
+}  // namespace dlopt

@@ -1,0 +1,92 @@
+"""Host-side argument checks shared by the Python kernels (Triton launchers and the
+pure-torch reference), the twins of csrc/include/dlopt/tensor_lists.h. Metadata only:
+no syncs, nothing mutated, so a refused call changes nothing."""
+from __future__ import annotations
+
+import torch
+
+
+def check_elementwise_lists(params, grads, states, master_params, state_steps, use_sr,
+                            op="dlopt", has_steps=True):
+    """Python twin of tensor_lists.h check_elementwise_lists (host metadata only, no
+    syncs): `states` maps a name to a list of per-param tensors shaped like the param.
+    has_steps=False: the op keeps no step counts (SGD); `state_steps` may be empty."""
+    n = len(params)
+    named = [("grads", grads, False), *((k, v, False) for k, v in states.items()),
+             ("master_params", master_params, True),
+             ("state_steps", state_steps, not has_steps)]
+    for name, lst, may_be_empty in named:
+        if len(lst) != n and not (may_be_empty and not lst):
+            raise ValueError(f"dlopt: {name} has {len(lst)} tensors but params has {n}")
+    for i, p in enumerate(params):
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{op}: unsupported param dtype {p.dtype}")
+        if grads[i].dtype != p.dtype:
+            raise TypeError(f"dlopt: grads[{i}] dtype {grads[i].dtype} != params dtype {p.dtype}")
+        others = [grads[i], *(lst[i] for lst in states.values())]
+        others += [master_params[i]] if master_params else []
+        for t in others:
+            if t.shape != p.shape or t.device != p.device:
+                raise ValueError(f"dlopt: tensors of params[{i}] must share its shape "
+                                 f"{tuple(p.shape)} and device {p.device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+        sts = {lst[i].dtype for lst in states.values()}
+        if len(sts) > 1 or not sts <= {torch.float32, p.dtype}:
+            raise TypeError(f"dlopt: state tensors of params[{i}] must share one dtype, "
+                            f"float32 or the param dtype")
+        if master_params and (master_params[i].dtype != torch.float32
+                              or not sts <= {torch.float32}):
+            raise TypeError("dlopt: master weights must be float32, with float32 states")
+        if use_sr and p.dtype == torch.float16:
+            raise TypeError("dlopt: stochastic rounding supports bfloat16 and float32 params, "
+                            "not float16")
+        if state_steps and (state_steps[i].numel() != 1
+                            or not state_steps[i].is_floating_point()):
+            raise TypeError(f"dlopt: state_steps[{i}] must be a one-element float tensor")
+
+
+def check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
+                         state_steps, use_sr, op="dlopt::adafactor_step"):
+    """Python twin of the checks of csrc/cpu/optim_adafactor.cpp: row_vars / col_vars
+    hold one tensor per >= 2-D param (the param's shape with dim -1 / -2 set to 1) and
+    variances one per 0-/1-D param (the param's shape), each in param order; states of
+    one dtype per param, float32 or the param dtype."""
+    check_elementwise_lists(params, grads, {}, master_params, state_steps, use_sr, op=op)
+    kf = kv = 0
+    for i, p in enumerate(params):
+        if p.dim() >= 2:
+            if kf >= len(row_vars) or kf >= len(col_vars):
+                raise ValueError(f"dlopt: row_vars / col_vars need one tensor per param of 2 "
+                                 f"or more dims, got {len(row_vars)} / {len(col_vars)}")
+            states = []
+            for name, f, dim in (("row_vars", row_vars[kf], -1), ("col_vars", col_vars[kf], -2)):
+                want = list(p.shape)
+                want[dim] = 1
+                if list(f.shape) != want or f.device != p.device:
+                    raise ValueError(f"dlopt: {name}[{kf}] has shape {tuple(f.shape)} on "
+                                     f"{f.device} but its param of shape {tuple(p.shape)} needs "
+                                     f"{tuple(want)} on {p.device}")
+                states.append(f)
+            kf += 1
+        else:
+            if kv >= len(variances):
+                raise ValueError(f"dlopt: variances needs one tensor per param of 0 or 1 dims, "
+                                 f"got {len(variances)}")
+            v = variances[kv]
+            if v.shape != p.shape or v.device != p.device:
+                raise ValueError(f"dlopt: variances[{kv}] has shape {tuple(v.shape)} on "
+                                 f"{v.device} but its param has {tuple(p.shape)} on {p.device}")
+            states = [v]
+            kv += 1
+        sts = {s.dtype for s in states}
+        if len(sts) > 1 or not sts <= {torch.float32, p.dtype}:
+            raise TypeError(f"dlopt: the states of params[{i}] must share one dtype, float32 "
+                            f"or the param dtype")
+        if master_params and sts != {torch.float32}:
+            raise TypeError("dlopt: master weights need float32 states")
+    if kf != len(row_vars) or kf != len(col_vars):
+        raise ValueError(f"dlopt: row_vars / col_vars have {len(row_vars)} / {len(col_vars)} "
+                         f"tensors but {kf} params have 2 or more dims")
+    if kv != len(variances):
+        raise ValueError(f"dlopt: variances has {len(variances)} tensors but {kv} params have "
+                         f"0 or 1 dims")

@@ -1,0 +1,34 @@
+"""Pure-torch Adagrad step (the maths of csrc/include/dlopt/adagrad_math.h)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dlopt_kernels.backends.reference._common import grad_multiplier, skip_step, store_param
+
+
+def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tensor,
+                 lr_decay: float, weight_decay: float, eps: float, maximize: bool,
+                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                 sr_seed: Optional[Tensor]) -> None:
+    if not params or skip_step(found_inf):
+        return
+    lr_v = float(lr)
+    grad_mul = grad_multiplier(maximize, grad_scale)
+    seed = int(sr_seed) if sr_seed is not None else None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            state_steps[i].add_(1)
+            if p.numel() == 0:
+                continue
+            clr = lr_v / (1.0 + (float(state_steps[i]) - 1.0) * lr_decay)
+            master = master_params[i] if master_params else None
+            pf = master.clone() if master is not None else p.float()
+            g = grads[i].float() * grad_mul
+            if weight_decay != 0.0:
+                g = g + weight_decay * pf
+            s = state_sums[i].float() + g * g
+            state_sums[i].copy_(s)
+            store_param(p, pf - clr * g / (s.sqrt() + eps), master, seed, i)

@@ -1,0 +1,66 @@
+"""Pure-torch LAMB step (the maths of csrc/include/dlopt/lamb_math.h): fp32 per
+element, norms and the trust ratio in float64, no host sync beyond reading the step
+count (as the Adam reference does)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dlopt_kernels.backends.checks import check_elementwise_lists
+from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
+                                                      grad_multiplier, skip_step, store_param)
+
+
+def lamb_clip_factor(global_norm: float, max_norm: float) -> float:
+    """lamb_math.h: max_norm / global_norm if global_norm > max_norm > 0, else 1."""
+    return max_norm / global_norm if (max_norm > 0.0 and global_norm > max_norm) else 1.0
+
+
+def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr: Tensor,
+              beta1: float, beta2: float, weight_decay: float, eps: float,
+              bias_correction: bool, max_grad_norm: float, global_grad_norm: Optional[Tensor],
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+              sr_seed: Optional[Tensor]) -> None:
+    if not params:
+        return
+    check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                            master_params, state_steps, sr_seed is not None,
+                            op="dlopt::lamb_step")
+    if max_grad_norm > 0.0 and global_grad_norm is None:
+        raise ValueError("dlopt::lamb_step: max_grad_norm > 0 needs global_grad_norm")
+    if skip_step(found_inf):
+        return
+    lr_v = float(lr)
+    unscale = grad_multiplier(False, grad_scale)
+    clip = (lamb_clip_factor(float(global_grad_norm) * unscale, max_grad_norm)
+            if max_grad_norm > 0.0 else 1.0)
+    grad_mul = unscale * clip
+    seed = int(sr_seed) if sr_seed is not None else None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            state_steps[i].add_(1)
+            if p.numel() == 0:
+                continue
+            if bias_correction:
+                step_size, inv_bc2_sqrt, _ = adam_coeffs(1.0, float(state_steps[i]), beta1,
+                                                         beta2, weight_decay)
+            else:
+                step_size, inv_bc2_sqrt = 1.0, 1.0
+            master = master_params[i] if master_params else None
+            pf = master.clone() if master is not None else p.float()
+            g = grads[i].float() * grad_mul
+            m, v = adam_moments(g, exp_avgs[i].float(), exp_avg_sqs[i].float(), beta1, beta2)
+            exp_avgs[i].copy_(m)
+            exp_avg_sqs[i].copy_(v)
+            # the update direction from the moments as stored (rounded if low precision)
+            u = adam_direction(exp_avgs[i].float(), exp_avg_sqs[i].float(), step_size,
+                               inv_bc2_sqrt, eps)
+            if weight_decay != 0.0:
+                u = u + weight_decay * pf
+            p_norm = pf.double().square().sum().sqrt()
+            u_norm = u.double().square().sum().sqrt()
+            trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
+            pf = pf - (lr_v * trust).float() * u
+            store_param(p, pf, master, seed, i)

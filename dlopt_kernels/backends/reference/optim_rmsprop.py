@@ -1,0 +1,46 @@
+"""Pure-torch RMSprop step (the maths of csrc/include/dlopt/rmsprop_math.h)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dlopt_kernels.backends.reference._common import grad_multiplier, skip_step, store_param
+
+
+def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+                 state_steps, lr: Tensor, alpha: float, eps: float, weight_decay: float,
+                 momentum: float, centered: bool, maximize: bool, grad_scale: Optional[Tensor],
+                 found_inf: Optional[Tensor], sr_seed: Optional[Tensor]) -> None:
+    if not params or skip_step(found_inf):
+        return
+    lr_v = float(lr)
+    grad_mul = grad_multiplier(maximize, grad_scale)
+    seed = int(sr_seed) if sr_seed is not None else None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            state_steps[i].add_(1)
+            if p.numel() == 0:
+                continue
+            master = master_params[i] if master_params else None
+            pf = master.clone() if master is not None else p.float()
+            g = grads[i].float() * grad_mul
+            if weight_decay != 0.0:
+                g = g + weight_decay * pf
+            v = alpha * square_avgs[i].float() + (1.0 - alpha) * (g * g)
+            square_avgs[i].copy_(v)
+            if centered:
+                ga = grad_avgs[i].float()
+                ga = ga + (1.0 - alpha) * (g - ga)
+                grad_avgs[i].copy_(ga)
+                avg = (v - ga * ga).sqrt() + eps
+            else:
+                avg = v.sqrt() + eps
+            if momentum > 0.0:
+                b = momentum * momentum_buffers[i].float() + g / avg
+                momentum_buffers[i].copy_(b)
+                pf = pf - lr_v * b
+            else:
+                pf = pf - lr_v * g / avg
+            store_param(p, pf, master, seed, i)

@@ -1,0 +1,38 @@
+"""Pure-torch SGD step (the maths of csrc/include/dlopt/sgd_math.h)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dlopt_kernels.backends.reference._common import grad_multiplier, skip_step, store_param
+
+
+def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_decay: float,
+             momentum: float, dampening: float, nesterov: bool, maximize: bool,
+             new_buffers: list[bool], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+             sr_seed: Optional[Tensor]) -> None:
+    if not params or skip_step(found_inf):
+        return
+    lr_v = float(lr)
+    grad_mul = grad_multiplier(maximize, grad_scale)
+    seed = int(sr_seed) if sr_seed is not None else None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            if p.numel() == 0:
+                continue
+            master = master_params[i] if master_params else None
+            pf = master.clone() if master is not None else p.float()
+            g = grads[i].float() * grad_mul
+            if weight_decay != 0.0:
+                g = g + weight_decay * pf
+            if momentum != 0.0:
+                buf = momentum_buffers[i]
+                if new_buffers and new_buffers[i]:
+                    b = g
+                else:
+                    b = momentum * buf.float() + (1.0 - dampening) * g
+                buf.copy_(b)
+                g = g + momentum * b if nesterov else b
+            store_param(p, pf - lr_v * g, master, seed, i)

@@ -1,0 +1,763 @@
+"""The benchmark harness every dlopt benchmark reuses.
+
+What it does, so each benchmark module only describes its cases:
+
+- **Timing.** Every implementation of a case is built up front with its own tensors,
+  warmed up, then timed *round-robin*: each round runs one step of every
+  implementation (in a rotated order), so the drift of a noisy machine hits all of
+  them alike. On the CPU a step is timed with ``time.perf_counter``; on CUDA with
+  CUDA events around the step, after a ``torch.cuda.synchronize`` and an L2 flush
+  (the ``triton.testing.do_bench`` recipe). We report the median (and min) of all
+  rounds; the number of rounds follows a time budget, between a floor and a cap.
+- **Bandwidth.** The machine's memory bandwidth measured in the same run: a large
+  in-place ``x.add_(y)`` on the CPU (read x, read y, write x: 12 bytes per fp32
+  element), a device-to-device ``copy_`` on a GPU (read + write), median of several.
+- **Bytes moved.** An optimizer step is memory bound; we count what it must move at
+  least: the param read and written, the grad read, every state tensor read and
+  written (``optimizer_bytes_per_param``). GB/s = bytes/param x numel / time.
+- **Reporting.** ``format_report`` prints one table per case; ``write_results``
+  merges a benchmark's section into ``benchmarks/results/<device>-<date>.json``
+  without clobbering the other benchmarks' sections in that file.
+
+Nothing here is specific to Adam: a new optimizer benchmark builds ``Case`` objects
+from ``optimizer_impl(...)`` and hands them to ``run_cases``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+ROLES = ("ours", "baseline", "diag")
+
+
+# ----------------------------------------------------------------------------------------
+# settings and cases
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """How long to time. Rounds run until `budget_s` (the timing time of one case,
+    after warm-up) is spent, but at least `min_rounds` and at most `max_rounds`."""
+    warmup: int = 3
+    min_rounds: int = 10
+    max_rounds: int = 200
+    budget_s: float = 20.0
+    # Bytes written between timed steps to flush caches (0: none). CUDA: do_bench's
+    # 256 MB L2 flush. CPU: 0, because flushing a multi-hundred-MB LLC costs more than
+    # the step; the round-robin order already runs the other implementations' tensors
+    # through the cache between two steps of one implementation.
+    flush_bytes: int = 0
+    bandwidth_numel: int = 64 * 2**20
+    bandwidth_reps: int = 7
+
+
+def default_settings(device: torch.device, quick: bool) -> Settings:
+    if quick:
+        return Settings(warmup=1, min_rounds=3, max_rounds=10, budget_s=0.3,
+                        flush_bytes=(8 * 2**20 if device.type == "cuda" else 0),
+                        bandwidth_numel=4 * 2**20, bandwidth_reps=3)
+    if device.type == "cuda":
+        return Settings(warmup=10, min_rounds=50, max_rounds=500, budget_s=10.0,
+                        flush_bytes=256 * 2**20, bandwidth_numel=256 * 2**20,
+                        bandwidth_reps=20)
+    return Settings()
+
+
+class Runner:
+    """One timed implementation: `step()` is what is timed; `bytes_per_param()` is
+    asked after warm-up (optimizer state is created lazily by the first step)."""
+
+    numel: int = 0
+
+    def step(self) -> Any:
+        raise NotImplementedError
+
+    def bytes_per_param(self) -> float:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class Impl:
+    """An implementation of a case. `build()` allocates its tensors and returns a Runner.
+    role: "ours" (gets speedups vs every baseline of the case), "baseline", or "diag"
+    (a diagnostic row, e.g. the bare kernel without the optimizer's Python)."""
+    label: str
+    role: str
+    build: Callable[[], Runner]
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass
+class Case:
+    name: str
+    title: str
+    numel: int
+    num_tensors: int
+    impls: list[Impl]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# optimizers as runners
+# ----------------------------------------------------------------------------------------
+def make_params(shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> list[torch.nn.Parameter]:
+    """Fresh params of `shapes` with random grads set. The same seed gives the same
+    values, so every implementation of a case starts from identical data, but each
+    owns its tensors (steps are independent)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+        g = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).mul_(1e-2)
+        param = torch.nn.Parameter(p.to(dtype))
+        param.grad = g.to(dtype)
+        params.append(param)
+    return params
+
+
+def optimizer_bytes_per_param(opt: torch.optim.Optimizer) -> float:
+    """Least bytes one step must move per param element: each param read + written,
+    each grad read, each state tensor (except the scalar 'step') read + written.
+    fp32 AdamW: 4+4 + 4 + 2*(4+4) = 28."""
+    total = 0
+    numel = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            numel += p.numel()
+            total += 2 * p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size()
+            for key, value in opt.state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor):
+                    total += 2 * value.numel() * value.element_size()
+    return total / max(numel, 1)
+
+
+class OptimizerRunner(Runner):
+    def __init__(self, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        self.opt = opt
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+
+    def step(self) -> Any:
+        return self.opt.step()
+
+    def bytes_per_param(self) -> float:
+        return optimizer_bytes_per_param(self.opt)
+
+    def describe(self) -> dict[str, Any]:
+        state_dtypes = sorted({str(v.dtype).replace("torch.", "")
+                               for st in self.opt.state.values() for k, v in st.items()
+                               if k != "step" and isinstance(v, torch.Tensor)})
+        return {"class": f"{type(self.opt).__module__}.{type(self.opt).__name__}",
+                "param_dtype": str(self.params[0].dtype).replace("torch.", ""),
+                "state_dtypes": state_dtypes}
+
+
+def optimizer_impl(label: str, role: str, make_opt: Callable[[list], torch.optim.Optimizer],
+                   shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device,
+                   seed: int = 0, note: str = "") -> Impl:
+    """An Impl that times `make_opt(params).step()` on its own fresh params."""
+    def build() -> Runner:
+        params = make_params(shapes, dtype, device, seed)
+        return OptimizerRunner(make_opt(params), params)
+    return Impl(label, role, build, note)
+
+
+# ----------------------------------------------------------------------------------------
+# shapes shared by optimizer benchmarks
+# ----------------------------------------------------------------------------------------
+def gpt2_small_shapes(width: float = 1.0) -> list[tuple[int, ...]]:
+    """The 148 parameter shapes of GPT-2 small (HF layout: Conv1D weights are (in, out)):
+    wte, wpe, 12 x [ln_1 w/b, attn.c_attn w/b, attn.c_proj w/b, ln_2 w/b, mlp.c_fc w/b,
+    mlp.c_proj w/b], ln_f w/b = 124,439,808 params at width 1. `width` scales every
+    dimension (d_model, vocab, positions), so params scale by width**2 and the tensor
+    count and shape variety stay."""
+    d = max(1, round(768 * width))
+    vocab = max(1, round(50257 * width))
+    ctx = max(1, round(1024 * width))
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,),                   # ln_1
+                   (d, 3 * d), (3 * d,),         # attn.c_attn
+                   (d, d), (d,),                 # attn.c_proj
+                   (d,), (d,),                   # ln_2
+                   (d, 4 * d), (4 * d,),         # mlp.c_fc
+                   (4 * d, d), (d,)]             # mlp.c_proj
+    shapes += [(d,), (d,)]                       # ln_f
+    return shapes
+
+
+def random_sizes(n: int, low: int, high: int, seed: int = 0) -> list[tuple[int]]:
+    """`n` 1-D shapes with sizes drawn uniformly from [low, high] (fixed seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(int(s),) for s in torch.randint(low, high + 1, (n,), generator=gen)]
+
+
+def numel_of(shapes: Iterable[Sequence[int]]) -> int:
+    total = 0
+    for s in shapes:
+        k = 1
+        for d in s:
+            k *= d
+        total += k
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# what every optimizer benchmark module needs: device, our backends, targets
+# ----------------------------------------------------------------------------------------
+def bench_device(device: Optional[torch.device | str]) -> torch.device:
+    """The device to benchmark on (default: cuda if available, else cpu), made current."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def ours_backends(op: str, device: torch.device, quick: bool) -> tuple[list[str], str]:
+    """(backends of ours to time for public op `op`, the one backend='auto' picks):
+    cuda and triton on a GPU, cpu on the CPU, plus the slow reference in quick runs;
+    auto's choice first."""
+    from dlopt_kernels.backends import registry
+    auto = registry.resolve(op, device, "auto")[0]
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    if quick:
+        wanted += ("reference",)
+    chosen = [b for b in registry.available_backends(device.type) if b in wanted]
+    if auto not in chosen:
+        chosen.insert(0, auto)
+    chosen.sort(key=lambda b: b != auto)  # auto's choice first
+    return chosen, auto
+
+
+def evaluate_targets(section: dict[str, Any], targets: Sequence[tuple], auto: str,
+                     device: torch.device) -> list[dict[str, Any]]:
+    """Check measured numbers against targets, each (case, ours label pattern with
+    "{b}" for the backend, baseline label or None for "% of measured bandwidth",
+    threshold). The targets are for the CPU: none are evaluated on other devices."""
+    if device.type != "cpu":
+        return []
+    cases = {c["name"]: c for c in section["cases"]}
+    out = []
+    for case_name, ours_pat, base, threshold in targets:
+        ours = ours_pat.format(b=auto)
+        case = cases.get(case_name)
+        value = None
+        if base is None:
+            what, unit = f"{ours} % of measured bandwidth", "%"
+            row = next((r for r in case["results"] if r["label"] == ours), None) if case else None
+            if row and row.get("pct_bandwidth") is not None:
+                value = row["pct_bandwidth"]
+        else:
+            what, unit = f"speedup of {ours} vs {base}", "x"
+            for sp in (case or {}).get("speedups", []):
+                if sp["ours"] == ours and sp["baseline"] == base:
+                    value = sp["speedup"]
+        out.append({"case": case_name, "what": what, "value": value, "threshold": threshold,
+                    "unit": unit, "met": None if value is None else bool(value >= threshold)})
+    return out
+
+
+def standard_optimizer_cases(ours: Callable[..., Callable[[list], torch.optim.Optimizer]],
+                             baselines: dict[str, Callable[[list], torch.optim.Optimizer]],
+                             device: torch.device, quick: bool, backends: Sequence[str],
+                             auto: str, fastest: str) -> list[Case]:
+    """The four cases every element-wise optimizer benchmark runs, with ours on each of
+    `backends` (`ours(backend, **extra)` makes a factory; extra is master_weights /
+    stochastic_rounding) and the torch `baselines` (label -> factory):
+
+    1. ``fp32_10m``   one 10M-element fp32 tensor (50K in quick runs);
+    2. ``gpt2_small`` the 148 GPT-2 small shapes (every dimension x 1/3 on the CPU);
+    3. ``tiny_1000``  1,000 fp32 tensors of 1K-4K elements: per-call overhead;
+    4. ``bf16_10m``   bf16 params: ours with stochastic rounding and with master weights
+       vs baseline `fastest` on fp32 params and on bf16 params (bf16 states)."""
+    cuda = device.type == "cuda"
+    f32, bf16 = torch.float32, torch.bfloat16
+
+    def fp32_impls(shapes):
+        impls = [optimizer_impl(f"dlopt[{b}]", "ours", ours(b), shapes, f32, device,
+                                note="backend='auto' picks this" if b == auto else "")
+                 for b in backends]
+        return impls + [optimizer_impl(label, "baseline", make, shapes, f32, device)
+                        for label, make in baselines.items()]
+
+    cases = []
+    n = 50_000 if quick else 10_000_000
+    cases.append(Case("fp32_10m", f"one {n:,}-element fp32 tensor", n, 1, fp32_impls([(n,)])))
+    width = (1 / 48) if quick else (1.0 if cuda else 1 / 3)
+    shapes = gpt2_small_shapes(width)
+    title = ("GPT-2 small shapes (124M)" if width == 1.0 else
+             f"GPT-2 small shapes, every dimension x {width:.4g} (d_model {shapes[2][0]}, "
+             f"vocab {shapes[0][0]}, positions {shapes[1][0]})")
+    cases.append(Case("gpt2_small", title, numel_of(shapes), len(shapes), fp32_impls(shapes),
+                      info={"width": width, "shapes": [list(s) for s in shapes]}))
+    count = 30 if quick else 1000
+    shapes = random_sizes(count, 1024, 4096, seed=1234)
+    cases.append(Case("tiny_1000", f"{count} fp32 tensors of 1,024-4,096 elements (random)",
+                      numel_of(shapes), count, fp32_impls(shapes),
+                      info={"sizes": [s[0] for s in shapes]}))
+    impls = []
+    for b in backends:
+        impls.append(optimizer_impl(f"dlopt[{b}] bf16 SR", "ours",
+                                    ours(b, stochastic_rounding=True), [(n,)], bf16, device,
+                                    note="bf16 params, fp32 states, stochastic rounding"))
+        impls.append(optimizer_impl(f"dlopt[{b}] bf16 master", "ours",
+                                    ours(b, master_weights=True), [(n,)], bf16, device,
+                                    note="bf16 params, fp32 states + fp32 master weights"))
+    impls.append(optimizer_impl(f"{fastest} fp32", "baseline", baselines[fastest], [(n,)], f32,
+                                device, note="fp32 params and states"))
+    impls.append(optimizer_impl(f"{fastest} bf16", "baseline", baselines[fastest], [(n,)], bf16,
+                                device, note="bf16 params and bf16 states (for information)"))
+    cases.append(Case("bf16_10m", f"{n:,} bf16 params vs the same count in fp32", n, 1, impls))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------
+# clocks
+# ----------------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self, device: torch.device, flush_bytes: int) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.flush_buf = (torch.empty(flush_bytes, dtype=torch.int8, device=device)
+                          if flush_bytes else None)
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], Any]) -> float:
+        """Milliseconds `fn()` takes: GPU time between two events on the current stream
+        (the GPU is idle at the start, so host launch overhead is counted), or
+        perf_counter time on the CPU (CPU ops are synchronous)."""
+        if self.flush_buf is not None:
+            self.flush_buf.zero_()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.start.record()
+            fn()
+            self.end.record()
+            self.end.synchronize()
+            return float(self.start.elapsed_time(self.end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    if n == 0:
+        return float("nan")
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# ----------------------------------------------------------------------------------------
+# bandwidth
+# ----------------------------------------------------------------------------------------
+def measure_bandwidth(device: torch.device, settings: Settings) -> dict[str, Any]:
+    """The machine's memory bandwidth in GB/s (1e9 bytes/s), median of several reps.
+    CPU: x.add_(y) on two fp32 arrays (12 bytes/elem: read x, read y, write x).
+    CUDA: dst.copy_(src) device to device (8 bytes/elem: read + write)."""
+    n = settings.bandwidth_numel
+    clock = _Clock(device, settings.flush_bytes)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    y = torch.full((n,), 1e-7, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        method, bytes_per_elem = "dst.copy_(src), fp32, device to device (read + write)", 8
+        fn = lambda: x.copy_(y)  # noqa: E731
+    else:
+        method, bytes_per_elem = "x.add_(y), fp32 (read x, read y, write x)", 12
+        fn = lambda: x.add_(y)  # noqa: E731
+    for _ in range(2):  # warm-up: page faults, thread pool start
+        clock.time_ms(fn)
+    samples = [clock.time_ms(fn) for _ in range(settings.bandwidth_reps)]
+    del x, y
+    return {"method": method, "numel": n, "bytes_per_elem": bytes_per_elem,
+            "threads": torch.get_num_threads(), "samples_ms": [round(s, 4) for s in samples],
+            "median_ms": _median(samples),
+            "gbps": bytes_per_elem * n / (_median(samples) * 1e-3) / 1e9}
+
+
+def combine_bandwidth(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the samples of several bandwidth measurements of the same method (e.g. one
+    before and one after the cases) into one median."""
+    first = parts[0]
+    samples = [s for p in parts for s in p["samples_ms"]]
+    med = _median(samples)
+    return {**{k: first[k] for k in ("method", "numel", "bytes_per_elem", "threads")},
+            "samples_ms": samples, "median_ms": med,
+            "gbps": first["bytes_per_elem"] * first["numel"] / (med * 1e-3) / 1e9,
+            "gbps_per_measurement": [p["gbps"] for p in parts]}
+
+
+# ----------------------------------------------------------------------------------------
+# running cases
+# ----------------------------------------------------------------------------------------
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, unit="round", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def run_case(case: Case, device: torch.device, settings: Settings,
+             bandwidth_gbps: Optional[float], progress: bool = True) -> dict[str, Any]:
+    """Build, warm up and time every implementation of `case` round-robin."""
+    clock = _Clock(device, settings.flush_bytes)
+    runners: dict[str, Runner] = {}
+    errors: dict[str, str] = {}
+    warm: dict[str, list[float]] = {}
+    for impl in case.impls:  # build and warm up each; one that fails is reported, not timed
+        try:
+            runner = impl.build()
+            warm[impl.label] = [clock.time_ms(runner.step) for _ in range(max(1, settings.warmup))]
+            runners[impl.label] = runner
+        except Exception as exc:  # noqa: BLE001 - report any failure in the table
+            errors[impl.label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    labels = list(runners)
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    round_ms = sum(_median(warm[label][-max(1, len(warm[label]) - 1):]) for label in labels)
+    rounds = 0
+    if labels:
+        # Rounds: until the budget is spent (at least min_rounds, at most max_rounds).
+        # The estimate from the warm-up only sizes the progress bar.
+        estimate = int(settings.budget_s * 1e3 / max(round_ms, 1e-3))
+        estimate = max(settings.min_rounds, min(settings.max_rounds, estimate))
+        bar = _progress(estimate, case.name, progress)
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            t_start = time.perf_counter()
+            while rounds < settings.max_rounds and (
+                    rounds < settings.min_rounds
+                    or time.perf_counter() - t_start < settings.budget_s):
+                k = rounds % len(labels)  # rotate the order: nobody always follows the same impl
+                for label in labels[k:] + labels[:k]:
+                    samples[label].append(clock.time_ms(runners[label].step))
+                rounds += 1
+                if bar is not None:
+                    if rounds > bar.total:
+                        bar.total = rounds
+                    bar.update(1)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            if bar is not None:
+                bar.close()
+
+    results = []
+    for impl in case.impls:
+        row: dict[str, Any] = {"label": impl.label, "role": impl.role}
+        if impl.note:
+            row["note"] = impl.note
+        if impl.label in errors:
+            row["error"] = errors[impl.label]
+            results.append(row)
+            continue
+        runner = runners[impl.label]
+        xs = samples[impl.label]
+        med, mn = _median(xs), min(xs)
+        bpp = runner.bytes_per_param()
+        gbps = bpp * runner.numel / (med * 1e-3) / 1e9
+        row.update(runner.describe())
+        row.update({"median_ms": med, "min_ms": mn, "bytes_per_param": bpp,
+                    "gbps": gbps,
+                    "pct_bandwidth": (100.0 * gbps / bandwidth_gbps) if bandwidth_gbps else None,
+                    "warmup_ms": [round(s, 4) for s in warm[impl.label]],
+                    "samples_ms": [round(s, 4) for s in xs]})
+        results.append(row)
+
+    speedups = []
+    timed = {r["label"]: r for r in results if "median_ms" in r}
+    for ours in (r for r in results if r["role"] == "ours" and r["label"] in timed):
+        for base in (r for r in results if r["role"] == "baseline" and r["label"] in timed):
+            a, b = samples[ours["label"]], samples[base["label"]]
+            speedups.append({
+                "ours": ours["label"], "baseline": base["label"],
+                # the headline: baseline median / our median
+                "speedup": base["median_ms"] / ours["median_ms"],
+                # the same, paired within each round (robust to drift between rounds)
+                "speedup_paired_median": _median([y / x for x, y in zip(a, b)]),
+            })
+    del runners
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"name": case.name, "title": case.title, "numel": case.numel,
+            "num_tensors": case.num_tensors, "rounds": rounds, "warmup": settings.warmup,
+            "info": case.info, "results": results, "speedups": speedups}
+
+
+def run_cases(benchmark: str, cases: Sequence[Case], device: torch.device, settings: Settings,
+              quick: bool, progress: bool = True) -> dict[str, Any]:
+    """Measure the bandwidth, run every case, measure the bandwidth again; the section
+    that `format_report` prints and `write_results` stores."""
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t0 = time.perf_counter()
+    load_start = _loadavg()
+    bw_before = measure_bandwidth(device, settings)
+    # Build cases lazily is the caller's job; here they are just run in order.
+    case_results = []
+    for case in cases:
+        case_results.append(run_case(case, device, settings, bw_before["gbps"], progress))
+    bw_after = measure_bandwidth(device, settings)
+    bandwidth = combine_bandwidth([bw_before, bw_after])
+    # Recompute % of bandwidth against the pooled measurement.
+    for c in case_results:
+        for row in c["results"]:
+            if "gbps" in row:
+                row["pct_bandwidth"] = 100.0 * row["gbps"] / bandwidth["gbps"]
+    return {"benchmark": benchmark, "quick": quick, "env": environment(device),
+            "started_utc": started.isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "load_average_start": load_start,
+            "settings": settings.__dict__.copy(), "bandwidth": bandwidth,
+            "cases": case_results}
+
+
+# ----------------------------------------------------------------------------------------
+# environment
+# ----------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((R|TM|tm|r)\)", "", text)
+    text = re.sub(r"@.*$", "", text)
+    text = re.sub(r"\b(CPU|Processor|[0-9]+-Core)\b", "", text, flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def device_slug(device: torch.device) -> str:
+    """'cpu-<model>-<N>c' for the CPU, the GPU name (e.g. 'nvidia-h100-80gb-hbm3') for CUDA."""
+    if device.type == "cuda":
+        return _slug(torch.cuda.get_device_name(device))
+    return f"cpu-{_slug(cpu_model())}-{_cpu_count()}c"
+
+
+def _version(pkg: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_info() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    info: dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True,  # noqa: E731
+                                        text=True, timeout=10, check=True).stdout.strip()
+        info["commit"] = run("rev-parse", "HEAD")
+        info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _loadavg() -> Optional[list[float]]:
+    """1/5/15-minute load averages: other work on the machine skews every number."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def command_line() -> str:
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    return shlex.join(argv)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": device_slug(device),
+        "device_type": device.type,
+        "cpu_model": cpu_model(),
+        "cpu_cores": _cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "dlopt_kernels": _version("dlopt_kernels"),
+        "command": command_line(),
+        "cwd": os.getcwd(),
+        "git": git_info(),
+        "load_average": _loadavg(),
+    }
+    try:
+        from dlopt_kernels import _lib
+        env["dlopt_build"] = _lib.build_info()
+        env["dlopt_load_errors"] = dict(_lib.LOAD_ERRORS)
+    except Exception as exc:  # noqa: BLE001
+        env["dlopt_build"] = f"unavailable: {exc}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update({"device_name": props.name,
+                    "gpu_capability": f"{props.major}.{props.minor}",
+                    "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                    "gpu_sms": props.multi_processor_count,
+                    "cuda": torch.version.cuda})
+    else:
+        env["device_name"] = env["cpu_model"]
+    return env
+
+
+# ----------------------------------------------------------------------------------------
+# reporting
+# ----------------------------------------------------------------------------------------
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(section: dict[str, Any]) -> str:
+    """The tables of a section, as text."""
+    env, bw = section["env"], section["bandwidth"]
+    lines = [
+        f"{section['benchmark']}{' (quick)' if section['quick'] else ''} on {env['device']} "
+        f"({env['device_name']}, {env['cpu_cores']} cores, torch {env['torch']}, "
+        f"{env['torch_threads']} threads)",
+        f"measured bandwidth: {bw['gbps']:.1f} GB/s = {bw['method']}, "
+        f"{bw['numel'] / 2**20:g}M elements, {bw['bytes_per_elem']} B/elem, median of "
+        f"{len(bw['samples_ms'])} (before / after the cases: "
+        + " / ".join(f"{g:.1f}" for g in bw.get("gbps_per_measurement", [])) + " GB/s)",
+        "speedup = baseline median / our median; GB/s = bytes/param x params / median time",
+    ]
+    load = section.get("load_average_start")
+    if env["device_type"] == "cpu" and load and load[0] > 0.5 * env["cpu_cores"]:
+        lines.append(f"WARNING: load average {load[0]:.2f} on {env['cpu_cores']} cores before "
+                     "the run: other work shares these cores, so the timings are unreliable")
+    for case in section["cases"]:
+        lines.append("")
+        lines.append(f"[{case['name']}] {case['title']}: {case['numel']:,} params in "
+                     f"{case['num_tensors']} tensors; {case['rounds']} rounds after "
+                     f"{case['warmup']} warm-up steps")
+        bases = [r["label"] for r in case["results"] if r["role"] == "baseline" and "median_ms" in r]
+        sp = {(s["ours"], s["baseline"]): s["speedup"] for s in case["speedups"]}
+        width = max([len(r["label"]) for r in case["results"]] + [14])
+        head = (f"  {'implementation':<{width}}  {'role':<8} {'median ms':>10} {'min ms':>9} "
+                f"{'B/param':>7} {'GB/s':>7} {'% BW':>6}")
+        head += "".join(f"  {'vs ' + b:>{max(10, len(b) + 3)}}" for b in bases)
+        lines.append(head)
+        for r in case["results"]:
+            if "error" in r:
+                lines.append(f"  {r['label']:<{width}}  {r['role']:<8} FAILED: {r['error']}")
+                continue
+            line = (f"  {r['label']:<{width}}  {r['role']:<8} {r['median_ms']:>10.3f} "
+                    f"{r['min_ms']:>9.3f} {r['bytes_per_param']:>7.1f} {r['gbps']:>7.1f} "
+                    f"{_fmt(r['pct_bandwidth'], '5.0f'):>5}%")
+            for b in bases:
+                s = sp.get((r["label"], b))
+                line += f"  {(_fmt(s, '.2f') + 'x') if s is not None else '':>{max(10, len(b) + 3)}}"
+            lines.append(line)
+        notes = [f"    {r['label']}: {r['note']}" for r in case["results"] if r.get("note")]
+        if notes:
+            lines += ["  notes:"] + notes
+    targets = section.get("targets")
+    if targets is not None:
+        lines.append("")
+        if not targets:
+            lines.append(f"targets: none defined for {env['device_type']}")
+        else:
+            lines.append("targets:")
+            for t in targets:
+                val = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
+                status = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+                lines.append(f"  {status:<6} {t['case']}: {t['what']} = {val} "
+                             f"(target >= {t['threshold']:g}{t['unit']})")
+    lines.append("")
+    load = section.get("load_average_start"), env.get("load_average")
+    lines.append(f"total wall time {section['wall_s']:.1f} s; machine load average (1 min) at "
+                 f"start / end: {_fmt(load[0] and load[0][0], '.2f')} / "
+                 f"{_fmt(load[1] and load[1][0], '.2f')} on {env['cpu_cores']} cores")
+    return "\n".join(lines)
+
+
+def results_path(section: dict[str, Any], out: os.PathLike | str) -> Path:
+    """`out` is a .json file, or a folder that gets <device>-<YYYY-MM-DD>.json."""
+    out = Path(out)
+    if out.suffix == ".json":
+        return out
+    day = section["started_utc"][:10]
+    return out / f"{section['env']['device']}-{day}.json"
+
+
+def write_results(section: dict[str, Any], out: os.PathLike | str, key: Optional[str] = None) -> Path:
+    """Merge `section` into the results file under benchmarks[key] (default: the
+    benchmark's name), keeping every other benchmark's section; return the path."""
+    path = results_path(section, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+    env = section["env"]
+    data["device"] = env["device"]
+    data["device_info"] = {k: env[k] for k in ("device_name", "device_type", "cpu_model",
+                                               "cpu_cores", "platform") if k in env}
+    benchmarks = data.get("benchmarks")
+    if not isinstance(benchmarks, dict):
+        benchmarks = {}
+    benchmarks[key or section["benchmark"]] = section
+    data["benchmarks"] = dict(sorted(benchmarks.items()))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -1,0 +1,86 @@
+"""The Adafactor benchmark: dlopt_kernels.optim.Adafactor against torch.optim.Adafactor
+(foreach and for-loop; torch has no fused Adafactor), weight decay on.
+
+Bytes: the B/param column counts what a step must move at least: param read + written
+and grad read (12 B per fp32 param), plus the states: a 0-/1-D param's full variance
+read + written (+8 B: 20 B), a factored param's row / column factors (a few bytes per
+row / column, ~0 per param). Our kernel makes three passes over each tensor (sums of
+squares; the update's RMS; the update), so it really moves about 2x the nominal bytes
+of a factored param (param and grad read in pass 1, grad in pass 2, param read + written
+and grad read in pass 3: 24 B per fp32 param) and 1.6x that of a vector (pass 1: param,
+grad, variance read + variance written; pass 2: grad, variance, param read + param
+written: 32 B). No update can be written before the whole tensor's RMS is known, so two
+passes are the least for a vector and three for a factored param. The % of bandwidth
+column is against the nominal figure, as for every optimizer: the honest ceilings are
+about 62% (vectors) and 50% (factored params) there.
+
+Cases: `common.standard_optimizer_cases` (fp32_10m, gpt2_small, tiny_1000, bf16_10m;
+their 1-D tensors take the unfactored path) plus ``matrix_10m``: one 2500 x 4000 fp32
+matrix (factored). Ours runs on every backend available for the device (plus the
+reference in quick runs).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from dlopt_kernels.bench import common
+from dlopt_kernels.bench.common import Case, Settings
+
+NAME = "optim_adafactor"
+HPARAMS = dict(lr=1e-2, weight_decay=1e-2)
+
+CPU_TARGETS = [
+    # (case, ours label pattern, baseline label or None for "% of bandwidth", threshold)
+    ("fp32_10m", "dlopt[{b}]", "torch foreach", 1.0),
+    ("fp32_10m", "dlopt[{b}]", "torch for-loop", 1.0),
+    ("matrix_10m", "dlopt[{b}]", "torch foreach", 1.0),
+    ("matrix_10m", "dlopt[{b}]", "torch for-loop", 1.0),
+    ("gpt2_small", "dlopt[{b}]", "torch foreach", 1.0),
+    ("gpt2_small", "dlopt[{b}]", "torch for-loop", 1.0),
+    ("tiny_1000", "dlopt[{b}]", "torch foreach", 1.0),
+    ("tiny_1000", "dlopt[{b}]", "torch for-loop", 1.0),
+]  # no % of bandwidth target: see the module docstring for the honest ceiling
+
+
+def _ours(backend: str, **kw: Any):
+    from dlopt_kernels.optim import Adafactor
+    return lambda params: Adafactor(params, **HPARAMS, backend=backend, **kw)
+
+
+def _baselines():
+    return {label: (lambda params, fe=fe: torch.optim.Adafactor(params, **HPARAMS, foreach=fe))
+            for label, fe in (("torch foreach", True), ("torch for-loop", False))}
+
+
+def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str], str]:
+    backends, auto = common.ours_backends("adafactor_step", device, quick)
+    cases = common.standard_optimizer_cases(_ours, _baselines(), device, quick, backends, auto,
+                                            fastest="torch foreach")
+    rows, cols = (100, 500) if quick else (2500, 4000)
+    shapes = [(rows, cols)]
+    impls = [common.optimizer_impl(f"dlopt[{b}]", "ours", _ours(b), shapes, torch.float32,
+                                   device, note="backend='auto' picks this" if b == auto else "")
+             for b in backends]
+    impls += [common.optimizer_impl(label, "baseline", make, shapes, torch.float32, device)
+              for label, make in _baselines().items()]
+    cases.insert(1, Case("matrix_10m", f"one {rows} x {cols} fp32 matrix (factored)",
+                         rows * cols, 1, impls))
+    return cases, backends, auto
+
+
+def run(quick: bool = False, device: Optional[torch.device | str] = None, progress: bool = True,
+        settings: Optional[Settings] = None) -> dict[str, Any]:
+    """Run the benchmark and return its results section (see common.run_cases)."""
+    import dlopt_kernels  # noqa: F401  (loads the compiled library, registers backends)
+
+    device = common.bench_device(device)
+    settings = settings or common.default_settings(device, quick)
+    cases, backends, auto = build_cases(device, quick)
+    section = common.run_cases(NAME, cases, device, settings, quick, progress)
+    section["hparams"] = dict(HPARAMS)
+    section["ours_backends"] = backends
+    section["auto_backend"] = auto
+    section["targets"] = common.evaluate_targets(section, CPU_TARGETS, auto, device)
+    return section

@@ -1,0 +1,73 @@
+"""The SGD benchmark: dlopt_kernels.optim.SGD against torch.optim.SGD (fused, foreach,
+for-loop), with momentum 0.9 and weight decay (20 bytes moved per fp32 param: param
+read + written, grad read, momentum buffer read + written).
+
+Cases: `common.standard_optimizer_cases` (fp32_10m, gpt2_small, tiny_1000, bf16_10m),
+plus ``fp32_10m_plain``: one 10M-element tensor without momentum (12 bytes per param).
+Ours runs on every backend available for the device (plus the reference in quick runs).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from dlopt_kernels.bench import common
+from dlopt_kernels.bench.common import Case, Settings
+
+NAME = "optim_sgd"
+HPARAMS = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+CPU_TARGETS = [
+    # (case, ours label pattern, baseline label or None for "% of bandwidth", threshold)
+    ("fp32_10m", "dlopt[{b}]", "torch fused", 1.0),
+    ("fp32_10m", "dlopt[{b}]", None, 80.0),
+    ("fp32_10m_plain", "dlopt[{b}]", "torch fused", 1.0),
+    ("fp32_10m_plain", "dlopt[{b}]", None, 80.0),
+    ("gpt2_small", "dlopt[{b}]", "torch fused", 1.0),
+    ("gpt2_small", "dlopt[{b}]", None, 80.0),
+    ("tiny_1000", "dlopt[{b}]", "torch fused", 1.0),
+]
+
+
+def _ours(backend: str, hparams=HPARAMS, **kw: Any):
+    from dlopt_kernels.optim import SGD
+    return lambda params: SGD(params, **hparams, backend=backend, **kw)
+
+
+def _baselines(hparams=HPARAMS):
+    return {label: (lambda params, kw=kw: torch.optim.SGD(params, **hparams, **kw))
+            for label, kw in (("torch fused", dict(fused=True)),
+                              ("torch foreach", dict(foreach=True)),
+                              ("torch for-loop", dict(foreach=False)))}
+
+
+def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str], str]:
+    backends, auto = common.ours_backends("sgd_step", device, quick)
+    cases = common.standard_optimizer_cases(_ours, _baselines(), device, quick, backends, auto,
+                                            fastest="torch fused")
+    n = 50_000 if quick else 10_000_000
+    plain = dict(lr=1e-3)
+    impls = [common.optimizer_impl(f"dlopt[{b}]", "ours", _ours(b, plain), [(n,)],
+                                   torch.float32, device) for b in backends]
+    impls += [common.optimizer_impl(label, "baseline", make, [(n,)], torch.float32, device)
+              for label, make in _baselines(plain).items()]
+    cases.insert(1, Case("fp32_10m_plain", f"one {n:,}-element fp32 tensor, no momentum", n, 1,
+                         impls))
+    return cases, backends, auto
+
+
+def run(quick: bool = False, device: Optional[torch.device | str] = None, progress: bool = True,
+        settings: Optional[Settings] = None) -> dict[str, Any]:
+    """Run the benchmark and return its results section (see common.run_cases)."""
+    import dlopt_kernels  # noqa: F401  (loads the compiled library, registers backends)
+
+    device = common.bench_device(device)
+    settings = settings or common.default_settings(device, quick)
+    cases, backends, auto = build_cases(device, quick)
+    section = common.run_cases(NAME, cases, device, settings, quick, progress)
+    section["hparams"] = dict(HPARAMS)
+    section["ours_backends"] = backends
+    section["auto_backend"] = auto
+    section["targets"] = common.evaluate_targets(section, CPU_TARGETS, auto, device)
+    return section

@@ -1,0 +1,316 @@
+"""Adafactor step in Triton: the maths of csrc/include/dlopt/adafactor_math.h (torch's
+Adafactor; fp32 element arithmetic, sums of squares in fp64), the storage rules of
+csrc/cpu/optim_adafactor.cpp (params fp32/bf16/fp16; states fp32 or the param dtype;
+fp32 master weights; bf16 stochastic rounding with the random bits of rounding.h).
+
+Per tensor, on the device and without host syncs (lr, step, grad_scale, found_inf and
+sr_seed stay tensors the kernels read):
+
+  factored (>= 2-D, walked as [batch, rows, cols] tiles of whole rows):
+    _stats_kernel    row sums of g^2 (stored), column sums (fp64 atomics), sum(p^2)
+    _factors_kernel  one program per matrix: row_var / col_var lerp towards the means,
+                     den = max(mean(row_var), eps1)
+  _direction_kernel  sum(u^2) (fp64 atomics); 0-/1-D tensors also update their
+                     variance here and add sum(p^2)
+  _apply_kernel      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u
+
+Non-contiguous tensors get contiguous stand-ins (copied back when written).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.backends.checks import check_factored_lists
+from dlopt_kernels.triton._common import (
+    bump_steps,
+    decoupled_decay_factor,
+    f64,
+    grad_multiplier,
+    interpreted,
+    load_param,
+    on_device,
+    round_to_storage,
+    store_f32,
+    write_param,
+)
+
+
+@triton.jit
+def _limit(fi_ptr, count, HAS_FI: tl.constexpr):
+    """`count`, or 0 when GradScaler found inf/NaN (found_inf != 0, NaN included): the
+    kernels mask their stores with `index < limit`, so a skipped step stores nothing."""
+    if HAS_FI:
+        count = tl.where(tl.load(fi_ptr) != 0, 0, count)
+    return count
+
+
+@triton.jit
+def _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay):
+    """adafactor_math.h adafactor_coeffs from the device step: (lerp weight in fp32, rho
+    and lr in fp64, decay factor in fp32). t^beta2_decay goes through fp32 exp2/log2
+    (no fp64 transcendentals without libdevice): a few fp32 ulps off the host's pow,
+    exact at t = 1."""
+    step = tl.load(step_ptr).to(tl.float64)
+    step = tl.where(step > 0, step, 1.0)  # a skipped step is never 0 here; keep log2 finite
+    w = tl.math.exp2(f64(beta2_decay).to(tl.float32) * tl.math.log2(step.to(tl.float32)))
+    lr = tl.load(lr_ptr).to(tl.float64)
+    inv_sqrt = 1.0 / tl.sqrt(step)
+    rho = tl.where(lr < inv_sqrt, lr, inv_sqrt)
+    return w, rho, decoupled_decay_factor(lr, f64(weight_decay))
+
+
+@triton.jit
+def _tile(pid_r, b, c0, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """Offsets and mask of rows [pid_r BR, +BR) x cols [c0, +BC) of matrix b."""
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    offs = (b.to(tl.int64) * R + rows[:, None]) * C + cols[None, :]
+    return rows, cols, offs, (rows[:, None] < R) & (cols[None, :] < C)
+
+
+@triton.jit
+def _stats_kernel(p_ptr, g_ptr, master_ptr, row_sum_ptr, col_sum_ptr, sum_p2_ptr, gs_ptr,
+                  tensor_index, R, C, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
+                  MASTER: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    pid_r = tl.program_id(0)
+    b = tl.program_id(1)
+    mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    rs = tl.zeros((BR,), tl.float64)
+    ps = tl.zeros((BR,), tl.float64)
+    for c0 in range(0, C, BC):
+        rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
+        g = (tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul).to(tl.float64)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER).to(tl.float64)
+        p = tl.where(mask, p, 0.0)
+        rs += tl.sum(g * g, axis=1)
+        ps += tl.sum(p * p, axis=1)
+        tl.atomic_add(col_sum_ptr + b.to(tl.int64) * C + cols, tl.sum(g * g, axis=0),
+                      mask=cols < C)
+    rows = pid_r * BR + tl.arange(0, BR)
+    tl.store(row_sum_ptr + b.to(tl.int64) * R + rows, rs, mask=rows < R)
+    tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(ps, axis=0))
+
+
+@triton.jit
+def _factors_kernel(row_var_ptr, col_var_ptr, row_sum_ptr, col_sum_ptr, den_ptr, step_ptr,
+                    lr_ptr, fi_ptr, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
+                    eps1: tl.float64, HAS_FI: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    r_store = _limit(fi_ptr, R, HAS_FI)
+    c_store = _limit(fi_ptr, C, HAS_FI)
+    w, _, _ = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
+    total = tl.zeros((BLOCK,), tl.float64)
+    for r0 in range(0, R, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        m = r < R
+        mean = (tl.load(row_sum_ptr + b * R + r, mask=m, other=0.0) / C).to(tl.float32)
+        old = tl.load(row_var_ptr + b * R + r, mask=m, other=0.0).to(tl.float32)
+        new = tl.where(w < 0.5, old + w * (mean - old), mean - (mean - old) * (1.0 - w))
+        new = round_to_storage(new, row_var_ptr)  # as stored: what the next kernels read
+        store_f32(row_var_ptr + b * R + r, new, r < r_store)
+        total += tl.where(m, new.to(tl.float64), 0.0)
+    den = (tl.sum(total, axis=0) / R).to(tl.float32)
+    eps1_f = f64(eps1).to(tl.float32)
+    den = tl.where(den < eps1_f, eps1_f, den)  # clamp_min, NaN kept
+    tl.store(den_ptr + b, den)
+    for c0 in range(0, C, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        m = c < C
+        mean = (tl.load(col_sum_ptr + b * C + c, mask=m, other=0.0) / R).to(tl.float32)
+        old = tl.load(col_var_ptr + b * C + c, mask=m, other=0.0).to(tl.float32)
+        new = tl.where(w < 0.5, old + w * (mean - old), mean - (mean - old) * (1.0 - w))
+        store_f32(col_var_ptr + b * C + c, new, c < c_store)
+
+
+@triton.jit
+def _direction(g, v, eps1_sq):
+    """adafactor_math.h adafactor_direction: g / sqrt(max(v, eps1^2)), NaN kept."""
+    v = tl.where(v < eps1_sq, eps1_sq, v)
+    return g * tl.math.div_rn(1.0, tl.sqrt_rn(v))
+
+
+@triton.jit
+def _direction_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_ptr, den_ptr,
+                      sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, tensor_index,
+                      n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
+                      eps1: tl.float64, FACTORED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                      HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
+                      BR: tl.constexpr, BC: tl.constexpr):
+    mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    eps1_f = f64(eps1).to(tl.float32)
+    eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
+    if FACTORED:
+        pid_r = tl.program_id(0)
+        b = tl.program_id(1)
+        den = tl.load(den_ptr + b)
+        us = tl.zeros((BR,), tl.float64)
+        for c0 in range(0, C, BC):
+            rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
+            rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
+                         other=0.0).to(tl.float32)
+            cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
+                         other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+            v = tl.math.div_rn(rv[:, None] * cv[None, :], den)
+            u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
+            us += tl.sum(u * u, axis=1)
+        tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(us, axis=0))
+    else:
+        w, _, _ = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
+        offs = tl.program_id(0).to(tl.int64) * (BR * BC) + tl.arange(0, BR * BC)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+        old = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g2 = g * g
+        v = tl.where(w < 0.5, old + w * (g2 - old), g2 - (g2 - old) * (1.0 - w))
+        v = round_to_storage(v, var_ptr)
+        store_f32(var_ptr + offs, v, offs < _limit(fi_ptr, n, HAS_FI))
+        u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
+        p = tl.where(mask, load_param(p_ptr, master_ptr, offs, mask, MASTER), 0.0)
+        p = p.to(tl.float64)
+        tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(u * u, axis=0))
+        tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(p * p, axis=0))
+
+
+@triton.jit
+def _apply_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_ptr, den_ptr,
+                  sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
+                  tensor_index, n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
+                  eps1: tl.float64, eps2: tl.float64, d: tl.float64,
+                  FACTORED: tl.constexpr, WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
+                  SR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
+    _, rho, decay = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
+    # adafactor_math.h adafactor_step_size (Python's max(x, nan) is x)
+    sqrt_n = tl.sqrt(n.to(tl.float64))
+    rms_p = tl.sqrt(tl.load(sum_p2_ptr + tensor_index)) / sqrt_n
+    rms_u = tl.sqrt(tl.load(sum_u2_ptr + tensor_index)) / (sqrt_n * f64(d))
+    alpha = tl.where(rms_p > f64(eps2), rms_p, f64(eps2)) * rho
+    step = (alpha / tl.where(rms_u > 1.0, rms_u, 1.0)).to(tl.float32)
+    if FACTORED:
+        pid_r = tl.program_id(0)
+        b = tl.program_id(1)
+        den = tl.load(den_ptr + b)
+        for c0 in range(0, C, BC):
+            rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
+            rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
+                         other=0.0).to(tl.float32)
+            cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
+                         other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+            u = _direction(g, tl.math.div_rn(rv[:, None] * cv[None, :], den), eps1_sq)
+            p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+            if WD:
+                p = p * decay
+            p = p - step * u
+            store = (rows[:, None] < _limit(fi_ptr, R, HAS_FI)) & (cols[None, :] < C)
+            write_param(p_ptr, master_ptr, p, offs, store, seed_ptr, tensor_index, MASTER, SR)
+    else:
+        offs = tl.program_id(0).to(tl.int64) * (BR * BC) + tl.arange(0, BR * BC)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+        v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = _direction(g, v, eps1_sq)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        if WD:
+            p = p * decay
+        p = p - step * u
+        write_param(p_ptr, master_ptr, p, offs, offs < _limit(fi_ptr, n, HAS_FI), seed_ptr,
+                    tensor_index, MASTER, SR)
+
+
+def _tiles():
+    """(rows, cols) per program: few, huge programs for the interpreter (~0.9 ms each)."""
+    return (64, 1024) if interpreted() else (8, 512)
+
+
+def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, state_steps,
+                   lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, grad_scale,
+                   found_inf, sr_seed) -> None:
+    """Triton kernels for torch.ops.dlopt.adafactor_step (see
+    dlopt_kernels/ops/optim_adafactor.py)."""
+    if not params:
+        return
+    check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
+                         state_steps, sr_seed is not None)
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    writeback = []
+
+    def contiguous(t, mutated):
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        if mutated:
+            writeback.append((t, c))
+        return c
+
+    n = len(params)
+    sums = torch.zeros(2, n, dtype=torch.float64, device=dev)  # sum(p^2), sum(u^2)
+    floats = dict(beta2_decay=float(beta2_decay), weight_decay=float(weight_decay),
+                  eps1=float(eps1))
+    flags = dict(MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
+                 HAS_FI=found_inf is not None, MASTER=bool(master_params))
+    br, bc = _tiles()
+    warps = 4 if interpreted() else 8
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    kf = kv = 0
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p0 in enumerate(params):
+            factored = p0.dim() >= 2
+            if factored:
+                rv0, cv0 = row_vars[kf], col_vars[kf]
+                kf += 1
+            else:
+                v0 = variances[kv]
+                kv += 1
+            numel = p0.numel()
+            if numel == 0:  # its step was still counted above
+                continue
+            p = contiguous(p0, True)
+            g = contiguous(grads[i], False)
+            mp = contiguous(master_params[i], True) if master_params else p
+            sr = sr_seed is not None and not master_params and p.dtype == torch.bfloat16
+            common = dict(step_ptr=steps[i], lr_ptr=lr, gs_ptr=gs, fi_ptr=fi,
+                          tensor_index=i, n=numel)
+            if factored:
+                rows, cols = p.shape[-2], p.shape[-1]
+                batch = numel // (rows * cols)
+                rv, cv = contiguous(rv0, True), contiguous(cv0, True)
+                row_sum = torch.empty(batch * rows, dtype=torch.float64, device=dev)
+                col_sum = torch.zeros(batch * cols, dtype=torch.float64, device=dev)
+                den = torch.empty(batch, dtype=torch.float32, device=dev)
+                grid = (triton.cdiv(rows, br), batch)
+                _stats_kernel[grid](p, g, mp, row_sum, col_sum, sums[0], gs, i, rows, cols,
+                                    MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
+                                    MASTER=flags["MASTER"], BR=br, BC=bc, num_warps=warps)
+                _factors_kernel[(batch,)](rv, cv, row_sum, col_sum, den, steps[i], lr, fi, rows,
+                                          cols, **floats, HAS_FI=flags["HAS_FI"],
+                                          BLOCK=br * bc, num_warps=warps)
+                var = p  # stand-in, not read
+            else:
+                rows = cols = 1
+                rv = cv = den = p  # stand-ins, not read
+                var = contiguous(v0, True)
+                grid = (triton.cdiv(numel, br * bc),)
+            tensors = dict(p_ptr=p, g_ptr=g, master_ptr=mp, var_ptr=var, row_var_ptr=rv,
+                           col_var_ptr=cv, den_ptr=den, sum_p2_ptr=sums[0], sum_u2_ptr=sums[1])
+            _direction_kernel[grid](**tensors, **common, R=rows, C=cols, **floats,
+                                    FACTORED=factored, **flags, BR=br, BC=bc, num_warps=warps)
+            _apply_kernel[grid](**tensors, **common, seed_ptr=seed, R=rows, C=cols, **floats,
+                                eps2=float(eps2), d=float(d), FACTORED=factored,
+                                WD=weight_decay != 0.0, **flags, SR=sr, BR=br, BC=bc,
+                                num_warps=warps)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    torch.autograd.graph.increment_version(
+        [*params, *row_vars, *col_vars, *variances, *master_params])

@@ -1,0 +1,99 @@
+"""Adagrad step in Triton: the maths of csrc/include/dlopt/adagrad_math.h, the storage
+rules of csrc/cpu/optim_adagrad.cpp (fp32 arithmetic; params fp32/bf16/fp16; state_sums
+fp32 or the param dtype; fp32 master weights; bf16 stochastic rounding with the random
+bits of rounding.h).
+
+No host syncs: lr, grad_scale, found_inf, sr_seed and the steps stay tensors the kernel
+reads; it derives each tensor's learning rate lr / (1 + (step - 1) * lr_decay) from its
+own (already counted) step in fp64, as adagrad_coeffs() does on the host. One launch per
+tensor, as the Adam kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.triton._common import (
+    align_to_params,
+    block_size,
+    bump_steps,
+    check_elementwise_lists,
+    f64,
+    grad_multiplier,
+    load_param,
+    on_device,
+    store_f32,
+    write_param,
+)
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _adagrad_kernel(p_ptr, g_ptr, sum_ptr, master_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr,
+                    seed_ptr, n, tensor_index, lr_decay: tl.float64, weight_decay: tl.float64,
+                    eps: tl.float64, WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
+                    SR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
+        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    mask = offs < n
+
+    # adagrad_coeffs(): the per-tensor learning rate in fp64, rounded once to fp32.
+    step = tl.load(step_ptr).to(tl.float64)
+    lr = tl.load(lr_ptr).to(tl.float64)
+    clr = (lr / (1.0 + (step - 1.0) * f64(lr_decay))).to(tl.float32)
+    eps_f = f64(eps).to(tl.float32)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+
+    # One element: adagrad_update() line by line, all in fp32.
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+    s = tl.load(sum_ptr + offs, mask=mask).to(tl.float32)
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    if WD:
+        g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+    s = s + g * g
+    # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
+    p = p - tl.math.div_rn(clr * g, tl.sqrt_rn(s) + eps_f)
+    store_f32(sum_ptr + offs, s, mask)
+    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+
+
+def adagrad_step(params, grads, state_sums, master_params, state_steps, lr, lr_decay,
+                 weight_decay, eps, maximize, grad_scale, found_inf, sr_seed) -> None:
+    """Triton kernel for torch.ops.dlopt.adagrad_step (see dlopt_kernels/ops/optim_adagrad.py)."""
+    if not params:
+        return
+    check_elementwise_lists(params, grads, {"state_sums": state_sums}, master_params,
+                            state_steps, sr_seed is not None, op="dlopt::adagrad_step")
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    # Count first (stream order makes the kernels read the new step), on device,
+    # honouring found_inf; the kernels then mask everything out if found_inf != 0.
+    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    (P, G, S, MP), writeback = align_to_params([params, grads, state_sums, master_params],
+                                               (True, False, True, True))
+    floats = (float(lr_decay), float(weight_decay), float(eps))
+    flags = dict(WD=weight_decay != 0.0, MAXIMIZE=bool(maximize),
+                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
+                 MASTER=bool(master_params))
+    block = block_size()
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p in enumerate(P):
+            numel = p.numel()
+            if numel == 0:  # its step was still counted above
+                continue
+            _adagrad_kernel[(triton.cdiv(numel, block),)](
+                p, G[i], S[i], MP[i] if master_params else p, steps[i], lr, gs, fi, seed, numel,
+                i, *floats, **flags,
+                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
+                BLOCK=block, num_warps=4 if block > 4096 else 8)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).
+    torch.autograd.graph.increment_version([*params, *state_sums, *master_params])

@@ -1,0 +1,206 @@
+"""LAMB step in Triton: the maths of csrc/include/dlopt/lamb_math.h (Adam's pieces from
+_common.py), the two-pass structure of csrc/cpu/optim_lamb.cpp, the storage rules of
+the Adam kernel (fp32 arithmetic; params fp32/bf16/fp16; states fp32 or the param
+dtype; fp32 master weights; bf16 stochastic rounding with rounding.h's random bits).
+
+1. `_lamb_moments_kernel`, one launch per tensor: updates m, v and writes, per
+   program, the float64 sums of p^2 and u^2 (u from m, v as stored) to its slots.
+2. `_lamb_trust_kernel`, one program per tensor: the trust ratio from the tensor's
+   sums, and lr * trust as the tensor's fp32 step scale.
+3. `_lamb_apply_kernel`, one launch per tensor: p -= scale * u, u recomputed.
+
+No host syncs: lr, grad_scale, global_grad_norm, found_inf, sr_seed and the steps stay
+tensors the kernels read.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.backends.checks import check_elementwise_lists
+from dlopt_kernels.triton._common import (
+    adam_bias_corrections,
+    adam_direction,
+    adam_moments,
+    align_to_params,
+    block_size,
+    bump_steps,
+    f64,
+    interpreted,
+    load_param,
+    on_device,
+    round_to_storage,
+    store_f32,
+    write_param,
+)
+from dlopt_kernels.triton.multi_tensor_norm import _device_tensor, loop_iters
+
+
+@triton.jit
+def _coeffs(step_ptr, fi_ptr, n, beta1, beta2, HAS_FI: tl.constexpr,
+            BIAS_CORRECTION: tl.constexpr):
+    """lamb_coeffs (Adam's with lr = 1) from the tensor's step; n = 0 if skipped."""
+    step = tl.load(step_ptr).to(tl.float64)
+    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
+        skip = tl.load(fi_ptr) != 0
+        n = tl.where(skip, 0, n)
+        step = tl.where(skip, 1.0, step)  # unused then; avoids 1/(1 - beta^0) warnings
+    if BIAS_CORRECTION:
+        step_size, inv_bc2_sqrt = adam_bias_corrections(tl.full((), 1.0, tl.float64), step,
+                                                        beta1, beta2)
+    else:
+        step_size = tl.full((), 1.0, tl.float32)
+        inv_bc2_sqrt = tl.full((), 1.0, tl.float32)
+    return step_size, inv_bc2_sqrt, n
+
+
+@triton.jit
+def _direction(p, m, v, step_size, inv_bc2_sqrt, eps, weight_decay, WD: tl.constexpr):
+    """lamb_direction: m_hat / (sqrt(v_hat) + eps) + weight_decay * p."""
+    u = adam_direction(m, v, step_size, inv_bc2_sqrt, eps)
+    if WD:
+        u = u + weight_decay * p
+    return u
+
+
+@triton.jit
+def _lamb_moments_kernel(p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, step_ptr, gs_ptr, gn_ptr,
+                         fi_ptr, part_ptr, n, beta1: tl.float64, beta2: tl.float64,
+                         one_minus_beta1: tl.float64, one_minus_beta2: tl.float64,
+                         weight_decay: tl.float64, eps: tl.float64, max_grad_norm: tl.float64,
+                         MASTER: tl.constexpr, HAS_GS: tl.constexpr, CLIP: tl.constexpr,
+                         HAS_FI: tl.constexpr, WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    step_size, inv_bc2_sqrt, n = _coeffs(step_ptr, fi_ptr, n, f64(beta1), f64(beta2), HAS_FI,
+                                         BIAS_CORRECTION)
+    mask = offs < n
+    # 1 / grad_scale times the clip factor, in fp64, rounded once (lamb_clip_factor)
+    unscale = tl.full((), 1.0, tl.float64)
+    if HAS_GS:
+        unscale = 1.0 / tl.load(gs_ptr).to(tl.float64)
+    mul = unscale
+    if CLIP:  # max_grad_norm > 0
+        gn = tl.load(gn_ptr).to(tl.float64) * unscale
+        max_norm = f64(max_grad_norm)
+        mul = unscale * tl.where(gn > max_norm, max_norm / tl.where(gn > max_norm, gn, 1.0), 1.0)
+    grad_mul = mul.to(tl.float32)
+
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    m, v = adam_moments(g, m, v, f64(one_minus_beta1).to(tl.float32),
+                        f64(beta2).to(tl.float32), f64(one_minus_beta2).to(tl.float32))
+    store_f32(m_ptr + offs, m, mask)
+    store_f32(v_ptr + offs, v, mask)
+    m = round_to_storage(m, m_ptr + offs)  # u from the moments as stored
+    v = round_to_storage(v, v_ptr + offs)
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    u = _direction(p, m, v, step_size, inv_bc2_sqrt, f64(eps).to(tl.float32),
+                   f64(weight_decay).to(tl.float32), WD)
+    p64 = tl.where(mask, p, 0.0).to(tl.float64)
+    u64 = tl.where(mask, u, 0.0).to(tl.float64)
+    tl.store(part_ptr + 2 * pid, tl.sum(p64 * p64, axis=0))
+    tl.store(part_ptr + 2 * pid + 1, tl.sum(u64 * u64, axis=0))
+
+
+@triton.jit
+def _lamb_trust_kernel(part_ptr, bases_ptr, lr_ptr, scale_ptr, BLOCK: tl.constexpr,
+                       ITERS: tl.constexpr):
+    i = tl.program_id(0)
+    lo = tl.load(bases_ptr + i)
+    hi = tl.load(bases_ptr + i + 1)
+    pp = tl.zeros((BLOCK,), tl.float64)
+    uu = tl.zeros((BLOCK,), tl.float64)
+    for it in range(ITERS):  # a constexpr trip count (see multi_tensor_norm.py)
+        offs = lo + it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < hi
+        pp += tl.load(part_ptr + 2 * offs, mask=mask, other=0.0)
+        uu += tl.load(part_ptr + 2 * offs + 1, mask=mask, other=0.0)
+    p_norm = tl.sqrt(tl.sum(pp, axis=0))
+    u_norm = tl.sqrt(tl.sum(uu, axis=0))
+    ok = (p_norm > 0) & (u_norm > 0)  # lamb_trust_ratio
+    trust = tl.where(ok, p_norm / tl.where(ok, u_norm, 1.0), 1.0)
+    tl.store(scale_ptr + i, (tl.load(lr_ptr).to(tl.float64) * trust).to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _lamb_apply_kernel(p_ptr, m_ptr, v_ptr, master_ptr, step_ptr, scale_ptr, fi_ptr, seed_ptr,
+                       n, tensor_index, beta1: tl.float64, beta2: tl.float64,
+                       weight_decay: tl.float64, eps: tl.float64, MASTER: tl.constexpr,
+                       SR: tl.constexpr, HAS_FI: tl.constexpr, WD: tl.constexpr,
+                       BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    step_size, inv_bc2_sqrt, n = _coeffs(step_ptr, fi_ptr, n, f64(beta1), f64(beta2), HAS_FI,
+                                         BIAS_CORRECTION)
+    mask = offs < n
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    u = _direction(p, m, v, step_size, inv_bc2_sqrt, f64(eps).to(tl.float32),
+                   f64(weight_decay).to(tl.float32), WD)
+    p = p - tl.load(scale_ptr) * u
+    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+
+
+def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr, beta1,
+              beta2, weight_decay, eps, bias_correction, max_grad_norm, global_grad_norm,
+              grad_scale, found_inf, sr_seed) -> None:
+    """Triton kernel for torch.ops.dlopt.lamb_step (see dlopt_kernels/ops/optim_lamb.py)."""
+    if not params:
+        return
+    check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                            master_params, state_steps, sr_seed is not None,
+                            op="dlopt::lamb_step")
+    clip = max_grad_norm > 0.0
+    if clip and global_grad_norm is None:
+        raise ValueError("dlopt::lamb_step: max_grad_norm > 0 needs global_grad_norm")
+    dev = params[0].device
+    lr, grad_scale, global_grad_norm, found_inf, sr_seed = (
+        on_device(t, dev) for t in (lr, grad_scale, global_grad_norm, found_inf, sr_seed))
+    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    (P, G, M, V, MP), writeback = align_to_params(
+        [params, grads, exp_avgs, exp_avg_sqs, master_params], (True, False, True, True, True))
+    block = block_size()
+    bases = [0]
+    for p in P:
+        bases.append(bases[-1] + triton.cdiv(p.numel(), block))
+    n = len(P)
+    partials = torch.empty(2 * max(bases[-1], 1), dtype=torch.float64, device=dev)
+    scales = torch.empty(n, dtype=torch.float32, device=dev)
+    b1, b2, wd, eps = float(beta1), float(beta2), float(weight_decay), float(eps)
+    flags = dict(MASTER=bool(master_params), HAS_FI=found_inf is not None, WD=wd != 0.0,
+                 BIAS_CORRECTION=bool(bias_correction))
+    # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
+    gs, gn, fi, seed = (lr if t is None else t
+                        for t in (grad_scale, global_grad_norm, found_inf, sr_seed))
+    warps = 4 if block > 4096 else 8
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p in enumerate(P):
+            if p.numel():
+                _lamb_moments_kernel[(bases[i + 1] - bases[i],)](
+                    p, G[i], M[i], V[i], MP[i] if master_params else p, steps[i], gs, gn, fi,
+                    partials[2 * bases[i]:], p.numel(), b1, b2, 1.0 - b1, 1.0 - b2, wd, eps,
+                    float(max_grad_norm), HAS_GS=grad_scale is not None, CLIP=clip, **flags,
+                    BLOCK=block, num_warps=warps)
+        small = 1024 if interpreted() else 256
+        _lamb_trust_kernel[(n,)](partials, _device_tensor(bases, dev), lr, scales, BLOCK=small,
+                                 ITERS=loop_iters(max(b - a for a, b in zip(bases, bases[1:])),
+                                                  small))
+        for i, p in enumerate(P):
+            if p.numel():
+                _lamb_apply_kernel[(bases[i + 1] - bases[i],)](
+                    p, M[i], V[i], MP[i] if master_params else p, steps[i], scales[i:], fi,
+                    seed, p.numel(), i, b1, b2, wd, eps,
+                    SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
+                    **flags, BLOCK=block, num_warps=warps)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    # Writes through raw pointers bypass autograd's version counters (the C++ kernels
+    # bump them too); the steps were counted by a torch op already.
+    torch.autograd.graph.increment_version([*params, *exp_avgs, *exp_avg_sqs, *master_params])

@@ -1,0 +1,101 @@
+"""Lion step in Triton: the maths of csrc/include/dlopt/lion_math.h, the storage rules
+of csrc/cpu/optim_lion.cpp (fp32 arithmetic; params fp32/bf16/fp16; exp_avg fp32 or
+the param dtype; fp32 master weights; bf16 stochastic rounding with the random bits of
+rounding.h).
+
+No host syncs: lr, grad_scale, found_inf, sr_seed and the steps stay tensors the
+kernel reads. One launch per tensor, as the Adam kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.triton._common import (
+    align_to_params,
+    block_size,
+    bump_steps,
+    check_elementwise_lists,
+    decoupled_decay_factor,
+    f64,
+    grad_multiplier,
+    load_param,
+    on_device,
+    store_f32,
+    write_param,
+)
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _lion_kernel(p_ptr, g_ptr, m_ptr, master_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, n,
+                 tensor_index, beta1: tl.float64, beta2: tl.float64,
+                 one_minus_beta1: tl.float64, one_minus_beta2: tl.float64,
+                 weight_decay: tl.float64, WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
+                 SR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
+        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    mask = offs < n
+
+    # lion_coeffs(): fp64 host values rounded once to fp32.
+    lr = tl.load(lr_ptr).to(tl.float64)
+    lr_f = lr.to(tl.float32)
+    b1 = f64(beta1).to(tl.float32)
+    b2 = f64(beta2).to(tl.float32)
+    omb1 = f64(one_minus_beta1).to(tl.float32)
+    omb2 = f64(one_minus_beta2).to(tl.float32)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+
+    # One element: lion_update() line by line, all in fp32.
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    if WD:
+        p = p * decoupled_decay_factor(lr, f64(weight_decay))
+    u = b1 * m + omb1 * g
+    sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u * 0.0))  # lion_math.h sign_of
+    p = p - lr_f * sign
+    m = b2 * m + omb2 * g
+
+    store_f32(m_ptr + offs, m, mask)
+    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+
+
+def lion_step(params, grads, exp_avgs, master_params, state_steps, lr, beta1, beta2,
+              weight_decay, maximize, grad_scale, found_inf, sr_seed) -> None:
+    """Triton kernel for torch.ops.dlopt.lion_step (see dlopt_kernels/ops/optim_lion.py)."""
+    if not params:
+        return
+    check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs}, master_params, state_steps,
+                            sr_seed is not None, op="dlopt::lion_step")
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    _, finish_steps = bump_steps(state_steps, found_inf, dev)
+    (P, G, M, MP), writeback = align_to_params([params, grads, exp_avgs, master_params],
+                                               (True, False, True, True))
+    floats = (float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+              float(weight_decay))
+    flags = dict(WD=weight_decay != 0.0, MAXIMIZE=bool(maximize),
+                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
+                 MASTER=bool(master_params))
+    block = block_size()
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p in enumerate(P):
+            numel = p.numel()
+            if numel == 0:  # its step was still counted above
+                continue
+            _lion_kernel[(triton.cdiv(numel, block),)](
+                p, G[i], M[i], MP[i] if master_params else p, lr, gs, fi, seed, numel, i,
+                *floats, **flags,
+                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
+                BLOCK=block, num_warps=4 if block > 4096 else 8)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    torch.autograd.graph.increment_version([*params, *exp_avgs, *master_params])

@@ -1,0 +1,117 @@
+"""RMSprop step in Triton: the maths of csrc/include/dlopt/rmsprop_math.h, the storage
+rules of csrc/cpu/optim_rmsprop.cpp (fp32 arithmetic; params fp32/bf16/fp16; states fp32
+or the param dtype; fp32 master weights; bf16 stochastic rounding with the random bits
+of rounding.h).
+
+No host syncs: lr, grad_scale, found_inf, sr_seed and the steps stay tensors the kernel
+reads (RMSprop's maths does not use the step; it is counted as torch's state keeps it).
+One launch per tensor, as the Adam kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.triton._common import (
+    align_to_params,
+    block_size,
+    bump_steps,
+    check_elementwise_lists,
+    f64,
+    grad_multiplier,
+    load_param,
+    on_device,
+    store_f32,
+    write_param,
+)
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _rmsprop_kernel(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, master_ptr, lr_ptr, gs_ptr, fi_ptr,
+                    seed_ptr, n, tensor_index, alpha: tl.float64, one_minus_alpha: tl.float64,
+                    eps: tl.float64, weight_decay: tl.float64, momentum: tl.float64,
+                    WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
+                    MASTER: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
+        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    mask = offs < n
+
+    # rmsprop_coeffs(): fp64 host values rounded once to fp32.
+    lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)
+    a = f64(alpha).to(tl.float32)
+    oma = f64(one_minus_alpha).to(tl.float32)
+    eps_f = f64(eps).to(tl.float32)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+
+    # One element: rmsprop_update() line by line, all in fp32.
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    if WD:
+        g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+    v = a * v + oma * (g * g)
+    store_f32(v_ptr + offs, v, mask)
+    # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
+    if CENTERED:
+        ga = tl.load(ga_ptr + offs, mask=mask).to(tl.float32)
+        ga = ga + oma * (g - ga)
+        store_f32(ga_ptr + offs, ga, mask)
+        avg = tl.sqrt_rn(v - ga * ga) + eps_f
+    else:
+        avg = tl.sqrt_rn(v) + eps_f
+    if MOMENTUM:
+        buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+        buf = f64(momentum).to(tl.float32) * buf + tl.math.div_rn(g, avg)
+        store_f32(buf_ptr + offs, buf, mask)
+        p = p - lr * buf
+    else:
+        p = p - tl.math.div_rn(lr * g, avg)
+    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+
+
+def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+                 state_steps, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                 grad_scale, found_inf, sr_seed) -> None:
+    """Triton kernel for torch.ops.dlopt.rmsprop_step (see dlopt_kernels/ops/optim_rmsprop.py)."""
+    if not params:
+        return
+    use_momentum = momentum > 0.0  # torch: `if momentum > 0`
+    gas = grad_avgs if centered else []
+    bufs = momentum_buffers if use_momentum else []
+    states = {"square_avgs": square_avgs}
+    states.update({"grad_avgs": gas} if centered else {})
+    states.update({"momentum_buffers": bufs} if use_momentum else {})
+    check_elementwise_lists(params, grads, states, master_params, state_steps,
+                            sr_seed is not None, op="dlopt::rmsprop_step")
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    _, finish_steps = bump_steps(state_steps, found_inf, dev)
+    (P, G, V, GA, B, MP), writeback = align_to_params(
+        [params, grads, square_avgs, gas, bufs, master_params], (True, False, True, True, True, True))
+    floats = (float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay), float(momentum))
+    flags = dict(WD=weight_decay != 0.0, CENTERED=bool(centered), MOMENTUM=use_momentum,
+                 MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
+                 HAS_FI=found_inf is not None, MASTER=bool(master_params))
+    block = block_size()
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p in enumerate(P):
+            numel = p.numel()
+            if numel == 0:  # its step was still counted above
+                continue
+            _rmsprop_kernel[(triton.cdiv(numel, block),)](
+                p, G[i], V[i], GA[i] if centered else p, B[i] if use_momentum else p,
+                MP[i] if master_params else p, lr, gs, fi, seed, numel, i, *floats, **flags,
+                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
+                BLOCK=block, num_warps=4 if block > 4096 else 8)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).
+    torch.autograd.graph.increment_version([*params, *square_avgs, *gas, *bufs, *master_params])

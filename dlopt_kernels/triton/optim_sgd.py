@@ -1,0 +1,109 @@
+"""SGD step in Triton: the maths of csrc/include/dlopt/sgd_math.h, the storage rules of
+csrc/cpu/optim_sgd.cpp (fp32 arithmetic; params fp32/bf16/fp16; momentum buffers fp32
+or the param dtype; fp32 master weights; bf16 stochastic rounding with the random bits
+of rounding.h).
+
+No host syncs: lr, grad_scale, found_inf and sr_seed stay tensors the kernel reads.
+SGD keeps no step count. One launch per tensor, as the Adam kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dlopt_kernels.triton._common import (
+    align_to_params,
+    block_size,
+    check_elementwise_lists,
+    f64,
+    grad_multiplier,
+    load_param,
+    on_device,
+    store_f32,
+    write_param,
+)
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _sgd_kernel(p_ptr, g_ptr, buf_ptr, master_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, n,
+                tensor_index, weight_decay: tl.float64, momentum: tl.float64,
+                one_minus_dampening: tl.float64, WD: tl.constexpr, MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, FIRST: tl.constexpr, MAXIMIZE: tl.constexpr,
+                HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
+                SR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
+        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    mask = offs < n
+
+    # sgd_coeffs(): fp64 host values rounded once to fp32.
+    lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)
+    mom = f64(momentum).to(tl.float32)
+    omd = f64(one_minus_dampening).to(tl.float32)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+
+    # One element: sgd_update() line by line, all in fp32.
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    if WD:
+        g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+    if MOMENTUM:
+        if FIRST:  # the buffer has no history: it becomes g
+            buf = g
+        else:
+            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+            buf = mom * buf + omd * g
+        store_f32(buf_ptr + offs, buf, mask)
+        if NESTEROV:
+            g = g + mom * buf
+        else:
+            g = buf
+    p = p - lr * g
+    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+
+
+def sgd_step(params, grads, momentum_buffers, master_params, lr, weight_decay, momentum,
+             dampening, nesterov, maximize, new_buffers, grad_scale, found_inf,
+             sr_seed) -> None:
+    """Triton kernel for torch.ops.dlopt.sgd_step (see dlopt_kernels/ops/optim_sgd.py)."""
+    use_momentum = momentum != 0.0
+    bufs = momentum_buffers if use_momentum else []
+    check_elementwise_lists(params, grads, {"momentum_buffers": bufs} if use_momentum else {},
+                            master_params, [], sr_seed is not None, op="dlopt::sgd_step",
+                            has_steps=False)
+    if new_buffers and len(new_buffers) != len(params):
+        raise ValueError(f"dlopt: new_buffers has {len(new_buffers)} entries but params has "
+                         f"{len(params)}")
+    if not params:
+        return
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    (P, G, B, MP), writeback = align_to_params([params, grads, bufs, master_params],
+                                               (True, False, True, True))
+    floats = (float(weight_decay), float(momentum), 1.0 - float(dampening))
+    flags = dict(WD=weight_decay != 0.0, MOMENTUM=use_momentum,
+                 NESTEROV=bool(nesterov) and use_momentum, MAXIMIZE=bool(maximize),
+                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
+                 MASTER=bool(master_params))
+    block = block_size()
+    # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for i, p in enumerate(P):
+            numel = p.numel()
+            if numel == 0:
+                continue
+            _sgd_kernel[(triton.cdiv(numel, block),)](
+                p, G[i], B[i] if use_momentum else p, MP[i] if master_params else p, lr, gs, fi,
+                seed, numel, i, *floats, **flags,
+                FIRST=use_momentum and bool(new_buffers) and bool(new_buffers[i]),
+                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
+                BLOCK=block, num_warps=4 if block > 4096 else 8)
+    for dst, src in writeback:
+        dst.copy_(src)
+    # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).
+    torch.autograd.graph.increment_version([*params, *bufs, *master_params])
