@@ -10,7 +10,6 @@ benchmarks/README.md for what is measured and how.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,29 +18,6 @@ sys.path.insert(0, str(HERE.parent))  # this checkout's package, installed or no
 
 from dlopt_kernels import bench  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes, few rounds: proves it runs, numbers mean little")
-    parser.add_argument("--out", default=None,
-                        help="results folder or .json file to merge into (default: "
-                             "benchmarks/results/ for a full run, nothing for --quick)")
-    parser.add_argument("--no-save", action="store_true", help="do not write a results file")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    out = args.out
-    if out is None and not args.quick:
-        out = HERE / "results"
-    if args.no_save:
-        out = None
-    bench.run("adamw", quick=args.quick, out=out, progress=not args.no_progress,
-              device=args.device)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # --quick, --out, --no-save, --device, --no-progress (see bench.script_main)
+    sys.exit(bench.script_main("adamw", HERE / "results", description=__doc__.splitlines()[0]))

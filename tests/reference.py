@@ -38,10 +38,12 @@ def adam_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float, b
 
 def sgd_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float, momentum: float = 0.0,
                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                maximize: bool = False, buf: torch.Tensor | None = None):
+                maximize: bool = False, buf: torch.Tensor | None = None,
+                trace: list | None = None):
     """Apply len(grads) SGD steps (torch.optim.SGD's documented algorithm: the momentum
     buffer starts as the first gradient) to a float64 copy of `param`; `buf` is an
-    existing momentum buffer (None: none yet). Returns (param, buffer)."""
+    existing momentum buffer (None: none yet). Returns (param, buffer); `trace`, if
+    given, receives the param after every step."""
     p = param.detach().double().clone()
     b = None if buf is None else buf.detach().double().clone()
     for g in grads:
@@ -52,6 +54,8 @@ def sgd_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float, mo
             b = g.clone() if b is None else momentum * b + (1 - dampening) * g
             g = g + momentum * b if nesterov else b
         p = p - lr * g
+        if trace is not None:
+            trace.append(p)
     return p, b
 
 
@@ -59,10 +63,11 @@ def adagrad_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float
                     lr_decay: float = 0.0, weight_decay: float = 0.0,
                     initial_accumulator_value: float = 0.0, eps: float = 1e-10,
                     maximize: bool = False, state_sum: torch.Tensor | None = None,
-                    step: int = 0):
+                    step: int = 0, trace: list | None = None):
     """Apply len(grads) Adagrad steps (Duchi et al. 2011, with torch's lr decay
     lr / (1 + (t - 1) * lr_decay)) to a float64 copy of `param`, continuing from
-    `state_sum` / `step` if given. Returns (param, state_sum)."""
+    `state_sum` / `step` if given. Returns (param, state_sum); `trace`, if given,
+    receives the param after every step."""
     p = param.detach().double().clone()
     s = (torch.full_like(p, initial_accumulator_value) if state_sum is None
          else state_sum.detach().double().clone())
@@ -73,15 +78,19 @@ def adagrad_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float
         clr = lr / (1 + (t - 1) * lr_decay)
         s = s + g * g
         p = p - clr * g / (s.sqrt() + eps)
+        if trace is not None:
+            trace.append(p)
     return p, s
 
 
 def rmsprop_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float,
                     alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-                    momentum: float = 0.0, centered: bool = False, maximize: bool = False):
+                    momentum: float = 0.0, centered: bool = False, maximize: bool = False,
+                    trace: list | None = None):
     """Apply len(grads) RMSprop steps (Hinton's lecture 6e; the centered variant of
     Graves 2013; torch's momentum on the normalized gradient) to a float64 copy of
-    `param`. Returns (param, square_avg, grad_avg, momentum_buffer)."""
+    `param`. Returns (param, square_avg, grad_avg, momentum_buffer); `trace`, if given,
+    receives the param after every step."""
     p = param.detach().double().clone()
     v = torch.zeros_like(p)
     ga = torch.zeros_like(p)
@@ -101,6 +110,8 @@ def rmsprop_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float
             p = p - lr * b
         else:
             p = p - lr * g / avg
+        if trace is not None:
+            trace.append(p)
     return p, v, ga, b
 
 

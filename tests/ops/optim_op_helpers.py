@@ -4,6 +4,7 @@ yardstick (error against the float64 oracle at most LOWP_ERR_RATIO x torch's own
 same precision) and NaN-poisoned views. Not a test module itself."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import device_backends
@@ -14,6 +15,20 @@ DEVICE_BACKENDS = device_backends()
 STATE_CASES = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32),
                (torch.float16, None), (torch.float16, torch.float32)]
 STATE_IDS = [f"{str(d)[6:]}-state_{str(s)[6:] if s else 'same'}" for d, s in STATE_CASES]
+
+
+def backend_state_cases():
+    """pytest params (device, backend, dtype, state_dtype): every STATE_CASES entry for the
+    compiled kernels, three of them (fp32; bf16 params with fp32 states; fp16 params and
+    states) for the Triton and reference backends, whose load/store code is the same for
+    every dtype pair, to keep the interpreted test time down."""
+    lean = {(torch.float32, None), (torch.bfloat16, torch.float32), (torch.float16, None)}
+    out = []
+    for device, backend in DEVICE_BACKENDS:
+        for (dtype, sd), sid in zip(STATE_CASES, STATE_IDS):
+            if backend in ("cpu", "cuda") or (dtype, sd) in lean:
+                out.append(pytest.param(device, backend, dtype, sd, id=f"{device}-{backend}-{sid}"))
+    return out
 
 
 def dtype_id(x):
@@ -40,7 +55,7 @@ SHAPES = {
     "1": lambda: [(1,)],
     "4097": lambda: [(4097,)],
     "278011": lambda: [(278011,)],
-    "many_small": lambda: small_shapes(120),
+    "many_small": lambda: small_shapes(60),
     "0dim": lambda: [()],
     "zero_size": lambda: [(0,), (3, 0, 2)],
 }
@@ -79,7 +94,8 @@ def rand_grads(params, n_steps: int, *, scales=None, min_abs_fp16: float = 0.25)
 
 def trajectory_scale(p0: torch.Tensor, oracle_prefix) -> torch.Tensor:
     """max over steps t = 0..n of |param_t| (float64), elementwise; oracle_prefix(k) is
-    the oracle's param after the first k steps. ulps are counted at this magnitude."""
+    the oracle's param after the first k steps (None past the last step). ulps are
+    counted at this magnitude."""
     scale = p0.double().abs()
     k = 1
     while True:
@@ -88,6 +104,14 @@ def trajectory_scale(p0: torch.Tensor, oracle_prefix) -> torch.Tensor:
             return scale
         scale = torch.maximum(scale, pk.abs())
         k += 1
+
+
+def trace_scale(p0: torch.Tensor, trace: list) -> torch.Tensor:
+    """trajectory_scale from the params an oracle recorded after every step."""
+    scale = p0.double().abs()
+    for pk in trace:
+        scale = torch.maximum(scale, pk.abs())
+    return scale
 
 
 def assert_lowp_close(got: torch.Tensor, want_torch: torch.Tensor, oracle: torch.Tensor,

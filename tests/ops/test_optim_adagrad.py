@@ -13,10 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, STATE_CASES, STATE_IDS,
-                              LowpErrors, assert_fp32_close, assert_poison_intact,
-                              dtype_id, embed, embed_strided, rand_grads, shapes_for,
-                              trajectory_scale)
+from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, LowpErrors,
+                              backend_state_cases, assert_fp32_close, assert_poison_intact,
+                              dtype_id, embed, embed_strided, rand_grads, shapes_for, trace_scale)
 from reference import adagrad_float64
 from tolerances import SR_BIT_AGREEMENT, SR_MAX_ULPS, spacing, tol
 
@@ -70,7 +69,8 @@ def check(ours, params0, grads_seq, hp, init_state=None):
         gi = [g[i] for g in grads_seq]
         st0 = dict(state_sum=init_state[i]["sum"], step=int(init_state[i]["step"])) \
             if init_state else {}
-        oracle, osum = adagrad_float64(p0, gi, **hp, **st0)
+        trace = []
+        oracle, osum = adagrad_float64(p0, gi, trace=trace, **hp, **st0)
         got, want = ours.params[i], ref_ps[i].detach()
         assert got.dtype == p0.dtype and got.shape == p0.shape
         assert float(ours.steps[i]) == float(ref_opt.state[ref_ps[i]]["step"])
@@ -80,8 +80,7 @@ def check(ours, params0, grads_seq, hp, init_state=None):
             assert_fp32_close(ours.sums[i], ref_opt.state[ref_ps[i]]["sum"])
             torch.testing.assert_close(ours.sums[i].double(), osum, **tol(torch.float32))
         else:
-            scale = trajectory_scale(p0, lambda k: None if k > len(gi) else
-                                     adagrad_float64(p0, gi[:k], **hp, **st0)[0])
+            scale = trace_scale(p0, trace)
             lowp.add(got, want, oracle, scale)
     lowp.check()
 
@@ -109,8 +108,7 @@ FLAGS = {
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("dtype,state_dtype", STATE_CASES, ids=STATE_IDS)
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("device,backend,dtype,state_dtype", backend_state_cases())
 def test_flags_match_torch_and_oracle(device, backend, dtype, state_dtype, flags):
     hp = dict(FLAGS[flags])
     lr_dtype = hp.pop("lr_dtype", torch.float64)

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, STATE_CASES, STATE_IDS,
-                              LowpErrors, assert_fp32_close, assert_poison_intact,
+from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, LowpErrors,
+                              backend_state_cases, assert_fp32_close, assert_poison_intact,
                               assert_state_close_normwise,
-                              dtype_id, embed, embed_strided, rand_grads, shapes_for,
-                              trajectory_scale)
+                              dtype_id, embed, embed_strided, rand_grads, shapes_for, trace_scale)
 from reference import rmsprop_float64
 from tolerances import SR_BIT_AGREEMENT, SR_MAX_ULPS, spacing, tol
 
@@ -75,7 +74,8 @@ def check(ours, params0, grads_seq, hp):
     lowp = LowpErrors()
     for i, p0 in enumerate(params0):
         gi = [g[i] for g in grads_seq]
-        oracle, ov, oga, obuf = rmsprop_float64(p0, gi, **hp)
+        trace = []
+        oracle, ov, oga, obuf = rmsprop_float64(p0, gi, trace=trace, **hp)
         got, want = ours.params[i], ref_ps[i].detach()
         st = ref_opt.state[ref_ps[i]]
         assert got.dtype == p0.dtype and got.shape == p0.shape
@@ -90,8 +90,7 @@ def check(ours, params0, grads_seq, hp):
                     assert_state_close_normwise(mine[key], st[key])
                     assert_state_close_normwise(mine[key].double(), oracles[key])
         else:
-            scale = trajectory_scale(p0, lambda k: None if k > len(gi) else
-                                     rmsprop_float64(p0, gi[:k], **hp)[0])
+            scale = trace_scale(p0, trace)
             lowp.add(got, want, oracle, scale)
     lowp.check()
 
@@ -136,8 +135,7 @@ FLAGS = {
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("dtype,state_dtype", STATE_CASES, ids=STATE_IDS)
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("device,backend,dtype,state_dtype", backend_state_cases())
 def test_flags_match_torch_and_oracle(device, backend, dtype, state_dtype, flags):
     hp = dict(FLAGS[flags])
     lr_dtype = hp.pop("lr_dtype", torch.float64)

@@ -13,10 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, STATE_CASES, STATE_IDS,
-                              LowpErrors, assert_fp32_close, assert_poison_intact,
-                              dtype_id, embed, embed_strided, rand_grads, shapes_for,
-                              trajectory_scale)
+from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, LowpErrors,
+                              backend_state_cases, assert_fp32_close, assert_poison_intact,
+                              dtype_id, embed, embed_strided, rand_grads, shapes_for, trace_scale)
 from reference import sgd_float64
 from tolerances import SR_BIT_AGREEMENT, SR_MAX_ULPS, spacing, tol
 
@@ -69,7 +68,8 @@ def check(ours, params0, grads_seq, hp, init_bufs=None):
     for i, p0 in enumerate(params0):
         gi = [g[i] for g in grads_seq]
         b0 = None if init_bufs is None else init_bufs[i]
-        oracle, obuf = sgd_float64(p0, gi, buf=b0, **hp)
+        trace = []
+        oracle, obuf = sgd_float64(p0, gi, buf=b0, trace=trace, **hp)
         got, want = ours.params[i], ref_ps[i].detach()
         assert got.dtype == p0.dtype and got.shape == p0.shape
         if p0.dtype == torch.float32:
@@ -79,8 +79,7 @@ def check(ours, params0, grads_seq, hp, init_bufs=None):
                 assert_fp32_close(ours.bufs[i], ref_opt.state[ref_ps[i]]["momentum_buffer"])
                 torch.testing.assert_close(ours.bufs[i].double(), obuf, **tol(torch.float32))
         else:
-            scale = trajectory_scale(p0, lambda k: None if k > len(gi) else
-                                     sgd_float64(p0, gi[:k], buf=b0, **hp)[0])
+            scale = trace_scale(p0, trace)
             lowp.add(got, want, oracle, scale)
     lowp.check()
 
@@ -110,8 +109,7 @@ FLAGS = {
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("dtype,state_dtype", STATE_CASES, ids=STATE_IDS)
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("device,backend,dtype,state_dtype", backend_state_cases())
 def test_flags_match_torch_and_oracle(device, backend, dtype, state_dtype, flags):
     hp = dict(FLAGS[flags])
     lr_dtype = hp.pop("lr_dtype", torch.float64)
