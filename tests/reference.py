@@ -163,7 +163,12 @@ class LambFloat64:
         u = r + weight_decay * p
         p <- p - lr * phi(||p||) / ||u|| * u, with phi the identity and the ratio 1
              when either norm is 0.
-    `step(grads)` applies one step to float64 copies of the params (self.params)."""
+    `step(grads)` applies one step to float64 copies of the params (self.params).
+
+    `margin[i]` is the smallest |u| / (|r| + |weight_decay * p|) met by tensor i over the
+    steps: how close its update came to cancelling. A one-element tensor's step is
+    lr * |p| * sign(u), so where that margin is tiny its sign (and the step) depends on
+    the rounding of the inputs (tests/tolerances.py LAMB_SIGN_MARGIN)."""
 
     def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, max_grad_norm=None, state=None):
@@ -178,6 +183,7 @@ class LambFloat64:
             self.m = [s["exp_avg"].double().clone() for s in state]
             self.v = [s["exp_avg_sq"].double().clone() for s in state]
             self.t = [int(s["step"]) for s in state]
+        self.margin = [math.inf] * len(self.params)
 
     def step(self, grads, grad_scale: float = 1.0):
         b1, b2 = self.betas
@@ -194,7 +200,11 @@ class LambFloat64:
             m_hat, v_hat = self.m[i], self.v[i]
             if self.bias_correction:
                 m_hat, v_hat = m_hat / (1 - b1**t), v_hat / (1 - b2**t)
-            u = m_hat / (v_hat.sqrt() + self.eps) + self.wd * self.params[i]
+            r = m_hat / (v_hat.sqrt() + self.eps)
+            u = r + self.wd * self.params[i]
+            if u.numel():
+                rel = u.abs() / (r.abs() + (self.wd * self.params[i]).abs() + 1e-300)
+                self.margin[i] = min(self.margin[i], float(rel.min()))
             p_norm, u_norm = float(self.params[i].norm()), float(u.norm())
             trust = p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
             self.params[i] = self.params[i] - self.lr * trust * u

@@ -75,9 +75,10 @@ def _impls(shapes, dtype, device, backends, auto) -> list[Impl]:
                   note="backend='auto' picks this" if b == auto else "")
              for b in backends]
     for label, fe in (("torch foreach", True), ("torch for-loop", False)):
+        what = f"torch.nn.utils.clip_grad_norm_(foreach={fe})"
         impls.append(Impl(label, "baseline",
-                          lambda fe=fe: ClipRunner(torch_clip(fe), shapes, dtype, device,
-                                                   f"torch.nn.utils.clip_grad_norm_(foreach={fe})")))
+                          lambda fe=fe, what=what: ClipRunner(torch_clip(fe), shapes, dtype,
+                                                              device, what)))
     norm = torch.ops.dlopt.multi_tensor_norm
     impls.append(Impl(f"dlopt[{auto}] norm op only", "diag",
                       lambda: NormOnlyRunner(lambda ps: norm([p.grad for p in ps], 2.0, auto),

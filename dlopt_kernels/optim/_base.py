@@ -95,6 +95,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         registry.check_backend_name(group["backend"], "backend")
+        if group["master_weights"] and group["stochastic_rounding"]:
+            raise ValueError("master_weights=True and stochastic_rounding=True exclude each other")
         self._check_group_hparams(group)
         device_types = set()
         for i, p in enumerate(group["params"]):

@@ -114,7 +114,8 @@ class LAMB(FusedOptimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
-                        by_device.setdefault(p.grad.device, ([], group["backend"]))[0].append(p.grad)
+                        grads, _ = by_device.setdefault(p.grad.device, ([], group["backend"]))
+                        grads.append(p.grad)
             totals = [multi_tensor_norm(grads, 2.0, backend)[1]
                       for grads, backend in by_device.values()]
             if len(totals) == 1:

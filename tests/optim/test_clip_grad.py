@@ -5,6 +5,7 @@ tests/tolerances.py only.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -14,7 +15,8 @@ from torch import nn
 
 from conftest import GPU, device_backends
 from reference import vector_norms_float64
-from tolerances import NORM_TOL, NORM_TOL_P, spacing, tol
+from tolerances import (NORM_TOL, NORM_TOL_P, TRAIN_LOSS_MAX_FRACTION, TRAIN_LOSS_RTOL, spacing,
+                        tol)
 
 from dlopt_kernels.optim import clip_grad_norm_, get_total_norm
 
@@ -209,26 +211,28 @@ def test_compiled_matches_eager():
 
 
 def test_training_matches_torch():
-    """A small regression model trained with SGD and gradient clipping every step:
-    ours and torch's clipping give the same loss curve."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    x, y = torch.randn(256, 8), torch.randn(256, 1)
+    """A small MLP on a synthetic regression task, trained with SGD and gradient clipping
+    every step (the clip is active throughout): ours and torch's clipping reach the same
+    loss, and the model has learned."""
+    x = torch.randn(256, 8)
+    y = torch.tanh(x @ torch.randn(8, 1))
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-    models = [model, __import__("copy").deepcopy(model)]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in models]
-    losses = [[], []]
-    for _ in range(60):
-        for k, (m, o) in enumerate(zip(models, opts)):
+    models = [model, copy.deepcopy(model)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    final, clipped = [], 0
+    for k, (m, o) in enumerate(zip(models, opts)):
+        clip = clip_grad_norm_ if k == 0 else torch.nn.utils.clip_grad_norm_
+        for _ in range(80):
             o.zero_grad()
             loss = (m(x) - y).square().mean()
             loss.backward()
-            clip = clip_grad_norm_ if k == 0 else torch.nn.utils.clip_grad_norm_
-            clip(m.parameters(), 0.1)
+            clipped += float(clip(m.parameters(), 0.1)) > 0.1
             o.step()
-            losses[k].append(loss.item())
-    assert losses[0][-1] < 0.9 * losses[0][0]
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]),
-                               **tol(torch.float32))
+        with torch.no_grad():
+            final.append(float((m(x) - y).square().mean()))
+    assert clipped >= 80, "the clip must be active for most steps"
+    assert final[0] <= TRAIN_LOSS_MAX_FRACTION * float(y.square().mean()), final
+    assert abs(final[0] - final[1]) <= TRAIN_LOSS_RTOL * final[1], final
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
