@@ -37,7 +37,9 @@ use_cuda = want_cuda()
 archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
 if use_cuda:  # lets `dlopt-kernels info` say what the CUDA library was built for
     cxx_flags += ["-DDLOPT_WITH_CUDA", f'-DDLOPT_CUDA_ARCH_STR="{";".join(archs)}"']
-cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cpu_sources = (["csrc/registration.cpp", "csrc/python_fast_path.cpp"]
+               + sorted(glob.glob("csrc/cpu/*.cpp")))
+cpu_sources += ["csrc/common/tensor_lists.cpp"]  # list checks, shared with the CUDA library
 ext_modules = [
     cpp_extension.CppExtension(
         "dlopt_kernels._C", cpu_sources, include_dirs=[INCLUDE],
@@ -46,8 +48,11 @@ ext_modules = [
 
 if use_cuda:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # Kernels and launchers (.cu, nvcc) and the host halves that check arguments and
+    # raise errors (.cpp, g++): no TORCH_CHECK is built by nvcc (docs/compat.md).
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     ext_modules.append(cpp_extension.CUDAExtension(
-        "dlopt_kernels._C_cuda", sorted(glob.glob("csrc/cuda/*.cu")), include_dirs=[INCLUDE],
+        "dlopt_kernels._C_cuda", cuda_sources, include_dirs=[INCLUDE],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                             "nvcc": ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr",
                                      "-lineinfo"] + gencode}))

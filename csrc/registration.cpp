@@ -11,6 +11,8 @@
 #include <string>
 #include <torch/library.h>
 
+#include "dlopt/python_fast_path.h"
+
 namespace {
 
 std::string build_info() {
@@ -36,8 +38,9 @@ TORCH_LIBRARY(dlopt_C, m) {
 }
 
 // Importing dlopt_kernels._C loads this library and so runs the registrations
-// above; the module itself is empty.
+// above; the module's only functions are the optimizers' fast path helpers.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          dlopt::fast_path_methods()};
   return PyModule_Create(&module_def);
 }

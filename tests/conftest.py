@@ -7,10 +7,18 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__
                                                                ".torchinductor"))
 
 import pytest  # noqa: E402
+
+# the shared test helpers' plain asserts explain their failures like the tests' own
+# (before anything imports them)
+pytest.register_assert_rewrite("optim_twin_helpers", "optim_op_helpers")
+
 import torch  # noqa: E402
 
 import dlopt_kernels  # noqa: E402,F401
 from dlopt_kernels.backends import available_backends  # noqa: E402
+# fresh random inputs every test (seeded from os.urandom, or DLOPT_TEST_SEED), and a
+# failing test's report shows the seed and how to replay it
+from seed_replay import _fresh_seed, pytest_runtest_makereport  # noqa: E402,F401
 
 CPU_BACKENDS = available_backends("cpu")  # cpu (if compiled), triton (interpreted), reference
 GPU = torch.cuda.is_available()
@@ -18,15 +26,6 @@ GPU = torch.cuda.is_available()
 
 def pytest_report_header(config):
     return f"dlopt backends on cpu: {CPU_BACKENDS}; cuda available: {GPU}"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Fresh random inputs every run, but printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little") if "DLOPT_TEST_SEED" not in os.environ \
-        else int(os.environ["DLOPT_TEST_SEED"])
-    torch.manual_seed(seed)
-    yield seed
 
 
 def device_backends():

@@ -72,6 +72,14 @@ SR_MEAN_SIGMAS = 6.0
 SR_BIT_AGREEMENT = 0.99
 
 
+def sr_bound(want: torch.Tensor) -> torch.Tensor:
+    """How far (elementwise, float64) a stochastically rounded bf16 value may lie from the
+    fp32 update `want` it rounds: SR_MAX_ULPS bf16 ulps plus the fp32 row of TOL."""
+    rtol, atol = TOL[torch.float32]
+    want = want.double()
+    return SR_MAX_ULPS * spacing(torch.bfloat16, want) + atol + rtol * want.abs()
+
+
 def spacing(dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
     """ulp of `dtype` at magnitude |scale| (elementwise, float64); below the smallest
     normal number, the ulp there."""

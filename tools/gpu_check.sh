@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in one command (GPU time is scarce): build the CUDA library for
 # sm_90, run the test suite's CUDA cases, then every benchmark on the GPU.
-#   bash tools/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS]
+#   [DLOPT_TRY_MALFORMED=1] bash tools/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS]
 # Writes env.txt, build.log, tests.log and the benchmark JSON into OUTDIR.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
@@ -19,8 +19,16 @@ if ! python3 -m pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m dlopt_kernels.cli info | tee -a "$OUT/env.txt"
-# Known: malformed-list refusals crash inside the CUDA library (see docs/compat.md);
-# deselected so one crash does not end the session.
+# Known: malformed-list refusals crashed inside the CUDA library (docs/compat.md); the
+# checks now run in g++-compiled host code, which should fix it, unverified on a GPU so
+# far. They stay deselected from the main run so one crash does not end the session; the
+# next GPU run should set DLOPT_TRY_MALFORMED=1, which runs them first in a process of
+# their own, and drop the deselection once they pass.
+if [ "${DLOPT_TRY_MALFORMED:-0}" = 1 ]; then
+  timeout 120 python3 -m pytest tests -q -p no:cacheprovider -k "cuda and inconsistent_lists" \
+    2>&1 | tee "$OUT/malformed.log" | tail -15
+  echo "malformed-list tests: exit ${PIPESTATUS[0]}"
+fi
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -k "cuda and not inconsistent_lists" \
   2>&1 | tee "$OUT/tests.log" | tail -40
 echo "tests done: $(( $(date +%s) - t0 )) s"

@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
     fns[i] = pick_chunk_fn(tensors[i].scalar_type(), kind, i);
   }
   // Only dense tensors are walked as flat memory; others get a contiguous copy.
-  AlignedLists L({std::vector<at::Tensor>(tensors.begin(), tensors.end())}, {false});
+  AlignedLists L({tensors}, {false});
 
   std::vector<int64_t> numels(n), chunk_base(n + 1, 0);
   std::vector<const void*> data(n);

@@ -236,7 +236,7 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::Tensor>& found_inf,
                         const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
+  const at::TensorList P = params;
   const bool use_master = !master_params.empty();
   const bool use_sr = sr_seed.has_value();
   check_factored_lists(P, grads, row_vars, col_vars, variances, master_params, state_steps,

@@ -58,7 +58,7 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
+  const at::TensorList P = params;
   check_elementwise_lists(P, grads, {{"state_sums", state_sums}}, master_params, state_steps,
                           sr_seed.has_value());
   for (size_t i = 0; i < n; ++i) {
@@ -76,8 +76,7 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const double grad_mul = grad_multiplier(maximize, grad_scale);
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
 
-  AlignedLists L({P, grads.vec(), state_sums.vec(), master_params.vec()},
-                 {true, false, true, true});
+  AlignedLists L({P, grads, state_sums, master_params}, {true, false, true, true});
   std::vector<AdagradTensorArgs> args(n);
   std::vector<ChunkFn> fns(n);
   std::vector<int64_t> numels(n);

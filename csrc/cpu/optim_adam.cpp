@@ -42,7 +42,17 @@ void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
   const AdamCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int64_t i = begin; i < end; ++i) {
+  // A 32-bit loop index (a chunk has at most kCpuChunk elements), so the vectorized
+  // loop carries the stochastic-rounding element index in 32-bit lanes, not 64-bit.
+  const uint32_t base = static_cast<uint32_t>(begin);
+  const int32_t len = static_cast<int32_t>(end - begin);
+  p += begin;
+  g += begin;
+  m += begin;
+  v += begin;
+  if (AMSGRAD) vmax += begin;
+  if (STORE == Store::kMaster) master += begin;
+  for (int32_t i = 0; i < len; ++i) {
     float pf = (STORE == Store::kMaster) ? master[i] : P::load(p[i]);
     float mf = S::load(m[i]);
     float vf = S::load(v[i]);
@@ -53,7 +63,7 @@ void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
     v[i] = S::store(vf);
     if (AMSGRAD) vmax[i] = S::store(vmf);
     if (STORE == Store::kMaster) master[i] = pf;
-    p[i] = store_param<P, STORE>(pf, key, i);
+    p[i] = store_param<P, STORE>(pf, key, base + static_cast<uint32_t>(i));
   }
 }
 
@@ -84,13 +94,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  check_same_length(P, grads.vec(), "grads", false);
-  check_same_length(P, exp_avgs.vec(), "exp_avgs", false);
-  check_same_length(P, exp_avg_sqs.vec(), "exp_avg_sqs", false);
-  check_same_length(P, max_exp_avg_sqs.vec(), "max_exp_avg_sqs", !amsgrad);
-  check_same_length(P, master_params.vec(), "master_params", true);
-  check_same_length(P, state_steps.vec(), "state_steps", false);
+  const at::TensorList P = params;
+  check_same_length(P, grads, "grads", false);
+  check_same_length(P, exp_avgs, "exp_avgs", false);
+  check_same_length(P, exp_avg_sqs, "exp_avg_sqs", false);
+  check_same_length(P, max_exp_avg_sqs, "max_exp_avg_sqs", !amsgrad);
+  check_same_length(P, master_params, "master_params", true);
+  check_same_length(P, state_steps, "state_steps", false);
   TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "dlopt: amsgrad needs max_exp_avg_sqs");
   if (n == 0) return;
   // GradScaler found an inf/NaN: the whole step is skipped, steps included
@@ -130,8 +140,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     check_step_tensor(state_steps[i], i);
   }
 
-  AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), max_exp_avg_sqs.vec(),
-                  master_params.vec()},
+  AlignedLists L({P, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
                  {true, false, true, true, true, true});
 
   std::vector<AdamTensorArgs> args(n);

@@ -120,7 +120,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
+  const at::TensorList P = params;
   const bool use_master = !master_params.empty();
   const bool use_sr = sr_seed.has_value();
   check_elementwise_lists(P, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
@@ -145,8 +145,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const float grad_mul = static_cast<float>(unscale * clip);
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
 
-  AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), master_params.vec()},
-                 {true, false, true, true, true});
+  AlignedLists L({P, grads, exp_avgs, exp_avg_sqs, master_params}, {true, false, true, true, true});
   std::vector<LambTensorArgs> args(n);
   std::vector<LambFns> fns(n);
   std::vector<int64_t> numels(n), chunk_base(n + 1, 0);

@@ -57,7 +57,7 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
+  const at::TensorList P = params;
   const bool use_master = !master_params.empty();
   const bool use_sr = sr_seed.has_value();
   check_elementwise_lists(P, grads, {{"exp_avgs", exp_avgs}}, master_params, state_steps, use_sr);
@@ -74,7 +74,7 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const float grad_mul = static_cast<float>(grad_multiplier(maximize, grad_scale));
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
 
-  AlignedLists L({P, grads.vec(), exp_avgs.vec(), master_params.vec()}, {true, false, true, true});
+  AlignedLists L({P, grads, exp_avgs, master_params}, {true, false, true, true});
   std::vector<LionTensorArgs> args(n);
   std::vector<ChunkFn> fns(n);
   std::vector<int64_t> numels(n);

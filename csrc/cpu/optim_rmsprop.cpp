@@ -80,7 +80,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
   const bool use_momentum = momentum > 0.0;  // torch: `if momentum > 0`
-  std::vector<at::Tensor> P(params.begin(), params.end());
+  const at::TensorList P = params;
   const at::TensorList gas = centered ? grad_avgs : at::TensorList();
   const at::TensorList bufs = use_momentum ? momentum_buffers : at::TensorList();
   const bool use_sr = sr_seed.has_value();
@@ -103,7 +103,7 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const double grad_mul = grad_multiplier(maximize, grad_scale);
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
 
-  AlignedLists L({P, grads.vec(), square_avgs.vec(), gas.vec(), bufs.vec(), master_params.vec()},
+  AlignedLists L({P, grads, square_avgs, gas, bufs, master_params},
                  {true, false, true, true, true, true});
   std::vector<RmspropTensorArgs> args(n);
   std::vector<ChunkFn> fns(n);

@@ -70,7 +70,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const std::optional<at::Tensor>& sr_seed) {
   const size_t n = params.size();
   const bool use_momentum = momentum != 0.0;
-  std::vector<at::Tensor> P(params.begin(), params.end());
+  const at::TensorList P = params;
   const at::TensorList bufs = use_momentum ? momentum_buffers : at::TensorList();
   std::vector<NamedList> states;
   if (use_momentum) states.push_back({"momentum_buffers", bufs});
@@ -91,7 +91,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const SgdCoeffs c = sgd_coeffs(scalar_value(lr, "lr"), weight_decay, momentum, dampening);
   const int mode = !use_momentum ? 0 : (nesterov ? 2 : 1);
 
-  AlignedLists L({P, grads.vec(), bufs.vec(), master_params.vec()}, {true, false, true, true});
+  AlignedLists L({P, grads, bufs, master_params}, {true, false, true, true});
 
   std::vector<SgdTensorArgs> args(n);
   std::vector<ChunkFn> fns(n);

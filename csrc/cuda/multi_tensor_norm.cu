@@ -1,4 +1,6 @@
-// dlopt_C::multi_tensor_norm on CUDA; same semantics as csrc/cpu/multi_tensor_norm.cpp.
+// dlopt_C::multi_tensor_norm on CUDA, kernels and launcher (nvcc); the checks and the
+// registered op are in multi_tensor_norm_host.cpp (g++), semantics as
+// csrc/cpu/multi_tensor_norm.cpp.
 //
 // Three steps on the current stream, none of which waits for the host (so a caller
 // can capture it in a CUDA graph):
@@ -9,23 +11,14 @@
 //      tensor's raw value and norm.
 //   3. norm_total_kernel, one block: the total from the raw values.
 // The maths is dlopt/norm_math.h; the order of every reduction is fixed.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
-#include <map>
-#include <tuple>
 #include <vector>
 
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/multi_tensor_reduce.cuh"
 #include "dlopt/norm_math.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -88,74 +81,51 @@ __global__ void __launch_bounds__(kTotalBlock)
 using Entries = std::vector<mta::TensorEntry<1, NormMeta>>;
 
 template <class S>
-void launch(const Entries& entries, NormKind kind, double* partials, double ord) {
+cudaError_t launch(const Entries& entries, NormKind kind, double* partials, double ord,
+                   cudaStream_t stream) {
   NormOp<S> op;
   op.kind = kind;
   op.partials = partials;
   op.p = static_cast<float>(ord);
-  mta::multi_tensor_reduce(entries, op);
-}
-
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors,
-                                                          double norm_type) {
-  const size_t n = tensors.size();
-  TORCH_CHECK(n > 0, "dlopt::multi_tensor_norm (cuda): no tensors");
-  const c10::Device device = tensors[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::multi_tensor_norm (cuda): tensors[0] is on ", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(tensors[i].device() == device, "dlopt::multi_tensor_norm (cuda): all tensors "
-                "must be on one device, but tensors[", i, "] is on ", tensors[i].device(),
-                " and tensors[0] on ", device);
-    const auto dt = tensors[i].scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                "dlopt::multi_tensor_norm: tensors[", i, "] has dtype ", dt,
-                "; float32, bfloat16, float16 or float64 only");
-  }
-  const c10::cuda::CUDAGuard guard(device);
-  const NormKind kind = norm_kind(norm_type);
-  AlignedLists L({std::vector<at::Tensor>(tensors.begin(), tensors.end())}, {false});
-
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) numels[i] = L[0][i].numel();
-  const std::vector<int64_t> bases = mta::chunk_bases(numels);
-  const auto f64 = tensors[0].options().dtype(at::kDouble);
-  at::Tensor partials = at::empty({std::max<int64_t>(bases[n], 1)}, f64);
-  at::Tensor raw = at::empty({static_cast<int64_t>(n)}, f64);
-  at::Tensor norms = at::empty({static_cast<int64_t>(n)}, f64.dtype(at::kFloat));
-  at::Tensor total = at::empty({}, f64.dtype(at::kFloat));
-
-  std::map<int, Entries> groups;  // by dtype
-  for (size_t i = 0; i < n; ++i) {
-    if (numels[i] == 0) continue;
-    mta::TensorEntry<1, NormMeta> e{};
-    e.ptr[0] = const_cast<void*>(L[0][i].const_data_ptr());
-    e.numel = numels[i];
-    e.meta.chunk_base = bases[i];
-    groups[static_cast<int>(L[0][i].scalar_type())].push_back(e);
-  }
-  double* part = partials.data_ptr<double>();
-  for (const auto& [dt, entries] : groups) {
-    switch (static_cast<at::ScalarType>(dt)) {
-      case at::kFloat: launch<cuda::F32>(entries, kind, part, norm_type); break;
-      case at::kBFloat16: launch<cuda::BF16>(entries, kind, part, norm_type); break;
-      case at::kHalf: launch<cuda::F16>(entries, kind, part, norm_type); break;
-      default: launch<F64>(entries, kind, part, norm_type); break;
-    }
-  }
-  NormFinish fin;
-  fin.kind = kind;
-  fin.raw = raw.data_ptr<double>();
-  fin.norms = norms.data_ptr<float>();
-  fin.ord = norm_type;
-  mta::segment_reduce(bases, part, fin);
-  norm_total_kernel<<<1, kTotalBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      fin.raw, static_cast<int64_t>(n), total.data_ptr<float>(), NormReduce{kind}, norm_type);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {norms, total};
+  return mta::multi_tensor_reduce(entries, op, stream);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("multi_tensor_norm", &multi_tensor_norm_cuda); }
+namespace cuda {
 
+cudaError_t launch_multi_tensor_norm(const Launch& l, double norm_type, float* norms,
+                                     float* total) {
+  const NormKind kind = norm_kind(norm_type);
+  std::vector<int64_t> numels(l.n);
+  for (int32_t i = 0; i < l.n; ++i) numels[i] = l.entries[i].numel;
+  const std::vector<int64_t> bases = mta::chunk_bases(numels);
+  auto* partials =
+      static_cast<double*>(l.scratch.get(std::max<int64_t>(bases[l.n], 1) * sizeof(double)));
+  auto* raw = static_cast<double*>(l.scratch.get(l.n * sizeof(double)));
+  if (partials == nullptr || raw == nullptr) return cudaErrorMemoryAllocation;
+
+  auto meta = [&](const ParamEntry& e) { return NormMeta{bases[e.index]}; };
+  for (const auto& [key, entries] : mta::group_by_dtype<1, NormMeta>(l, meta)) {
+    cudaError_t err = cudaErrorInvalidValue;  // the host half allows only these four
+    switch (key.first) {
+      case DType::kF32: err = launch<F32>(entries, kind, partials, norm_type, l.stream); break;
+      case DType::kBF16: err = launch<BF16>(entries, kind, partials, norm_type, l.stream); break;
+      case DType::kF16: err = launch<F16>(entries, kind, partials, norm_type, l.stream); break;
+      case DType::kF64: err = launch<F64>(entries, kind, partials, norm_type, l.stream); break;
+      default: break;
+    }
+    DLOPT_CUDA_TRY(err);
+  }
+  NormFinish fin;
+  fin.kind = kind;
+  fin.raw = raw;
+  fin.norms = norms;
+  fin.ord = norm_type;
+  DLOPT_CUDA_TRY(mta::segment_reduce(bases, partials, fin, l.stream));
+  norm_total_kernel<<<1, kTotalBlock, 0, l.stream>>>(raw, l.n, total, NormReduce{kind}, norm_type);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
 }  // namespace dlopt

@@ -1,9 +1,11 @@
-// Multi-tensor Adafactor step on CUDA; same semantics and passes as
-// csrc/cpu/optim_adafactor.cpp, the maths in dlopt/adafactor_math.h.
+// Multi-tensor Adafactor step on CUDA, kernels and launcher (nvcc); the checks, the
+// row-major stand-ins and the registered op are in optim_adafactor_host.cpp (g++).
+// Same semantics and passes as csrc/cpu/optim_adafactor.cpp, the maths in
+// dlopt/adafactor_math.h.
 //
 // Everything runs on the current stream without host syncs (capturable): lr,
-// grad_scale, found_inf and sr_seed are read by the kernels (or on the host when they
-// are CPU tensors), steps are counted on the device. Launches:
+// grad_scale, found_inf and sr_seed are read by the kernels (or by the host half when
+// they are CPU tensors), steps are counted on the device. Launches:
 //   prepare    one thread per tensor: step += 1 (unless found_inf), per-tensor
 //              coefficients (adafactor_coeffs, grad multiplier, SR key) to scratch;
 // then, per (param dtype, state dtype) group, each a series of launches whose work
@@ -15,28 +17,18 @@
 //              den = max(mean(row factor), eps1);
 //   direction  sum(u^2) per tensor (fp64 atomics); vectors update their variance;
 //   apply      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u.
-// Factored tensors are walked as row-major [batch, rows, cols] (contiguous stand-ins
-// for other layouts, copied back afterwards).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// Factored tensors are walked as row-major [batch, rows, cols].
 #include <algorithm>
-#include <limits>
 #include <map>
-#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "dlopt/adafactor_math.h"
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -129,24 +121,25 @@ struct AfTable {
 };
 static_assert(sizeof(AfTable) <= 4000, "AfTable kernel argument over 4 KB");
 
-// Packs (desc, items) into tables of kDescs tensors and kItems items; fn(table, items).
-// A tensor whose items straddle two tables is added to the next one again.
+// Packs (desc, items) into tables of kDescs tensors and kItems items; fn(table, items)
+// -> cudaError_t, stopping at the first error. A tensor whose items straddle two tables
+// is added to the next one again.
 template <class Fn>
-void for_each_table(const AfShared& s, const std::vector<AfDesc>& descs,
-                    const std::vector<std::vector<AfItem>>& items, Fn&& fn) {
+cudaError_t for_each_table(const AfShared& s, const std::vector<AfDesc>& descs,
+                           const std::vector<std::vector<AfItem>>& items, Fn&& fn) {
   AfTable tab;
   tab.s = s;
   int nt = 0, ni = 0;
   for (size_t d = 0; d < descs.size(); ++d) {
     if (items[d].empty()) continue;
     if (nt == kDescs) {
-      fn(static_cast<const AfTable&>(tab), ni);
+      DLOPT_CUDA_TRY(fn(static_cast<const AfTable&>(tab), ni));
       nt = ni = 0;
     }
     tab.t[nt++] = descs[d];
     for (const AfItem& item : items[d]) {
       if (ni == kItems) {
-        fn(static_cast<const AfTable&>(tab), ni);
+        DLOPT_CUDA_TRY(fn(static_cast<const AfTable&>(tab), ni));
         ni = 0;
         tab.t[0] = descs[d];
         nt = 1;
@@ -156,7 +149,7 @@ void for_each_table(const AfShared& s, const std::vector<AfDesc>& descs,
       ++ni;
     }
   }
-  if (ni > 0) fn(static_cast<const AfTable&>(tab), ni);
+  return ni > 0 ? fn(static_cast<const AfTable&>(tab), ni) : cudaSuccess;
 }
 
 // The part of an item this block handles: an item is split into gridDim.y parts (rows
@@ -357,113 +350,61 @@ struct AfGroup {
   std::vector<std::vector<AfItem>> matrices; // factors
 };
 
-using GroupRunner = void (*)(const AfShared&, const AfGroup&, cudaStream_t);
-
-template <class PS, class S, bool MASTER, bool WD>
-void run_group(const AfShared& s, const AfGroup& g, cudaStream_t stream) {
-  auto launch = [&](auto kernel, const std::vector<std::vector<AfItem>>& items, int parts) {
-    for_each_table(s, g.descs, items, [&](const AfTable& tab, int blocks) {
-      kernel<<<dim3(blocks, parts), kThreads, 0, stream>>>(tab);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  };
-  launch(af_stats_kernel<PS, S, MASTER>, g.items, kParts);
-  launch(af_factors_kernel<PS, S, MASTER>, g.matrices, 1);
-  launch(af_direction_kernel<PS, S, MASTER>, g.items, kParts);
-  launch(af_apply_kernel<PS, S, MASTER, WD>, g.items, kParts);
-}
-
 template <class PS, class S, bool MASTER>
 struct PickAdafactor {
-  static GroupRunner get(bool wd) {
-    return wd ? &run_group<PS, S, MASTER, true> : &run_group<PS, S, MASTER, false>;
+  template <bool WD>
+  static cudaError_t run(const AfShared& s, const AfGroup& g, cudaStream_t stream) {
+    auto launch = [&](auto kernel, const std::vector<std::vector<AfItem>>& items, int parts) {
+      return for_each_table(s, g.descs, items, [&](const AfTable& tab, int blocks) {
+        kernel<<<dim3(blocks, parts), kThreads, 0, stream>>>(tab);
+        return cudaGetLastError();
+      });
+    };
+    DLOPT_CUDA_TRY(launch(af_stats_kernel<PS, S, MASTER>, g.items, kParts));
+    DLOPT_CUDA_TRY(launch(af_factors_kernel<PS, S, MASTER>, g.matrices, 1));
+    DLOPT_CUDA_TRY(launch(af_direction_kernel<PS, S, MASTER>, g.items, kParts));
+    return launch(af_apply_kernel<PS, S, MASTER, WD>, g.items, kParts);
+  }
+  static cudaError_t run(bool wd, const AfShared& s, const AfGroup& g, cudaStream_t stream) {
+    return wd ? run<true>(s, g, stream) : run<false>(s, g, stream);
   }
 };
 
-void adafactor_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList row_vars,
-                         at::TensorList col_vars, at::TensorList variances,
-                         at::TensorList master_params, at::TensorList state_steps,
-                         const at::Tensor& lr, double beta2_decay, double eps1, double eps2,
-                         double d, double weight_decay, bool maximize,
-                         const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf,
-                         const std::optional<at::Tensor>& sr_seed) {
-  const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  const bool use_master = !master_params.empty();
-  const bool use_sr = sr_seed.has_value();
-  check_factored_lists(P, grads, row_vars, col_vars, variances, master_params, state_steps,
-                       use_sr);
-  if (n == 0) return;
-  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2),
-              "dlopt: too many tensors");
-  const c10::Device device = P[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::adafactor_step (cuda): params[0] is on ", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(P[i].device() == device, "dlopt::adafactor_step (cuda): all tensors must be on "
-                "one CUDA device, but params[", i, "] is on ", P[i].device());
-    cuda::check_step_tensor(state_steps[i], device, i);
-  }
-  const cuda::StoreMode store = use_master ? cuda::StoreMode::kMaster
-                                : use_sr   ? cuda::StoreMode::kStochastic
-                                           : cuda::StoreMode::kNearest;
+}  // namespace
 
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AfHyper h;
-  h.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
-  h.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
-  h.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
-  h.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
-  h.beta2_decay = beta2_decay;
-  h.weight_decay = weight_decay;
-  h.maximize = maximize;
+namespace cuda {
 
-  // Scratch from the caching allocator (graph-safe): coefficients, per-tensor sums.
-  at::Tensor coeff_buf = at::empty({static_cast<int64_t>(n * sizeof(AfTensorCoeffs))},
-                                   P[0].options().dtype(at::kByte));
-  auto* coeffs = reinterpret_cast<AfTensorCoeffs*>(coeff_buf.data_ptr());
-  cuda::for_each_step_batch(state_steps, [&](const cuda::StepBatch& b) {
-    af_prepare_kernel<<<(b.count + 127) / 128, 128, 0, stream>>>(b, h, coeffs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+cudaError_t launch_adafactor_step(const Launch& l, double beta2_decay, double eps1, double eps2,
+                                  double d, double weight_decay, bool maximize) {
+  const AfHyper h{l.lr, l.grad_scale, l.found_inf, l.seed, beta2_decay, weight_decay, maximize};
+  auto* coeffs = static_cast<AfTensorCoeffs*>(l.scratch.get(l.n * sizeof(AfTensorCoeffs)));
+  if (coeffs == nullptr) return cudaErrorMemoryAllocation;
+  DLOPT_CUDA_TRY(for_each_step_batch(l, [&](const StepBatch& b) {
+    af_prepare_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, h, coeffs);
+    return cudaGetLastError();
+  }));
 
-  // Row-major stand-ins, work items and scratch offsets, grouped by storage.
-  ContiguousCopies cc;
-  std::map<std::tuple<int, int>, AfGroup> groups;
+  // Work items and scratch offsets, grouped by storage.
+  std::map<std::pair<DType, DType>, AfGroup> groups;
   int64_t rows_total = 0, cols_total = 0, dens_total = 0;
-  std::vector<at::Tensor> keep;  // stand-ins must outlive the launches
-  for (size_t i = 0, kf = 0, kv = 0; i < n; ++i) {
-    const bool factored = P[i].dim() >= 2;
-    const size_t k = factored ? kf++ : kv++;
-    const int64_t numel = P[i].numel();
-    if (numel == 0) continue;  // its step was counted; nothing else (torch divides by zero)
+  for (int32_t i = 0; i < l.n; ++i) {
+    const ParamEntry& e = l.entries[i];
+    if (e.numel == 0) continue;  // its step was counted; nothing else (torch divides by zero)
     AfDesc t{};
-    const at::Tensor p = cc.get(P[i], true), g = cc.get(grads[i], false);
-    keep.push_back(p);
-    keep.push_back(g);
-    t.p = p.data_ptr();
-    t.g = g.data_ptr();
-    if (use_master) {
-      const at::Tensor m = cc.get(master_params[i], true);
-      keep.push_back(m);
-      t.master = m.data_ptr<float>();
-    }
-    t.numel = numel;
-    t.index = static_cast<int32_t>(i);
-    t.factored = factored;
-    at::ScalarType st;
+    t.p = e.ptr[0];
+    t.g = e.ptr[1];
+    t.rv = e.ptr[2];
+    t.cv = e.ptr[3];
+    t.var = e.ptr[4];
+    t.master = static_cast<float*>(e.ptr[5]);
+    t.numel = e.numel;
+    t.index = e.index;
+    t.factored = e.cols != 0;
     std::vector<AfItem> items, matrices;
-    if (factored) {
-      const at::Tensor rv = cc.get(row_vars[k], true), cv = cc.get(col_vars[k], true);
-      keep.push_back(rv);
-      keep.push_back(cv);
-      st = rv.scalar_type();
-      t.rv = rv.data_ptr();
-      t.cv = cv.data_ptr();
-      t.rows = P[i].size(-2);
-      t.cols = P[i].size(-1);
-      const int64_t batch = numel / (t.rows * t.cols);
+    if (t.factored) {
+      t.rows = e.rows;
+      t.cols = e.cols;
+      const int64_t batch = e.numel / (t.rows * t.cols);
       t.row_off = rows_total;
       t.col_off = cols_total;
       t.den_off = dens_total;
@@ -477,48 +418,40 @@ void adafactor_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
           items.push_back({b * t.rows + r, static_cast<int32_t>(std::min(per, t.rows - r)), 0});
       }
     } else {
-      const at::Tensor v = cc.get(variances[k], true);
-      keep.push_back(v);
-      st = v.scalar_type();
-      t.var = v.data_ptr();
-      for (int64_t b = 0; b < numel; b += kItemElems)
-        items.push_back({b, static_cast<int32_t>(std::min(kItemElems, numel - b)), 0});
+      for (int64_t b = 0; b < e.numel; b += kItemElems)
+        items.push_back({b, static_cast<int32_t>(std::min(kItemElems, e.numel - b)), 0});
     }
-    AfGroup& grp = groups[{static_cast<int>(P[i].scalar_type()), static_cast<int>(st)}];
+    AfGroup& grp = groups[{e.param, e.state}];
     grp.descs.push_back(t);
     grp.items.push_back(std::move(items));
     grp.matrices.push_back(std::move(matrices));
   }
 
-  const auto f64 = P[0].options().dtype(at::kDouble);
-  at::Tensor sums = at::zeros({static_cast<int64_t>(2 * n)}, f64);
-  at::Tensor row_sum = at::empty({std::max<int64_t>(1, rows_total)}, f64);
-  at::Tensor col_sum = at::zeros({std::max<int64_t>(1, cols_total)}, f64);
-  at::Tensor den = at::empty({std::max<int64_t>(1, dens_total)}, P[0].options().dtype(at::kFloat));
+  // Per-tensor sums, then per-row, per-column and per-matrix scratch.
+  auto scratch = [&](int64_t count, size_t size) {
+    return l.scratch.get(std::max<int64_t>(1, count) * size);
+  };
   AfShared s;
   s.found_inf = h.found_inf;
   s.coeffs = coeffs;
-  s.sums = sums.data_ptr<double>();
-  s.row_sum = row_sum.data_ptr<double>();
-  s.col_sum = col_sum.data_ptr<double>();
-  s.den = den.data_ptr<float>();
+  s.sums = static_cast<double*>(scratch(2 * l.n, sizeof(double)));
+  s.row_sum = static_cast<double*>(scratch(rows_total, sizeof(double)));
+  s.col_sum = static_cast<double*>(scratch(cols_total, sizeof(double)));
+  s.den = static_cast<float*>(scratch(dens_total, sizeof(float)));
+  if (!s.sums || !s.row_sum || !s.col_sum || !s.den) return cudaErrorMemoryAllocation;
+  // The stats and direction kernels add into these.
+  DLOPT_CUDA_TRY(cudaMemsetAsync(s.sums, 0, 2 * l.n * sizeof(double), l.stream));
+  DLOPT_CUDA_TRY(cudaMemsetAsync(s.col_sum, 0, cols_total * sizeof(double), l.stream));
   s.eps1 = static_cast<float>(eps1);
   s.eps1_sq = static_cast<float>(eps1 * eps1);
   s.eps2 = eps2;
   s.d = d;
-  s.n = static_cast<int32_t>(n);
-  for (const auto& [key, grp] : groups) {
-    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
-    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    cuda::pick_storage<PickAdafactor>(pt, st, store, weight_decay != 0.0)(s, grp, stream);
-  }
-  cc.finish();
-  for (auto list : {params, row_vars, col_vars, variances, master_params, state_steps})
-    bump_versions(list);
+  s.n = l.n;
+  for (const auto& [key, grp] : groups)
+    DLOPT_CUDA_TRY(pick_storage<PickAdafactor>(key.first, key.second, l.store,
+                                               weight_decay != 0.0, s, grp, l.stream));
+  return cudaSuccess;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("adafactor_step", &adafactor_step_cuda); }
-
+}  // namespace cuda
 }  // namespace dlopt

@@ -1,4 +1,5 @@
-// Multi-tensor Adagrad step on CUDA; same semantics as csrc/cpu/optim_adagrad.cpp.
+// Multi-tensor Adagrad step on CUDA, kernels and launcher (nvcc); the checks and the
+// registered op are in optim_adagrad_host.cpp (g++), semantics as csrc/cpu/optim_adagrad.cpp.
 //
 // Two launch series on the current stream, free of host syncs (capturable):
 //   1. bump_steps_kernel (dlopt/cuda_steps.cuh): every step += 1 unless found_inf.
@@ -6,24 +7,17 @@
 //      group: each block re-reads found_inf (skip), reads its tensor's new step (stream
 //      order puts it after phase 1), builds adagrad_coeffs and calls adagrad_update.
 // lr, grad_scale, found_inf and sr_seed may live on the params' GPU (read by the
-// kernels) or on the CPU (read here on the host, which needs no sync).
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <limits>
-#include <map>
+// kernels) or on the CPU (read by the host half, which needs no sync).
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "dlopt/adagrad_math.h"
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -84,83 +78,31 @@ struct AdagradOp : AdagradShared {
 };
 
 using Entries = std::vector<mta::TensorEntry<kNumLists, AdagradMeta>>;
-using Launcher = void (*)(const Entries&, const AdagradShared&);
-
-template <class Op>
-void launch(const Entries& entries, const AdagradShared& shared) {
-  mta::multi_tensor_apply(entries, Op{shared});
-}
 
 template <class PS, class S, bool MASTER>
 struct PickAdagrad {
-  static Launcher get(bool wd) {
-    return wd ? &launch<AdagradOp<PS, S, MASTER, true>> : &launch<AdagradOp<PS, S, MASTER, false>>;
+  static cudaError_t run(bool wd, const AdagradShared& shared, const Entries& entries,
+                         cudaStream_t stream) {
+    return wd ? mta::multi_tensor_apply(entries, AdagradOp<PS, S, MASTER, true>{shared}, stream)
+              : mta::multi_tensor_apply(entries, AdagradOp<PS, S, MASTER, false>{shared}, stream);
   }
 };
 
-void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                       at::TensorList master_params, at::TensorList state_steps,
-                       const at::Tensor& lr, double lr_decay, double weight_decay, double eps,
-                       bool maximize, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::Tensor>& sr_seed) {
-  const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  const bool use_master = !master_params.empty();
-  const bool use_sr = sr_seed.has_value();
-  check_elementwise_lists(P, grads, {{"state_sums", state_sums}}, master_params, state_steps,
-                          use_sr);
-  if (n == 0) return;
-  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
-              "dlopt: too many tensors");
-  const c10::Device device = P[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::adagrad_step (cuda): params[0] is on ", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(P[i].device() == device, "dlopt::adagrad_step (cuda): all tensors must be on one "
-                "CUDA device, but params[", i, "] is on ", P[i].device(), " and params[0] on ", device);
-    cuda::check_step_tensor(state_steps[i], device, i);
-  }
-  const cuda::StoreMode store = use_master ? cuda::StoreMode::kMaster
-                                : use_sr   ? cuda::StoreMode::kStochastic
-                                           : cuda::StoreMode::kNearest;
-
-  const c10::cuda::CUDAGuard guard(device);
-  AdagradShared shared;
-  shared.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
-  shared.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
-  shared.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
-  shared.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
-  shared.lr_decay = lr_decay;
-  shared.weight_decay = weight_decay;
-  shared.eps = eps;
-  shared.maximize = maximize;
-
-  cuda::bump_steps(state_steps, shared.found_inf);
-
-  AlignedLists L({P, grads.vec(), state_sums.vec(), master_params.vec()},
-                 {true, false, true, true});
-  std::map<std::tuple<int, int>, Entries> groups;  // (param dtype, state dtype)
-  for (size_t i = 0; i < n; ++i) {
-    mta::TensorEntry<kNumLists, AdagradMeta> e{};
-    e.numel = L[0][i].numel();
-    if (e.numel == 0) continue;
-    for (int k = 0; k < kNumLists; ++k) e.ptr[k] = L[k].empty() ? nullptr : L[k][i].data_ptr();
-    e.meta.step = state_steps[i].const_data_ptr();
-    e.meta.index = static_cast<int32_t>(i);
-    e.meta.is_double = state_steps[i].scalar_type() == at::kDouble;
-    groups[{static_cast<int>(L[0][i].scalar_type()), static_cast<int>(L[2][i].scalar_type())}]
-        .push_back(e);
-  }
-  for (const auto& [key, entries] : groups) {
-    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
-    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    cuda::pick_storage<PickAdagrad>(pt, st, store, weight_decay != 0.0)(entries, shared);
-  }
-  L.finish();
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("adagrad_step", &adagrad_step_cuda); }
+namespace cuda {
 
+cudaError_t launch_adagrad_step(const Launch& l, double lr_decay, double weight_decay, double eps,
+                                bool maximize) {
+  const AdagradShared shared{l.lr, l.grad_scale, l.found_inf, l.seed, lr_decay, weight_decay,
+                             eps, maximize};
+  DLOPT_CUDA_TRY(bump_steps(l));
+  auto meta = [&](const ParamEntry& e) {
+    return AdagradMeta{l.steps[e.index].ptr, e.index, l.steps[e.index].is_double};
+  };
+  return mta::apply_by_dtype<PickAdagrad, kNumLists, AdagradMeta>(l, meta, weight_decay != 0.0,
+                                                                  shared);
+}
+
+}  // namespace cuda
 }  // namespace dlopt

@@ -1,4 +1,5 @@
-// Multi-tensor Adam / AdamW step on CUDA; same semantics as csrc/cpu/optim_adam.cpp.
+// Multi-tensor Adam / AdamW step on CUDA, kernels and launcher (nvcc); the checks and
+// the registered op are in optim_adam_host.cpp (g++), semantics as csrc/cpu/optim_adam.cpp.
 //
 // Two phases, both on the current stream and free of host syncs (so the step
 // can be captured in a CUDA graph):
@@ -10,29 +11,17 @@
 //      state dtype) group: each block re-reads found_inf (skip), takes its
 //      tensor's coefficients and calls the shared adam_update.
 // lr, grad_scale, found_inf and sr_seed may live on the params' GPU (read by
-// the kernels) or on the CPU (read here on the host, which needs no sync).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <limits>
-#include <map>
+// the kernels) or on the CPU (read by the host half, which needs no sync).
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "dlopt/adam_math.h"
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -134,125 +123,41 @@ struct AdamOp : AdamShared {
 };
 
 using Entries = std::vector<mta::TensorEntry<kNumLists, int32_t>>;
-using Launcher = void (*)(const Entries&, const AdamShared&);
-
-template <class Op>
-void launch(const Entries& entries, const AdamShared& shared) {
-  mta::multi_tensor_apply(entries, Op{shared});
-}
 
 // The same choice as the CPU kernel's (cuda::pick_storage, dlopt/cuda_storage.cuh).
 template <class PS, class S, bool MASTER>
 struct PickAdam {
-  static Launcher get(bool amsgrad) {
-    return amsgrad ? &launch<AdamOp<PS, S, MASTER, true>> : &launch<AdamOp<PS, S, MASTER, false>>;
+  static cudaError_t run(bool amsgrad, const AdamShared& shared, const Entries& entries,
+                         cudaStream_t stream) {
+    return amsgrad ? mta::multi_tensor_apply(entries, AdamOp<PS, S, MASTER, true>{shared}, stream)
+                   : mta::multi_tensor_apply(entries, AdamOp<PS, S, MASTER, false>{shared}, stream);
   }
 };
 
-void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::TensorList master_params, at::TensorList state_steps, const at::Tensor& lr,
-                    double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                    bool maximize, bool decoupled_weight_decay,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& sr_seed) {
-  const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  check_same_length(P, grads.vec(), "grads", false);
-  check_same_length(P, exp_avgs.vec(), "exp_avgs", false);
-  check_same_length(P, exp_avg_sqs.vec(), "exp_avg_sqs", false);
-  check_same_length(P, max_exp_avg_sqs.vec(), "max_exp_avg_sqs", !amsgrad);
-  check_same_length(P, master_params.vec(), "master_params", true);
-  check_same_length(P, state_steps.vec(), "state_steps", false);
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "dlopt: amsgrad needs max_exp_avg_sqs");
-  if (n == 0) return;
-  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
-              "dlopt: too many tensors");
-  const c10::Device device = P[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::adam_step (cuda): params[0] is on ", device);
-  const bool use_master = !master_params.empty();
-  const bool use_sr = sr_seed.has_value();
-  const StoreMode store =
-      use_master ? StoreMode::kMaster : (use_sr ? StoreMode::kStochastic : StoreMode::kNearest);
+}  // namespace
+
+namespace cuda {
+
+cudaError_t launch_adam_step(const Launch& l, double beta1, double beta2, double weight_decay,
+                             double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+  const AdamHyper h{l.lr, l.grad_scale, l.found_inf, l.seed, beta1, beta2, weight_decay, eps,
+                    maximize};
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
                          : decoupled_weight_decay ? WeightDecay::kDecoupled
                                                   : WeightDecay::kL2;
 
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = P[i];
-    TORCH_CHECK(p.device() == device, "dlopt::adam_step (cuda): all tensors must be on one CUDA "
-                "device, but params[", i, "] is on ", p.device(), " and params[0] on ", device);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "dlopt: grads[", i, "] dtype ",
-                grads[i].scalar_type(), " != params dtype ", p.scalar_type());
-    check_like_param(p, grads[i], "grads", i);
-    check_like_param(p, exp_avgs[i], "exp_avgs", i);
-    check_like_param(p, exp_avg_sqs[i], "exp_avg_sqs", i);
-    if (amsgrad) check_like_param(p, max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
-    if (use_master) {
-      check_like_param(p, master_params[i], "master_params", i);
-      TORCH_CHECK(master_params[i].scalar_type() == at::kFloat, "dlopt: master_params must be float32");
-    }
-    const auto st = exp_avgs[i].scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == p.scalar_type(), "dlopt: exp_avgs[", i, "] dtype ", st,
-                " must be float32 or the param dtype");
-    TORCH_CHECK(exp_avg_sqs[i].scalar_type() == st && (!amsgrad || max_exp_avg_sqs[i].scalar_type() == st),
-                "dlopt: state tensors of params[", i, "] must share one dtype");
-    TORCH_CHECK(!use_master || st == at::kFloat, "dlopt: master weights need float32 states");
-    TORCH_CHECK(!use_sr || p.scalar_type() != at::kHalf,
-                "dlopt: stochastic rounding supports bfloat16 and float32 params, not float16");
-    cuda::check_step_tensor(state_steps[i], device, i);
-  }
+  // Phase 1.
+  auto* coeffs = static_cast<AdamTensorCoeffs*>(l.scratch.get(l.n * sizeof(AdamTensorCoeffs)));
+  if (coeffs == nullptr) return cudaErrorMemoryAllocation;
+  DLOPT_CUDA_TRY(for_each_step_batch(l, [&](const StepBatch& b) {
+    adam_prepare_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, h, coeffs);
+    return cudaGetLastError();
+  }));
 
-  const c10::cuda::CUDAGuard guard(device);
-  AdamHyper h;
-  h.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
-  h.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
-  h.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
-  h.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
-  h.beta1 = beta1;
-  h.beta2 = beta2;
-  h.weight_decay = weight_decay;
-  h.eps = eps;
-  h.maximize = maximize;
-
-  // Phase 1. The scratch buffer comes from the caching allocator (graph-safe).
-  at::Tensor coeff_buf = at::empty({static_cast<int64_t>(n * sizeof(AdamTensorCoeffs))},
-                                   P[0].options().dtype(at::kByte));
-  auto* coeffs = reinterpret_cast<AdamTensorCoeffs*>(coeff_buf.data_ptr());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cuda::for_each_step_batch(state_steps, [&](const StepBatch& b) {
-    adam_prepare_kernel<<<(b.count + 127) / 128, 128, 0, stream>>>(b, h, coeffs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-
-  // Phase 2 over tensors laid out like their params (scratch copies otherwise).
-  AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), max_exp_avg_sqs.vec(),
-                  master_params.vec()},
-                 {true, false, true, true, true, true});
-  std::map<std::tuple<int, int>, Entries> groups;  // (param dtype, state dtype)
-  for (size_t i = 0; i < n; ++i) {
-    mta::TensorEntry<kNumLists, int32_t> e{};
-    e.numel = L[0][i].numel();
-    if (e.numel == 0) continue;
-    for (int k = 0; k < kNumLists; ++k)
-      e.ptr[k] = L[k].empty() ? nullptr : L[k][i].data_ptr();
-    if (!amsgrad) e.ptr[kMaxExpAvgSq] = nullptr;  // may be given, but is not ours to touch
-    e.meta = static_cast<int32_t>(i);
-    groups[{static_cast<int>(L[0][i].scalar_type()), static_cast<int>(L[2][i].scalar_type())}]
-        .push_back(e);
-  }
+  // Phase 2.
   const AdamShared shared{h.found_inf, coeffs, wd};
-  for (const auto& [key, entries] : groups) {
-    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
-    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    cuda::pick_storage<PickAdam>(pt, st, store, amsgrad)(entries, shared);
-  }
-  L.finish();
+  return mta::apply_by_dtype<PickAdam, kNumLists, int32_t>(l, mta::tensor_index, amsgrad, shared);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("adam_step", &adam_step_cuda); }
-
+}  // namespace cuda
 }  // namespace dlopt

@@ -1,6 +1,7 @@
-// Multi-tensor LAMB step on CUDA; same semantics as csrc/cpu/optim_lamb.cpp, maths in
-// dlopt/lamb_math.h. Four phases on the current stream, none of which waits for the
-// host (the step can be captured in a CUDA graph):
+// Multi-tensor LAMB step on CUDA, kernels and launcher (nvcc); the checks and the
+// registered op are in optim_lamb_host.cpp (g++), semantics as csrc/cpu/optim_lamb.cpp,
+// maths in dlopt/lamb_math.h. Four phases on the current stream, none of which waits
+// for the host (the step can be captured in a CUDA graph):
 //   1. lamb_prepare_kernel, one thread per tensor: unless found_inf is set, steps
 //      += 1 in device memory (dlopt/cuda_steps.cuh) and the tensor's coefficients
 //      (bias corrections, 1 / grad_scale times the global-norm clip factor, SR key).
@@ -11,22 +12,14 @@
 //   4. multi_tensor_apply with LambApplyOp: p -= scale * u, u recomputed from the
 //      stored m, v (the same u whose norm was taken).
 // lr, grad_scale, global_grad_norm, found_inf and sr_seed may live on the params' GPU
-// (read by the kernels) or on the CPU (read here on the host, which needs no sync).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// (read by the kernels) or on the CPU (read by the host half, which needs no sync).
 #include <algorithm>
 #include <cmath>
-#include <limits>
-#include <map>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
@@ -34,7 +27,6 @@
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/multi_tensor_reduce.cuh"
 #include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -182,121 +174,64 @@ struct LambTrust {
 
 using Entries = std::vector<mta::TensorEntry<kNumLists, LambMeta>>;
 
-struct LambLaunch {
-  void (*moments)(const Entries&, const LambShared&, double*);
-  void (*apply)(const Entries&, const LambShared&);
-};
-
+// Phase 2 (reduce) or 4 of one storage group.
 template <class PS, class S, bool MASTER>
 struct PickLamb {
-  static void moments(const Entries& entries, const LambShared& shared, double* partials) {
-    LambMomentsOp<PS, S, MASTER> op;
-    static_cast<LambShared&>(op) = shared;
-    op.partials = partials;
-    mta::multi_tensor_reduce(entries, op);
-  }
-  static void apply(const Entries& entries, const LambShared& shared) {
+  static cudaError_t run(bool reduce, const LambShared& shared, double* partials,
+                         const Entries& entries, cudaStream_t stream) {
+    if (reduce) {
+      LambMomentsOp<PS, S, MASTER> op;
+      static_cast<LambShared&>(op) = shared;
+      op.partials = partials;
+      return mta::multi_tensor_reduce(entries, op, stream);
+    }
     LambApplyOp<PS, S, MASTER> op;
     static_cast<LambShared&>(op) = shared;
-    mta::multi_tensor_apply(entries, op);
+    return mta::multi_tensor_apply(entries, op, stream);
   }
-  static LambLaunch get() { return {&moments, &apply}; }
 };
 
-void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList master_params,
-                    at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2,
-                    double weight_decay, double eps, bool bias_correction, double max_grad_norm,
-                    const std::optional<at::Tensor>& global_grad_norm,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& sr_seed) {
-  const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  const bool use_master = !master_params.empty();
-  const bool use_sr = sr_seed.has_value();
-  check_elementwise_lists(P, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                          master_params, state_steps, use_sr);
-  TORCH_CHECK(max_grad_norm <= 0.0 || global_grad_norm.has_value(),
-              "dlopt::lamb_step: max_grad_norm > 0 needs global_grad_norm");
-  if (n == 0) return;
-  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
-              "dlopt: too many tensors");
-  const c10::Device device = P[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::lamb_step (cuda): params[0] is on ", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(P[i].device() == device, "dlopt::lamb_step (cuda): all tensors must be on one "
-                "CUDA device, but params[", i, "] is on ", P[i].device(), " and params[0] on ",
-                device);
-    cuda::check_step_tensor(state_steps[i], device, i);
-  }
-  const cuda::StoreMode store = use_master ? cuda::StoreMode::kMaster
-                                : use_sr   ? cuda::StoreMode::kStochastic
-                                           : cuda::StoreMode::kNearest;
+}  // namespace
 
-  const c10::cuda::CUDAGuard guard(device);
-  LambHyper h;
-  h.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
-  h.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
-  h.global_grad_norm = cuda::scalar_ref(global_grad_norm, device, "global_grad_norm", 0.0);
-  h.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
-  h.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
-  h.beta1 = beta1;
-  h.beta2 = beta2;
-  h.weight_decay = weight_decay;
-  h.eps = eps;
-  h.max_grad_norm = max_grad_norm;
-  h.bias_correction = bias_correction;
+namespace cuda {
 
-  // Phase 1. Scratch buffers come from the caching allocator (graph-safe).
-  at::Tensor coeff_buf = at::empty({static_cast<int64_t>(n * sizeof(LambTensorCoeffs))},
-                                   P[0].options().dtype(at::kByte));
-  auto* coeffs = reinterpret_cast<LambTensorCoeffs*>(coeff_buf.data_ptr());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cuda::for_each_step_batch(state_steps, [&](const cuda::StepBatch& b) {
-    lamb_prepare_kernel<<<(b.count + 127) / 128, 128, 0, stream>>>(b, h, coeffs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-
-  // Phases 2-4 over tensors laid out like their params (scratch copies otherwise).
-  AlignedLists L({P, grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), master_params.vec()},
-                 {true, false, true, true, true});
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) numels[i] = L[0][i].numel();
+cudaError_t launch_lamb_step(const Launch& l, const ScalarRef& global_grad_norm, double beta1,
+                             double beta2, double weight_decay, double eps, bool bias_correction,
+                             double max_grad_norm) {
+  const LambHyper h{l.lr,  l.grad_scale, global_grad_norm, l.found_inf, l.seed,
+                    beta1, beta2,        weight_decay,     eps,         max_grad_norm,
+                    bias_correction};
+  std::vector<int64_t> numels(l.n);
+  for (int32_t i = 0; i < l.n; ++i) numels[i] = l.entries[i].numel;
   const std::vector<int64_t> bases = mta::chunk_bases(numels);
-  at::Tensor partials = at::empty({2 * std::max<int64_t>(bases[n], 1)},
-                                  P[0].options().dtype(at::kDouble));
-  std::map<std::tuple<int, int>, Entries> groups;  // (param dtype, state dtype)
-  for (size_t i = 0; i < n; ++i) {
-    if (numels[i] == 0) continue;
-    mta::TensorEntry<kNumLists, LambMeta> e{};
-    e.numel = numels[i];
-    for (int k = 0; k < kNumLists; ++k) e.ptr[k] = L[k].empty() ? nullptr : L[k][i].data_ptr();
-    e.meta.chunk_base = bases[i];
-    e.meta.index = static_cast<int32_t>(i);
-    groups[{static_cast<int>(L[0][i].scalar_type()), static_cast<int>(L[2][i].scalar_type())}]
-        .push_back(e);
-  }
+  auto* coeffs = static_cast<LambTensorCoeffs*>(l.scratch.get(l.n * sizeof(LambTensorCoeffs)));
+  auto* partials = static_cast<double*>(
+      l.scratch.get(2 * std::max<int64_t>(bases[l.n], 1) * sizeof(double)));
+  if (coeffs == nullptr || partials == nullptr) return cudaErrorMemoryAllocation;
+
+  // Phase 1.
+  DLOPT_CUDA_TRY(for_each_step_batch(l, [&](const StepBatch& b) {
+    lamb_prepare_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, h, coeffs);
+    return cudaGetLastError();
+  }));
+
+  // Phases 2-4.
   const LambShared shared{h.found_inf, coeffs, weight_decay != 0.0};
-  std::vector<std::pair<LambLaunch, const Entries*>> launches;
-  for (const auto& [key, entries] : groups) {
-    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
-    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    launches.emplace_back(cuda::pick_storage<PickLamb>(pt, st, store), &entries);
-  }
-  for (const auto& [launch, entries] : launches)
-    launch.moments(*entries, shared, partials.data_ptr<double>());
+  auto meta = [&](const ParamEntry& e) { return LambMeta{bases[e.index], e.index}; };
+  const auto groups = mta::group_by_dtype<kNumLists, LambMeta>(l, meta);
+  for (const auto& [key, entries] : groups)
+    DLOPT_CUDA_TRY(pick_storage<PickLamb>(key.first, key.second, l.store, /*reduce=*/true,
+                                          shared, partials, entries, l.stream));
   LambTrust trust;
   trust.coeffs = coeffs;
   trust.lr = h.lr;
   trust.found_inf = h.found_inf;
-  mta::segment_reduce(bases, partials.data_ptr<double>(), trust);
-  for (const auto& [launch, entries] : launches) launch.apply(*entries, shared);
-  L.finish();
+  DLOPT_CUDA_TRY(mta::segment_reduce(bases, partials, trust, l.stream));
+  for (const auto& [key, entries] : groups)
+    DLOPT_CUDA_TRY(pick_storage<PickLamb>(key.first, key.second, l.store, /*reduce=*/false,
+                                          shared, partials, entries, l.stream));
+  return cudaSuccess;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("lamb_step", &lamb_step_cuda); }
-
+}  // namespace cuda
 }  // namespace dlopt

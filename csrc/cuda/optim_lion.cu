@@ -1,29 +1,23 @@
-// Multi-tensor Lion step on CUDA; same semantics as csrc/cpu/optim_lion.cpp.
+// Multi-tensor Lion step on CUDA, kernels and launcher (nvcc); the checks and the
+// registered op are in optim_lion_host.cpp (g++), semantics as csrc/cpu/optim_lion.cpp.
 //
-// Two launches series on the current stream, free of host syncs (capturable):
+// Two launch series on the current stream, free of host syncs (capturable):
 //   1. bump_steps_kernel (dlopt/cuda_steps.cuh): every step += 1 unless found_inf.
 //   2. multi_tensor_apply with LionOp, one launch series per (param dtype, state
 //      dtype) group: each block re-reads found_inf (skip), builds the coefficients
 //      from lr (lion_coeffs; no step dependence) and calls the shared lion_update.
 // lr, grad_scale, found_inf and sr_seed may live on the params' GPU (read by the
-// kernels) or on the CPU (read here on the host, which needs no sync).
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <limits>
-#include <map>
+// kernels) or on the CPU (read by the host half, which needs no sync).
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/lion_math.h"
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -75,81 +69,28 @@ struct LionOp : LionShared {
 };
 
 using Entries = std::vector<mta::TensorEntry<kNumLists, int32_t>>;
-using Launcher = void (*)(const Entries&, const LionShared&);
-
-template <class Op>
-void launch(const Entries& entries, const LionShared& shared) {
-  mta::multi_tensor_apply(entries, Op{shared});
-}
 
 template <class PS, class S, bool MASTER>
 struct PickLion {
-  static Launcher get(bool wd) {
-    return wd ? &launch<LionOp<PS, S, MASTER, true>> : &launch<LionOp<PS, S, MASTER, false>>;
+  static cudaError_t run(bool wd, const LionShared& shared, const Entries& entries,
+                         cudaStream_t stream) {
+    return wd ? mta::multi_tensor_apply(entries, LionOp<PS, S, MASTER, true>{shared}, stream)
+              : mta::multi_tensor_apply(entries, LionOp<PS, S, MASTER, false>{shared}, stream);
   }
 };
 
-void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList master_params, at::TensorList state_steps,
-                    const at::Tensor& lr, double beta1, double beta2, double weight_decay,
-                    bool maximize, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& sr_seed) {
-  const size_t n = params.size();
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  const bool use_master = !master_params.empty();
-  const bool use_sr = sr_seed.has_value();
-  check_elementwise_lists(P, grads, {{"exp_avgs", exp_avgs}}, master_params, state_steps, use_sr);
-  if (n == 0) return;
-  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
-              "dlopt: too many tensors");
-  const c10::Device device = P[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::lion_step (cuda): params[0] is on ", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(P[i].device() == device, "dlopt::lion_step (cuda): all tensors must be on one "
-                "CUDA device, but params[", i, "] is on ", P[i].device(), " and params[0] on ",
-                device);
-    cuda::check_step_tensor(state_steps[i], device, i);
-  }
-  const cuda::StoreMode store = use_master ? cuda::StoreMode::kMaster
-                                : use_sr   ? cuda::StoreMode::kStochastic
-                                           : cuda::StoreMode::kNearest;
-
-  const c10::cuda::CUDAGuard guard(device);
-  LionShared shared;
-  shared.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
-  shared.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
-  shared.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
-  shared.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
-  shared.beta1 = beta1;
-  shared.beta2 = beta2;
-  shared.weight_decay = weight_decay;
-  shared.maximize = maximize;
-
-  cuda::bump_steps(state_steps, shared.found_inf);
-
-  AlignedLists L({P, grads.vec(), exp_avgs.vec(), master_params.vec()}, {true, false, true, true});
-  std::map<std::tuple<int, int>, Entries> groups;  // (param dtype, state dtype)
-  for (size_t i = 0; i < n; ++i) {
-    mta::TensorEntry<kNumLists, int32_t> e{};
-    e.numel = L[0][i].numel();
-    if (e.numel == 0) continue;
-    for (int k = 0; k < kNumLists; ++k) e.ptr[k] = L[k].empty() ? nullptr : L[k][i].data_ptr();
-    e.meta = static_cast<int32_t>(i);
-    groups[{static_cast<int>(L[0][i].scalar_type()), static_cast<int>(L[2][i].scalar_type())}]
-        .push_back(e);
-  }
-  for (const auto& [key, entries] : groups) {
-    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
-    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    cuda::pick_storage<PickLion>(pt, st, store, weight_decay != 0.0)(entries, shared);
-  }
-  L.finish();
-  for (auto list : {params, exp_avgs, master_params, state_steps}) bump_versions(list);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("lion_step", &lion_step_cuda); }
+namespace cuda {
 
+cudaError_t launch_lion_step(const Launch& l, double beta1, double beta2, double weight_decay,
+                             bool maximize) {
+  const LionShared shared{l.lr, l.grad_scale, l.found_inf, l.seed, beta1, beta2, weight_decay,
+                          maximize};
+  DLOPT_CUDA_TRY(bump_steps(l));
+  return mta::apply_by_dtype<PickLion, kNumLists, int32_t>(l, mta::tensor_index,
+                                                          weight_decay != 0.0, shared);
+}
+
+}  // namespace cuda
 }  // namespace dlopt

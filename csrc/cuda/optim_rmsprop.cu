@@ -1,4 +1,5 @@
-// Multi-tensor RMSprop step on CUDA; same semantics as csrc/cpu/optim_rmsprop.cpp.
+// Multi-tensor RMSprop step on CUDA, kernels and launcher (nvcc); the checks and the
+// registered op are in optim_rmsprop_host.cpp (g++), semantics as csrc/cpu/optim_rmsprop.cpp.
 //
 // Two launch series on the current stream, free of host syncs (capturable):
 //   1. bump_steps_kernel (dlopt/cuda_steps.cuh): every step += 1 unless found_inf
@@ -7,24 +8,17 @@
 //      group: each block re-reads found_inf (skip), builds the coefficients from lr
 //      (rmsprop_coeffs) and calls the shared rmsprop_update.
 // lr, grad_scale, found_inf and sr_seed may live on the params' GPU (read by the
-// kernels) or on the CPU (read here on the host, which needs no sync).
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <limits>
-#include <map>
+// kernels) or on the CPU (read by the host half, which needs no sync).
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/multi_tensor_apply.cuh"
 #include "dlopt/rmsprop_math.h"
 #include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 namespace {
@@ -85,94 +79,38 @@ struct RmspropOp : RmspropShared {
 };
 
 using Entries = std::vector<mta::TensorEntry<kNumLists, int32_t>>;
-using Launcher = void (*)(const Entries&, const RmspropShared&);
-
-template <class Op>
-void launch(const Entries& entries, const RmspropShared& shared) {
-  mta::multi_tensor_apply(entries, Op{shared});
-}
 
 template <class PS, class S, bool MASTER>
 struct PickRmsprop {
-  static Launcher get(bool centered, bool momentum) {
+  template <bool CENTERED, bool MOMENTUM>
+  static cudaError_t run(const RmspropShared& shared, const Entries& entries,
+                         cudaStream_t stream) {
+    return mta::multi_tensor_apply(entries, RmspropOp<PS, S, MASTER, CENTERED, MOMENTUM>{shared},
+                                   stream);
+  }
+  static cudaError_t run(bool centered, bool momentum, const RmspropShared& shared,
+                         const Entries& entries, cudaStream_t stream) {
     if (centered)
-      return momentum ? &launch<RmspropOp<PS, S, MASTER, true, true>>
-                      : &launch<RmspropOp<PS, S, MASTER, true, false>>;
-    return momentum ? &launch<RmspropOp<PS, S, MASTER, false, true>>
-                    : &launch<RmspropOp<PS, S, MASTER, false, false>>;
+      return momentum ? run<true, true>(shared, entries, stream)
+                      : run<true, false>(shared, entries, stream);
+    return momentum ? run<false, true>(shared, entries, stream)
+                    : run<false, false>(shared, entries, stream);
   }
 };
 
-void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                       at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                       at::TensorList master_params, at::TensorList state_steps,
-                       const at::Tensor& lr, double alpha, double eps, double weight_decay,
-                       double momentum, bool centered, bool maximize,
-                       const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::Tensor>& sr_seed) {
-  const size_t n = params.size();
-  const bool use_momentum = momentum > 0.0;  // torch: `if momentum > 0`
-  std::vector<at::Tensor> P(params.begin(), params.end());
-  const at::TensorList gas = centered ? grad_avgs : at::TensorList();
-  const at::TensorList bufs = use_momentum ? momentum_buffers : at::TensorList();
-  const bool use_master = !master_params.empty();
-  const bool use_sr = sr_seed.has_value();
-  std::vector<NamedList> states{{"square_avgs", square_avgs}};
-  if (centered) states.push_back({"grad_avgs", gas});
-  if (use_momentum) states.push_back({"momentum_buffers", bufs});
-  check_elementwise_lists(P, grads, states, master_params, state_steps, use_sr);
-  if (n == 0) return;
-  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
-              "dlopt: too many tensors");
-  const c10::Device device = P[0].device();
-  TORCH_CHECK(device.is_cuda(), "dlopt::rmsprop_step (cuda): params[0] is on ", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(P[i].device() == device, "dlopt::rmsprop_step (cuda): all tensors must be on one "
-                "CUDA device, but params[", i, "] is on ", P[i].device(), " and params[0] on ", device);
-    cuda::check_step_tensor(state_steps[i], device, i);
-  }
-  const cuda::StoreMode store = use_master ? cuda::StoreMode::kMaster
-                                : use_sr   ? cuda::StoreMode::kStochastic
-                                           : cuda::StoreMode::kNearest;
-
-  const c10::cuda::CUDAGuard guard(device);
-  RmspropShared shared;
-  shared.lr = cuda::scalar_ref(lr, device, "lr", 0.0);
-  shared.grad_scale = cuda::scalar_ref(grad_scale, device, "grad_scale", 1.0);
-  shared.found_inf = cuda::scalar_ref(found_inf, device, "found_inf", 0.0);
-  shared.seed = cuda::scalar_ref(sr_seed, device, "sr_seed", 0.0, /*integral=*/true);
-  shared.alpha = alpha;
-  shared.eps = eps;
-  shared.weight_decay = weight_decay;
-  shared.momentum = momentum;
-  shared.maximize = maximize;
-  shared.wd = weight_decay != 0.0;
-
-  cuda::bump_steps(state_steps, shared.found_inf);
-
-  AlignedLists L({P, grads.vec(), square_avgs.vec(), gas.vec(), bufs.vec(), master_params.vec()},
-                 {true, false, true, true, true, true});
-  std::map<std::tuple<int, int>, Entries> groups;  // (param dtype, state dtype)
-  for (size_t i = 0; i < n; ++i) {
-    mta::TensorEntry<kNumLists, int32_t> e{};
-    e.numel = L[0][i].numel();
-    if (e.numel == 0) continue;
-    for (int k = 0; k < kNumLists; ++k) e.ptr[k] = L[k].empty() ? nullptr : L[k][i].data_ptr();
-    e.meta = static_cast<int32_t>(i);
-    groups[{static_cast<int>(L[0][i].scalar_type()), static_cast<int>(L[2][i].scalar_type())}]
-        .push_back(e);
-  }
-  for (const auto& [key, entries] : groups) {
-    const auto pt = static_cast<at::ScalarType>(std::get<0>(key));
-    const auto st = static_cast<at::ScalarType>(std::get<1>(key));
-    cuda::pick_storage<PickRmsprop>(pt, st, store, centered, use_momentum)(entries, shared);
-  }
-  L.finish();
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlopt_C, CUDA, m) { m.impl("rmsprop_step", &rmsprop_step_cuda); }
+namespace cuda {
 
+cudaError_t launch_rmsprop_step(const Launch& l, double alpha, double eps, double weight_decay,
+                                double momentum, bool centered, bool maximize) {
+  const RmspropShared shared{l.lr, l.grad_scale, l.found_inf, l.seed, alpha, eps,
+                             weight_decay, momentum, maximize, /*wd=*/weight_decay != 0.0};
+  DLOPT_CUDA_TRY(bump_steps(l));
+  const bool use_momentum = momentum > 0.0;  // torch: `if momentum > 0`
+  return mta::apply_by_dtype<PickRmsprop, kNumLists, int32_t>(l, mta::tensor_index, centered,
+                                                             use_momentum, shared);
+}
+
+}  // namespace cuda
 }  // namespace dlopt

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from dlopt_kernels import _lib
 from dlopt_kernels.backends import registry
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -49,8 +50,24 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
         raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
 
 
+def _collect_function() -> Optional[Callable]:
+    """The C fast path of `FusedOptimizer._collect`, if the C++ library loaded."""
+    if not _lib.LOADED["cpu"]:
+        return None
+    from dlopt_kernels import _C
+    return getattr(_C, "collect_group", None)
+
+
+_COLLECT = _collect_function()
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: a torch.optim.Optimizer whose step is one fused multi-tensor op."""
+
+    # Within one eager step(): id(group) -> its bucket from the C fast path, and whether
+    # the bucket being stepped came from there (then _run calls the kernel directly).
+    _prepared: dict[int, list[list]] = {}
+    _direct = False
 
     _state_keys: tuple[str, ...] = ()
     # Whether the per-param state has a 'step' counter (torch's SGD keeps none).
@@ -216,19 +233,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        self._check_step_inputs()  # before any group is stepped: a refused step changes nothing
-        for group in self.param_groups:
-            self._group_step(group, grad_scale, found_inf)
+        # Eager steps may take the C fast path (list building in C, kernels called
+        # without the Python op layer); under torch.compile everything goes through
+        # the public ops, which trace.
+        if torch.compiler.is_compiling() or _COLLECT is None:
+            self._check_step_inputs()  # before any group is stepped: a refused step changes nothing
+            for group in self.param_groups:
+                self._group_step(group, grad_scale, found_inf)
+            return loss
+        self._prepared = self._check_step_inputs(fast=True)
+        try:
+            for group in self.param_groups:
+                self._group_step(group, grad_scale, found_inf)
+        finally:
+            self._prepared = {}
+            self._direct = False
         return loss
 
     def _group_step(self, group: dict[str, Any], grad_scale: Optional[Tensor],
                     found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError
 
-    def _check_step_inputs(self) -> None:
+    def _check_step_inputs(self, fast: bool = False) -> dict[int, list[list]]:
+        """Refuse what no group can step (sparse grads, grads of another dtype). With
+        `fast`, try the C fast path per group first and return its buckets by id(group)."""
         name = type(self).__name__
+        prepared: dict[int, list[list]] = {}
         for group in self.param_groups:
             registry.check_backend_name(group["backend"], "backend")
+            if fast:
+                lists = self._fast_lists(group)
+                if lists is not None:  # the C walk found nothing to refuse
+                    prepared[id(group)] = lists
+                    continue
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -238,12 +275,45 @@ class FusedOptimizer(torch.optim.Optimizer):
                                     f"param of shape {tuple(p.shape)}); use torch.optim.SparseAdam")
                 if g.dtype != p.dtype:
                     raise TypeError(f"a grad has dtype {g.dtype} but its param has {p.dtype}")
+        return prepared
+
+    def _fast_lists(self, group: dict[str, Any]) -> Optional[list[list]]:
+        """The group's one bucket built by the C fast path (dlopt_kernels._C.collect_group),
+        or None when the Python path must do it (first step, mixed devices or dtypes,
+        tensor subclasses, anything to refuse)."""
+        params = group["params"]
+        if type(params) is not list:
+            return None
+        keys = self._state_keys_for(group)
+        step_keys = ("step",) if self._has_step else ()
+        out = _COLLECT(params, self.state, step_keys + keys,
+                       "master_param" if group["master_weights"] else None)
+        if out is None:
+            return None
+        steps = out[2] if self._has_step else []
+        return [out[0], out[1], steps, out[-1], *out[2 + len(step_keys):-1]]
+
+    def _run(self, op: Any, *args: Any) -> Any:
+        """Call the fused `op` with `args` (params first, backend last). On a bucket of
+        the C fast path, call the kernel the op would pick directly: the op layer's
+        Python (argument conversion, routing) costs ~0.4 ms per 1,000 tensors."""
+        params = args[0]
+        if (not torch.compiler.is_compiling() and self._direct and params
+                and params[0].device.type in ("cpu", "cuda")):
+            _, kernel = registry.resolve(op._qualified_op_name[7:], params[0].device, args[-1])
+            return kernel(*args[:-1])
+        return op(*args)
 
     def _collect(self, group: dict[str, Any], name: str) -> dict[tuple, list[list]]:
         """Bucket the params of `group` that have a grad by (device, dtype), creating
         state on first use. Each bucket is [params, grads, steps, masters, *states] with
         states in `_state_keys` order; `masters` is empty unless the bucket is
         low-precision under master_weights; `steps` is empty without `_has_step`."""
+        if not torch.compiler.is_compiling():
+            lists = self._prepared.pop(id(group), None)
+            self._direct = lists is not None
+            if lists is not None:
+                return {(lists[0][0].device, lists[0][0].dtype): lists}
         buckets: dict[tuple, list[list]] = {}
         state_of = self.state
         keys = self._state_keys_for(group)

@@ -134,7 +134,7 @@ class Adafactor(FusedOptimizer):
                     col_vars.append(st["col_var"])
                 else:
                     variances.append(st["variance"])
-            adafactor_step(params, grads, row_vars, col_vars, variances, masters, steps,
+            self._run(adafactor_step, params, grads, row_vars, col_vars, variances, masters, steps,
                            self._lr_tensor(group["lr"], device), float(group["beta2_decay"]),
                            float(eps1), float(eps2), float(group["d"]),
                            float(group["weight_decay"]), group["maximize"],

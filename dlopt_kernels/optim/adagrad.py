@@ -104,7 +104,7 @@ class Adagrad(FusedOptimizer):
                     found_inf: Optional[Tensor]) -> None:
         for (device, dtype), lists in self._collect(group, "Adagrad").items():
             params, grads, steps, masters, sums = lists
-            adagrad_step(params, grads, sums, masters, steps,
+            self._run(adagrad_step, params, grads, sums, masters, steps,
                          self._lr_tensor(group["lr"], device), float(group["lr_decay"]),
                          float(group["weight_decay"]), float(group["eps"]), group["maximize"],
                          self._on_device(grad_scale, device), self._on_device(found_inf, device),

@@ -111,7 +111,7 @@ class Adam(FusedOptimizer):
         for (device, dtype), lists in self._collect(group, self._name).items():
             params, grads, steps, masters, exp_avgs, exp_avg_sqs = lists[:6]
             max_sqs = lists[6] if amsgrad else []
-            adam_step(params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps,
+            self._run(adam_step, params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps,
                       self._lr_tensor(group["lr"], device), beta1, beta2,
                       float(group["weight_decay"]), float(group["eps"]), amsgrad,
                       group["maximize"], group["decoupled_weight_decay"],

@@ -133,7 +133,7 @@ class LAMB(FusedOptimizer):
         max_norm = float(group["max_grad_norm"] or 0.0)
         for (device, dtype), lists in self._collect(group, "LAMB").items():
             params, grads, steps, masters, exp_avgs, exp_avg_sqs = lists
-            lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, steps,
+            self._run(lamb_step, params, grads, exp_avgs, exp_avg_sqs, masters, steps,
                       self._lr_tensor(group["lr"], device), beta1, beta2,
                       float(group["weight_decay"]), float(group["eps"]),
                       group["bias_correction"], max_norm,

@@ -81,7 +81,7 @@ class Lion(FusedOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         for (device, dtype), lists in self._collect(group, "Lion").items():
             params, grads, steps, masters, exp_avgs = lists
-            lion_step(params, grads, exp_avgs, masters, steps,
+            self._run(lion_step, params, grads, exp_avgs, masters, steps,
                       self._lr_tensor(group["lr"], device), beta1, beta2,
                       float(group["weight_decay"]), group["maximize"],
                       self._on_device(grad_scale, device), self._on_device(found_inf, device),

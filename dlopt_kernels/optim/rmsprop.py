@@ -113,7 +113,7 @@ class RMSprop(FusedOptimizer):
         for (device, dtype), lists in self._collect(group, "RMSprop").items():
             params, grads, steps, masters = lists[:4]
             named = dict(zip(keys, lists[4:]))
-            rmsprop_step(params, grads, named["square_avg"], named.get("grad_avg", []),
+            self._run(rmsprop_step, params, grads, named["square_avg"], named.get("grad_avg", []),
                          named.get("momentum_buffer", []), masters, steps,
                          self._lr_tensor(group["lr"], device), float(group["alpha"]),
                          float(group["eps"]), float(group["weight_decay"]), momentum, centered,

@@ -12,33 +12,13 @@ import math
 import pytest
 import torch
 
-from conftest import device_backends
+from optim_op_helpers import DEVICE_BACKENDS, dtype_id, interpreted, small_shapes
 from reference import vector_norms_float64
 from tolerances import NORM_TOL, NORM_TOL_P
 
-DEVICE_BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 ORDS = [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0, 0.5, -1.5]
 op = torch.ops.dlopt.multi_tensor_norm
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    return None
-
-
-def interpreted(device, backend):
-    return backend == "triton" and device == "cpu"
-
-
-def small_shapes(n: int) -> list[tuple]:
-    dims = torch.randint(1, 65, (n, 2)).tolist()
-    two_d = torch.rand(n).lt(0.5).tolist()
-    shapes = [tuple(d) if t else (d[0],) for d, t in zip(dims, two_d)]
-    shapes[n // 3] = ()
-    shapes[2 * n // 3] = (0,)
-    return shapes
 
 
 SHAPES = {
@@ -79,7 +59,7 @@ def check(tensors, ord, backend, device):
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_shapes_dtypes(device, backend, dtype, shape_name):
     shapes = SHAPES[shape_name]()

@@ -6,16 +6,18 @@ NaN-poisoned memory, non-contiguous params and grads, and torch.library.opcheck.
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, assert_fp32_close, assert_lowp_close,
-                              assert_poison_intact, dtype_id, embed, interpreted, small_shapes)
+                              assert_sr_within_one_ulp, check_found_inf_skips_everything,
+                              check_grad_scale_unscales, check_poisoned_views, check_sr_bits_agree,
+                              check_sr_unbiased, cpu_backend_pairs, dtype_id, found_inf_inputs,
+                              interpreted, master_inputs, pop_lr_dtype, rand_params, run_op_steps,
+                              small_shapes, sr_seed, sr_unbiased_inputs)
 from reference import adafactor_float64
-from tolerances import SR_BIT_AGREEMENT, SR_MAX_ULPS, SR_MEAN_SIGMAS, spacing, tol
 
 op = torch.ops.dlopt.adafactor_step
 
@@ -34,20 +36,18 @@ def new_state(params, state_dtype=None):
 
 def run_op(params, grads_seq, backend, *, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
            weight_decay=0.0, maximize=False, state_dtype=None, masters=None, sr_seed=None,
-           grad_scale=None, found_inf=None, lr_dtype=torch.float64, state=None):
-    """len(grads_seq) op calls on clones of `params`; returns every tensor it owns."""
-    params = [p.clone() for p in params]
+           grad_scale=None, found_inf=None, lr_dtype=torch.float64, state=None, clone=True):
+    """len(grads_seq) op calls (optim_op_helpers.run_op_steps); eps1=None is the first
+    param's dtype's epsilon, as torch resolves it."""
     state = new_state(params, state_dtype) if state is None else state
-    masters = [] if masters is None else [m.clone() for m in masters]
     eps1 = torch.finfo(params[0].dtype).eps if eps[0] is None else eps[0]
-    lr_t = torch.tensor(lr, dtype=lr_dtype, device=params[0].device)
-    for grads in grads_seq:
-        snapshot = [g.clone() for g in grads]
-        op(params, grads, state.rv, state.cv, state.var, masters, state.steps, lr_t, beta2_decay,
-           eps1, eps[1], d, weight_decay, maximize, grad_scale, found_inf, sr_seed, backend)
-        for g, s in zip(grads, snapshot):  # grads are read-only
-            assert torch.equal(g, s) or torch.equal(g.isnan(), s.isnan())
-    return SimpleNamespace(params=params, masters=masters, **vars(state))
+
+    def step(k, ps, grads, st, ms, lr_t):
+        op(ps, grads, st.rv, st.cv, st.var, ms, st.steps, lr_t, beta2_decay, eps1, eps[1], d,
+           weight_decay, maximize, grad_scale, found_inf, sr_seed, backend)
+
+    return run_op_steps(step, params, grads_seq, state, masters=masters, lr=lr,
+                        lr_dtype=lr_dtype, found_inf=found_inf, clone=clone)
 
 
 def hp_torch(hp):
@@ -155,7 +155,7 @@ def shapes_for(name, device, backend):
 def test_shapes_match_torch_and_oracle(device, backend, dtype, shape_name):
     shapes = shapes_for(shape_name, device, backend)
     n_steps = 2 if shape_name == "many_small" else 3
-    params0 = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    params0 = rand_params(shapes, device, dtype)
     grads_seq = rand_grads(params0, n_steps)
     hp = dict(lr=1e-2, weight_decay=0.1)
     ours = run_op(params0, grads_seq, backend, **hp)
@@ -185,8 +185,8 @@ FLAG_CASES = ([(f, torch.float32, None) for f in FLAGS]
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_flags_match_torch_and_oracle(device, backend, dtype, state_dtype, flags):
     hp = dict(FLAGS[flags])
-    lr_dtype = hp.pop("lr_dtype", torch.float64)
-    params0 = [torch.randn(s, device=device).to(dtype) for s in [(65, 31), (4097,), (), (3, 4, 5)]]
+    lr_dtype = pop_lr_dtype(hp)
+    params0 = rand_params([(65, 31), (4097,), (), (3, 4, 5)], device, dtype)
     grads_seq = rand_grads(params0, 3)
     ours = run_op(params0, grads_seq, backend, state_dtype=state_dtype, lr_dtype=lr_dtype, **hp)
     check_against_torch_and_oracle(ours, params0, grads_seq, hp)
@@ -269,49 +269,25 @@ def test_empty_lists(device, backend):
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_grad_scale_unscales(device, backend):
-    params0 = [torch.randn(s, device=device) for s in [(31, 9), (4097,), (2, 3, 4)]]
+    params0 = rand_params([(31, 9), (4097,), (2, 3, 4)], device)
     grads_seq = rand_grads(params0, 3)
     hp = dict(weight_decay=0.1, maximize=True)
-    plain = run_op(params0, grads_seq, backend, **hp)
-    s = 2.0**12  # a power of two divides exactly: bit-identical to the unscaled step
-    scaled = run_op(params0, [[g * s for g in gs] for gs in grads_seq], backend, **hp,
-                    grad_scale=torch.tensor(s, device=device))
-    for a, b in zip(plain.params + plain.rv + plain.cv + plain.var,
-                    scaled.params + scaled.rv + scaled.cv + scaled.var):
-        assert torch.equal(a, b)
-    s = 1000.5
-    scaled = run_op(params0, [[g * s for g in gs] for gs in grads_seq], backend, **hp,
-                    grad_scale=torch.tensor(s, device=device))
+    _, scaled = check_grad_scale_unscales(run_op, params0, grads_seq, backend, **hp)
     check_against_torch_and_oracle(scaled, params0, grads_seq, hp)
 
 
 @pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_found_inf_skips_everything(device, backend, master):
-    dtype = torch.bfloat16 if master else torch.float32
-    params0 = [torch.randn(s, device=device).to(dtype) for s in [(33, 5), (4097,), (), (0,)]]
-    masters = [p.float() + 1e-3 * torch.randn_like(p.float()) for p in params0] if master else None
+    params0, masters = found_inf_inputs(device, master, shapes=[(33, 5), (4097,), (), (0,)])
     state = new_state(params0, torch.float32)
     for t in state.rv + state.cv + state.var:
         t.uniform_(0.5, 1.5)
     for s in state.steps:
         s.fill_(3.0)
-    before = [t.clone() for t in state.rv + state.cv + state.var + state.steps]
     grads = rand_grads(params0, 1)
-    out = run_op(params0, grads, backend, weight_decay=0.1, masters=masters, state=state,
-                 found_inf=torch.tensor(1.0, device=device))
-    for a, b in zip(out.params + out.masters, params0 + (masters or [])):
-        assert torch.equal(a, b)
-    for a, b in zip(out.rv + out.cv + out.var + out.steps, before):
-        assert torch.equal(a, b)
-    copy_state = SimpleNamespace(**{k: [t.clone() for t in v] for k, v in vars(state).items()})
-    run_fi = run_op(params0, grads, backend, masters=masters, state=copy_state, weight_decay=0.1,
-                    found_inf=torch.tensor(0.0, device=device))
-    run_no = run_op(params0, grads, backend, masters=masters, state=state, weight_decay=0.1)
-    for a, b in zip(run_fi.params + run_fi.rv + run_fi.var + run_fi.steps,
-                    run_no.params + run_no.rv + run_no.var + run_no.steps):
-        assert torch.equal(a, b)
-    assert float(run_no.steps[0]) == 4.0 and not torch.equal(run_no.params[0], params0[0])
+    check_found_inf_skips_everything(run_op, params0, grads, backend, masters, state,
+                                     weight_decay=0.1)
 
 
 # -------------------------------------------------------------------- poisoned memory
@@ -320,31 +296,12 @@ def test_found_inf_skips_everything(device, backend, master):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_views_into_poisoned_buffers(device, backend, dtype):
-    """Params, grads and states are views into NaN-filled buffers: the op neither reads
-    the NaNs nor writes outside the views."""
-    shapes = [(41, 23), (4097,)]
-    p0 = [torch.randn(s, device=device).to(dtype) for s in shapes]
-    grads_seq = rand_grads(p0, 2)
-    clean = run_op(p0, grads_seq, backend, weight_decay=0.1)
-    bufs = []
-
-    def view_of(t):
-        b, v = embed(t)
-        bufs.append((b, b[17:17 + t.numel()], b.clone()))
-        return v
-
-    params = [view_of(p) for p in p0]
-    st = new_state(p0)
-    state = SimpleNamespace(rv=[view_of(t) for t in st.rv], cv=[view_of(t) for t in st.cv],
-                            var=[view_of(t) for t in st.var], steps=st.steps)
-    lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-    for gs in grads_seq:
-        op(params, [view_of(g) for g in gs], state.rv, state.cv, state.var, [], state.steps, lr,
-           -0.8, torch.finfo(dtype).eps, 1e-3, 1.0, 0.1, False, None, None, None, backend)
-    for a, b in zip(params + state.rv + state.cv + state.var,
-                    clean.params + clean.rv + clean.cv + clean.var):
-        assert torch.equal(a, b)
-    assert_poison_intact(bufs)
+    """Params, grads and the factored states are views into NaN-filled buffers
+    (optim_op_helpers.check_poisoned_views; no strided param: the factors are per row
+    and column of a dense layout)."""
+    p0 = rand_params([(41, 23), (4097,)], device, dtype)
+    check_poisoned_views(run_op, new_state, backend, p0, rand_grads(p0, 2), strided=False,
+                         weight_decay=0.1)
 
 
 # --------------------------------------------------------------------- master weights
@@ -356,24 +313,15 @@ def test_master_weights(device, backend, dtype):
     """With fp32 masters the params are outputs only (NaN before the first step), equal
     to the masters rounded after each step; the masters follow torch's fp32 Adafactor
     with eps1 of the param dtype."""
-    shapes = [(33, 9), (4097,), (), (0,), (2, 3, 4)]
-    masters0 = [torch.randn(s, device=device) for s in shapes]
-    params = [torch.full(s, float("nan"), device=device, dtype=dtype) for s in shapes]
-    state = new_state(masters0)
-    masters = [m.clone() for m in masters0]
+    masters0, params = master_inputs(device, dtype, [(33, 9), (4097,), (), (0,), (2, 3, 4)])
     grads_seq = rand_grads(params, 3)
-    lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-    eps1 = torch.finfo(dtype).eps
-    for gs in grads_seq:
-        op(params, gs, state.rv, state.cv, state.var, masters, state.steps, lr, -0.8, eps1, 1e-3,
-           1.0, 0.1, False, None, None, None, backend)
-        for p, m in zip(params, masters):
-            assert torch.equal(p, m.to(dtype))
-    hp = dict(weight_decay=0.1, eps=(eps1, 1e-3))
+    out = run_op(params, grads_seq, backend, masters=masters0, state=new_state(masters0),
+                 weight_decay=0.1)
+    hp = dict(weight_decay=0.1, eps=(torch.finfo(dtype).eps, 1e-3))
     ref_ps, ref_opt = run_torch(masters0, [[g.float() for g in gs] for gs in grads_seq], hp)
     for i, p in enumerate(ref_ps):
         if p is not None:
-            assert_fp32_close(masters[i], p.detach())
+            assert_fp32_close(out.masters[i], p.detach())
 
 
 # ---------------------------------------------------------------- stochastic rounding
@@ -382,69 +330,39 @@ def test_master_weights(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_sr_within_one_ulp_of_fp32_update(device, backend):
     shapes = [(65, 63), (0,), (4097,), ()]
-    params0 = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
+    params0 = rand_params(shapes, device, torch.bfloat16)
     grads = rand_grads(params0, 1)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
     eps = (torch.finfo(torch.bfloat16).eps, 1e-3)
-    out = run_op(params0, grads, backend, sr_seed=seed, state_dtype=torch.float32, eps=eps,
-                 weight_decay=0.1)
+    out = run_op(params0, grads, backend, sr_seed=sr_seed(device), state_dtype=torch.float32,
+                 eps=eps, weight_decay=0.1)
     ref_ps, _ = run_torch([p.float() for p in params0], [[g.float() for g in grads[0]]],
                           dict(eps=eps, weight_decay=0.1))
-    rtol, atol = tol(torch.float32).values()
-    for got, want in zip(out.params, ref_ps):
-        if want is None:
-            continue
-        want = want.detach().double()
-        bound = SR_MAX_ULPS * spacing(torch.bfloat16, want) + atol + rtol * want.abs()
-        assert ((got.double() - want).abs() <= bound).all()
+    live = [(got, want) for got, want in zip(out.params, ref_ps) if want is not None]
+    assert_sr_within_one_ulp(*zip(*live))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_sr_unbiased(device, backend):
     """A vector of ones with unit grads moves every element by the same fp32 amount;
     stochastic rounding over 65536 elements x 4 seeds averages to it."""
-    n, n_seeds = 65536, 4
-    lr = float(torch.empty(()).uniform_(0.5e-3, 3.5e-3))
-    p0 = torch.ones(n, dtype=torch.bfloat16, device=device)
-    g = torch.ones(n, dtype=torch.bfloat16, device=device)
+    lr, p0, g = sr_unbiased_inputs(device)
     eps = (torch.finfo(torch.bfloat16).eps, 1e-3)
     value = float(run_torch([p0.float()], [[g.float()]], dict(lr=lr, eps=eps))[0][0].detach()[0])
-    lo = float(torch.tensor(value).bfloat16().float())
-    if lo > value:
-        lo -= float(spacing(torch.bfloat16, torch.tensor(value)))
-    ulp = float(spacing(torch.bfloat16, torch.tensor(lo)))
-    q = (value - lo) / ulp
-    assert 0.02 < q < 0.98, "the test value must sit between two bf16 values"
-    results = []
-    for _ in range(n_seeds):
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
-        out = run_op([p0], [[g]], backend, lr=lr, eps=eps, state_dtype=torch.float32,
-                     sr_seed=seed)
-        vals = out.params[0].double()
-        assert ((vals == lo) | (vals == lo + ulp)).all(), "SR rounds to a neighbour"
-        results.append(vals)
-    mean = float(torch.cat(results).mean())
-    sigma = ulp * math.sqrt(q * (1 - q) / (n * n_seeds))
-    assert abs(mean - value) <= SR_MEAN_SIGMAS * sigma, (mean, value, sigma)
+    check_sr_unbiased(value, lambda seed: run_op([p0], [[g]], backend, lr=lr, eps=eps,
+                                                 state_dtype=torch.float32,
+                                                 sr_seed=seed).params[0],
+                      device, q_margin=0.02)
 
 
-def _sr_pairs():
-    bes = [b for d, b in DEVICE_BACKENDS if d == "cpu"]
-    return [(a, b) for i, a in enumerate(bes) for b in bes[i + 1:]]
-
-
-@pytest.mark.parametrize("backend_a,backend_b", _sr_pairs())
+@pytest.mark.parametrize("backend_a,backend_b", cpu_backend_pairs())
 def test_sr_bits_agree_across_backends(backend_a, backend_b):
     shapes = [(300, 7), (0,), (4097,), (), (2, 40, 50)]
-    params0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    params0 = rand_params(shapes, "cpu", torch.bfloat16)
     grads = rand_grads(params0, 1)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    outs = [run_op(params0, grads, be, state_dtype=torch.float32, sr_seed=seed, weight_decay=0.1)
-            for be in (backend_a, backend_b)]
-    a = torch.cat([p.reshape(-1) for p in outs[0].params]).view(torch.int16)
-    b = torch.cat([p.reshape(-1) for p in outs[1].params]).view(torch.int16)
-    agree = float((a == b).double().mean())
-    assert agree >= SR_BIT_AGREEMENT, f"{backend_a} vs {backend_b}: {agree:.4%} of bits agree"
+    seed = sr_seed("cpu")
+    check_sr_bits_agree(lambda be, sr: run_op(
+        params0, grads, be, state_dtype=torch.float32, sr_seed=seed if sr else None,
+        weight_decay=0.1).params, backend_a, backend_b)
 
 
 # --------------------------------------------------------------------- bad arguments

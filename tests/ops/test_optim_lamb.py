@@ -12,35 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import device_backends
+from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, STATE_CASES, STATE_IDS,
+                              assert_sr_within_one_ulp, check_found_inf_skips_everything,
+                              check_grad_scale_unscales, check_poisoned_views, check_sr_bits_agree,
+                              cpu_backend_pairs, dtype_id, found_inf_inputs, interpreted,
+                              lr_as_given, master_inputs, pop_lr_dtype, rand_grads, rand_params,
+                              run_op_steps, scaled, small_shapes, sr_seed)
 from reference import LambFloat64
-from tolerances import (LAMB_LOWP_ULPS_PER_STEP, LAMB_SIGN_MARGIN, SR_BIT_AGREEMENT,
-                        SR_MAX_ULPS, spacing, tol, ulp_error)
+from tolerances import LAMB_LOWP_ULPS_PER_STEP, LAMB_SIGN_MARGIN, tol, ulp_error
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICE_BACKENDS = device_backends()
 op = torch.ops.dlopt.lamb_step
 norm_op = torch.ops.dlopt.multi_tensor_norm
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).replace("torch.", "")
-    return None
-
-
-def interpreted(device, backend):
-    return backend == "triton" and device == "cpu"
-
-
-def small_shapes(n: int) -> list[tuple]:
-    dims = torch.randint(1, 65, (n, 2)).tolist()
-    two_d = torch.rand(n).lt(0.5).tolist()
-    shapes = [tuple(d) if t else (d[0],) for d, t in zip(dims, two_d)]
-    shapes[n // 3] = ()
-    shapes[2 * n // 3] = (0,)
-    return shapes
-
 
 SHAPES = {
     "1": lambda: [(1,)],
@@ -50,23 +32,6 @@ SHAPES = {
     "0dim": lambda: [()],
     "zero_size": lambda: [(0,), (3, 0, 2), (7,)],
 }
-
-
-def rand_grads(params, n_steps, scales=None):
-    """Fresh grads per step. For fp16 params the magnitudes are kept >= 0.25 (times the
-    step's scale): fp16 states hold (1 - beta2) * g^2, which underflows for small g (the
-    same limit as torch's fp16 Adam; tests/ops/test_optim_adam.py does the same)."""
-    out = []
-    for k in range(n_steps):
-        s = 1.0 if scales is None else scales[k % len(scales)]
-        gs = []
-        for p in params:
-            g = torch.randn(p.shape, device=p.device)
-            if p.dtype == torch.float16:
-                g = torch.where(g < 0, -1.0, 1.0) * g.abs().clamp_min(0.25)
-            gs.append((g * s).to(p.dtype))
-        out.append(gs)
-    return out
 
 
 def new_state(params, state_dtype=None):
@@ -79,23 +44,18 @@ def new_state(params, state_dtype=None):
 def run_op(params, grads_seq, backend, *, lr=1e-2, betas=(0.9, 0.999), eps=1e-6,
            weight_decay=0.01, bias_correction=True, max_grad_norm=0.0, state_dtype=None,
            masters=None, sr_seed=None, grad_scale=None, found_inf=None, state=None,
-           lr_dtype=torch.float64):
-    """len(grads_seq) op calls on clones of `params`; the global grad norm of each step
-    comes from multi_tensor_norm on the same backend (on the grads as passed)."""
-    params = [p.clone() for p in params]
+           lr_dtype=torch.float64, clone=True):
+    """len(grads_seq) op calls (optim_op_helpers.run_op_steps); the global grad norm of
+    each step comes from multi_tensor_norm on the same backend (on the grads as passed)."""
     state = new_state(params, state_dtype) if state is None else state
-    masters = [] if masters is None else [m.clone() for m in masters]
-    dev = params[0].device
-    lr_t = torch.tensor(lr, dtype=lr_dtype, device=dev)
-    for grads in grads_seq:
-        snapshot = [g.clone() for g in grads]
+
+    def step(k, ps, grads, st, ms, lr_t):
         gn = norm_op(grads, 2.0, backend)[1] if max_grad_norm > 0 else None
-        op(params, grads, state.m, state.v, masters, state.steps, lr_t, betas[0], betas[1],
-           weight_decay, eps, bias_correction, max_grad_norm, gn, grad_scale, found_inf,
-           sr_seed, backend)
-        for g, s in zip(grads, snapshot):  # grads are read-only
-            assert torch.equal(g, s)
-    return SimpleNamespace(params=params, masters=masters, **vars(state))
+        op(ps, grads, st.m, st.v, ms, st.steps, lr_t, betas[0], betas[1], weight_decay, eps,
+           bias_correction, max_grad_norm, gn, grad_scale, found_inf, sr_seed, backend)
+
+    return run_op_steps(step, params, grads_seq, state, masters=masters, lr=lr,
+                        lr_dtype=lr_dtype, found_inf=found_inf, clone=clone)
 
 
 def oracle(params, grads_seq, *, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
@@ -137,14 +97,14 @@ def check(ours, params0, grads_seq, hp, **okw):
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_shapes_match_oracle(device, backend, dtype, shape_name):
     shapes = SHAPES[shape_name]()
     n_steps = 3
     if shape_name == "many_small" and interpreted(device, backend):
         shapes, n_steps = small_shapes(15), 2  # ~1 ms per program instance interpreted
-    params0 = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    params0 = rand_params(shapes, device, dtype)
     grads_seq = rand_grads(params0, n_steps)
     hp = dict(lr=5e-2, weight_decay=0.01)
     # fp32 states (as with master weights or stochastic rounding); low-precision states
@@ -161,24 +121,20 @@ FLAGS = {
     "clip_inactive": dict(max_grad_norm=1e6),
     "betas_eps_lr32": dict(betas=(0.8, 0.99), eps=1e-4, lr=3e-2, lr_dtype=torch.float32),
 }
+
+
 # (fp16 params are covered by the shape and master-weight tests)
-STATE_CASES = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)]
-
-
 @pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("dtype,state_dtype", STATE_CASES,
-                         ids=[f"{_id(d)}-state_{_id(s) if s else 'same'}" for d, s in STATE_CASES])
+@pytest.mark.parametrize("dtype,state_dtype", STATE_CASES[:3], ids=STATE_IDS[:3])
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_flags_match_oracle(device, backend, dtype, state_dtype, flags):
     hp = dict(FLAGS[flags])
-    lr_dtype = hp.pop("lr_dtype", torch.float64)
-    params0 = [torch.randn(s, device=device).to(dtype) for s in [(4097,), (33, 7), ()]]
+    lr_dtype = pop_lr_dtype(hp)
+    params0 = rand_params([(4097,), (33, 7), ()], device, dtype)
     grads_seq = rand_grads(params0, 4, scales=[1.0, 3.0, 0.1, 0.5])
     ours = run_op(params0, grads_seq, backend, state_dtype=state_dtype, lr_dtype=lr_dtype, **hp)
     assert all(t.dtype == (state_dtype or dtype) for t in ours.m + ours.v)
-    if lr_dtype == torch.float32:  # the oracle gets the lr value the kernel was given
-        hp["lr"] = float(torch.tensor(hp["lr"], dtype=torch.float32))
-    check(ours, params0, grads_seq, hp)
+    check(ours, params0, grads_seq, lr_as_given(hp, lr_dtype))
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -247,131 +203,54 @@ def test_cpu_result_independent_of_thread_count():
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_grad_scale_unscales(device, backend):
-    params0 = [torch.randn(s, device=device) for s in [(4097,), (7, 9)]]
+    params0 = rand_params([(4097,), (7, 9)], device)
     grads_seq = rand_grads(params0, 3)
     hp = dict(max_grad_norm=2.0)
-    plain = run_op(params0, grads_seq, backend, **hp)
-    s = 2.0**12  # a power of two divides exactly: bit-identical to the unscaled step
-    scaled = run_op(params0, [[g * s for g in gs] for gs in grads_seq], backend, **hp,
-                    grad_scale=torch.tensor(s, device=device))
-    for a, b in zip(plain.params + plain.m + plain.v, scaled.params + scaled.m + scaled.v):
-        assert torch.equal(a, b)
+    _, out = check_grad_scale_unscales(run_op, params0, grads_seq, backend, **hp)
     s = 1000.5
-    scaled = run_op(params0, [[g * s for g in gs] for gs in grads_seq], backend, **hp,
-                    grad_scale=torch.tensor(s, device=device))
-    check(scaled, params0, [[g * s for g in gs] for gs in grads_seq], hp, grad_scale=s)
+    check(out, params0, scaled(grads_seq, s), hp, grad_scale=s)
 
 
 @pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_found_inf_skips_everything(device, backend, master):
-    dtype = torch.bfloat16 if master else torch.float32
-    params0 = [torch.randn(s, device=device).to(dtype) for s in [(4097,), (), (0,)]]
-    masters = [p.float() + 1e-3 * torch.randn_like(p.float()) for p in params0] if master else None
+    params0, masters = found_inf_inputs(device, master)
     state = SimpleNamespace(m=[torch.randn_like(p, dtype=torch.float32) for p in params0],
                             v=[torch.rand_like(p, dtype=torch.float32) for p in params0],
                             steps=[torch.full((), 3.0, device=device) for _ in params0])
-    before = [t.clone() for t in state.m + state.v + state.steps]
     grads = rand_grads(params0, 1)
-    out = run_op(params0, grads, backend, masters=masters, state=state, max_grad_norm=1.0,
-                 found_inf=torch.tensor(1.0, device=device))
-    for a, b in zip(out.params, params0):
-        assert torch.equal(a, b)
-    for a, b in zip(out.m + out.v + out.steps, before):
-        assert torch.equal(a, b)
-    for a, b in zip(out.masters, masters or []):
-        assert torch.equal(a, b)
-    copy = SimpleNamespace(**{k: [t.clone() for t in v] for k, v in vars(state).items()})
-    run_fi = run_op(params0, grads, backend, masters=masters, state=copy,
-                    found_inf=torch.tensor(0.0, device=device))
-    run_no = run_op(params0, grads, backend, masters=masters, state=state)
-    for a, b in zip(run_fi.params + run_fi.m + run_fi.steps,
-                    run_no.params + run_no.m + run_no.steps):
-        assert torch.equal(a, b)
-    assert float(run_no.steps[0]) == 4.0
+    for clip in (1.0, 0.0):  # with and without the global-norm clipping
+        check_found_inf_skips_everything(run_op, params0, grads, backend, masters, state,
+                                         max_grad_norm=clip)
 
 
 # -------------------------------------------------------------------- poisoned memory
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_views_into_poisoned_buffers(device, backend, dtype):
-    """Every tensor is a view into a NaN-filled buffer (one param strided): the op
-    neither reads the NaNs nor writes outside the views."""
-    n, pad = 4097, 17
-
-    def embed(t):
-        buf = torch.full((t.numel() + 2 * pad,), float("nan"), dtype=t.dtype, device=device)
-        buf[pad:pad + t.numel()] = t.reshape(-1)
-        return buf, buf[pad:pad + t.numel()].view(t.shape)
-
-    def embed_strided(t):
-        buf = torch.full((2 * t.numel() + 1,), float("nan"), dtype=t.dtype, device=device)
-        view = buf[1::2]
-        view.copy_(t)
-        return buf, view
-
-    p0 = [torch.randn(n, device=device).to(dtype), torch.randn(n, device=device).to(dtype)]
-    grads_seq = rand_grads(p0, 2)
-    clean = run_op(p0, grads_seq, backend, max_grad_norm=1.0)
-    bufs, views = [], {}
-    for name, ts in (("p", p0), ("m", [torch.zeros_like(p) for p in p0]),
-                     ("v", [torch.zeros_like(p) for p in p0])):
-        views[name] = []
-        for i, t in enumerate(ts):
-            b, v = (embed_strided if (name == "p" and i == 1) else embed)(t)
-            bufs.append((b, v, b.clone()))
-            views[name].append(v)
-    poisoned = []
-    for gs in grads_seq:
-        row = []
-        for g in gs:
-            b, v = embed(g)
-            bufs.append((b, v, b.clone()))
-            row.append(v)
-        poisoned.append(row)
-    lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-    steps = [torch.zeros((), device=device) for _ in p0]
-    for gs in poisoned:
-        gn = norm_op(gs, 2.0, backend)[1]
-        op(views["p"], gs, views["m"], views["v"], [], steps, lr, 0.9, 0.999, 0.01, 1e-6, True,
-           1.0, gn, None, None, None, backend)
-    for a, b in zip(views["p"] + views["m"] + views["v"], clean.params + clean.m + clean.v):
-        assert torch.equal(a, b)
-    ibits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-    for buf, view, orig in bufs:
-        outside = torch.ones(buf.numel(), dtype=torch.bool, device=device)
-        end = view.storage_offset() + view.stride(0) * (view.numel() - 1) + 1
-        outside[view.storage_offset():end:view.stride(0)] = False
-        bits = ibits[buf.dtype]
-        assert torch.equal(buf.view(bits)[outside], orig.view(bits)[outside])
+    """Every tensor is a view into a NaN-filled buffer
+    (optim_op_helpers.check_poisoned_views)."""
+    p0 = rand_params([(4097,), (4097,)], device, dtype)
+    check_poisoned_views(run_op, new_state, backend, p0, rand_grads(p0, 2), max_grad_norm=1.0)
 
 
 # --------------------------------------------------------------------- master weights
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_master_weights(device, backend, dtype):
     """With fp32 masters the params are outputs only (NaN before the first step): after
     each step param == master rounded; the masters follow the oracle like fp32 params."""
-    shapes = [(4097,), (13, 5), (), (0,)]
-    masters0 = [torch.randn(s, device=device) for s in shapes]
-    params = [torch.full(s, float("nan"), device=device, dtype=dtype) for s in shapes]
-    state = new_state(masters0)
-    masters = [m.clone() for m in masters0]
+    masters0, params = master_inputs(device, dtype)
     grads_seq = rand_grads(params, 3)
-    lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-    for gs in grads_seq:
-        gn = norm_op(gs, 2.0, backend)[1]
-        op(params, gs, state.m, state.v, masters, state.steps, lr, 0.9, 0.999, 0.01, 1e-6, True,
-           1.0, gn, None, None, None, backend)
-        for p, m in zip(params, masters):
-            assert torch.equal(p, m.to(dtype))
+    out = run_op(params, grads_seq, backend, masters=masters0, state=new_state(masters0),
+                 max_grad_norm=1.0)
     o = oracle(masters0, [[g.float() for g in gs] for gs in grads_seq], max_grad_norm=1.0)
-    for i in range(len(shapes)):
-        torch.testing.assert_close(masters[i].double(), o.params[i], **tol(torch.float32))
+    for i in range(len(masters0)):
+        torch.testing.assert_close(out.masters[i].double(), o.params[i], **tol(torch.float32))
 
 
 # ---------------------------------------------------------------- stochastic rounding
@@ -380,39 +259,25 @@ def test_master_weights(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_sr_within_one_ulp_of_fp32_update(device, backend):
     shapes = [(4097,), (0,), (31, 3), ()]
-    params0 = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
+    params0 = rand_params(shapes, device, torch.bfloat16)
     grads = rand_grads(params0, 1)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
-    out = run_op(params0, grads, backend, state_dtype=torch.float32, sr_seed=seed)
+    out = run_op(params0, grads, backend, state_dtype=torch.float32, sr_seed=sr_seed(device))
     want = run_op([p.float() for p in params0], [[g.float() for g in grads[0]]], backend)
-    rtol, atol = tol(torch.float32).values()
-    for got, w in zip(out.params, want.params):
-        w = w.double()
-        assert got.dtype == torch.bfloat16
-        bound = SR_MAX_ULPS * spacing(torch.bfloat16, w) + atol + rtol * w.abs()
-        assert ((got.double() - w).abs() <= bound).all()
+    assert_sr_within_one_ulp(out.params, want.params)
     # not round-to-nearest: some elements went to the farther neighbour
     near = torch.cat([w.bfloat16().reshape(-1) for w in want.params])
     assert not torch.equal(torch.cat([p.reshape(-1) for p in out.params]), near)
 
 
-def _pairs():
-    bes = [b for d, b in DEVICE_BACKENDS if d == "cpu"]
-    return [(a, b) for i, a in enumerate(bes) for b in bes[i + 1:]]
-
-
-@pytest.mark.parametrize("backend_a,backend_b", _pairs())
+@pytest.mark.parametrize("backend_a,backend_b", cpu_backend_pairs())
 def test_backends_agree_sr_bits(backend_a, backend_b):
     shapes = [(4097,), (0,), (300, 7), ()]
-    params0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    params0 = rand_params(shapes, "cpu", torch.bfloat16)
     grads = rand_grads(params0, 1)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    outs = [run_op(params0, grads, be, state_dtype=torch.float32, sr_seed=seed,
-                   max_grad_norm=1.0) for be in (backend_a, backend_b)]
-    a = torch.cat([p.reshape(-1) for p in outs[0].params]).view(torch.int16)
-    b = torch.cat([p.reshape(-1) for p in outs[1].params]).view(torch.int16)
-    agree = float((a == b).double().mean())
-    assert agree >= SR_BIT_AGREEMENT, f"{backend_a} vs {backend_b}: {agree:.4%} of bits agree"
+    seed = sr_seed("cpu")
+    check_sr_bits_agree(lambda be, sr: run_op(
+        params0, grads, be, state_dtype=torch.float32, sr_seed=seed if sr else None,
+        max_grad_norm=1.0).params, backend_a, backend_b)
 
 
 # --------------------------------------------------------------------------- opcheck

@@ -12,18 +12,20 @@ grads compares elements whose |c| stayed above tolerances.SIGN_MARGIN.
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, STATE_CASES, STATE_IDS,
-                              assert_fp32_close, assert_lowp_close, assert_poison_intact,
-                              dtype_id, embed, embed_strided, shapes_for, SHAPES)
+from optim_op_helpers import (DEVICE_BACKENDS, DTYPES, SHAPE_NAMES, STATE_CASES, STATE_IDS,
+                              assert_fp32_close, assert_lowp_close, assert_sr_within_one_ulp,
+                              check_found_inf_skips_everything, check_grad_scale_unscales,
+                              check_poisoned_views, check_sr_bits_agree, check_sr_unbiased,
+                              cpu_backend_pairs, dtype_id, found_inf_inputs, master_inputs,
+                              pop_lr_dtype, rand_params, run_op_steps, shapes_for, sr_seed,
+                              sr_unbiased_inputs)
 from reference import lion_float64
-from tolerances import (SIGN_EXCLUDED_MAX, SIGN_MARGIN, SR_BIT_AGREEMENT, SR_MAX_ULPS,
-                        SR_MEAN_SIGMAS, spacing, tol)
+from tolerances import SIGN_EXCLUDED_MAX, SIGN_MARGIN
 
 op = torch.ops.dlopt.lion_step
 
@@ -50,19 +52,16 @@ def new_state(params, state_dtype=None, exp_avgs=None):
 
 def run_op(params, grads_seq, backend, *, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0,
            maximize=False, state_dtype=None, masters=None, sr_seed=None, grad_scale=None,
-           found_inf=None, lr_dtype=torch.float64, state=None):
-    """len(grads_seq) op calls on clones of `params`; returns every tensor it owns."""
-    params = [p.clone() for p in params]
+           found_inf=None, lr_dtype=torch.float64, state=None, clone=True):
+    """len(grads_seq) op calls (optim_op_helpers.run_op_steps)."""
     state = new_state(params, state_dtype) if state is None else state
-    masters = [] if masters is None else [m.clone() for m in masters]
-    lr_t = torch.tensor(lr, dtype=lr_dtype, device=params[0].device if params else "cpu")
-    for grads in grads_seq:
-        snapshot = [g.clone() for g in grads]
-        op(params, grads, state.m, masters, state.steps, lr_t, betas[0], betas[1],
-           weight_decay, maximize, grad_scale, found_inf, sr_seed, backend)
-        for g, s in zip(grads, snapshot):  # grads are read-only
-            assert torch.equal(g, s) or torch.equal(g.isnan(), s.isnan())
-    return SimpleNamespace(params=params, masters=masters, **vars(state))
+
+    def step(k, ps, grads, st, ms, lr_t):
+        op(ps, grads, st.m, ms, st.steps, lr_t, betas[0], betas[1], weight_decay, maximize,
+           grad_scale, found_inf, sr_seed, backend)
+
+    return run_op_steps(step, params, grads_seq, state, masters=masters, lr=lr,
+                        lr_dtype=lr_dtype, found_inf=found_inf, clone=clone)
 
 
 def torch_lion(params, grads_seq, *, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0,
@@ -118,17 +117,13 @@ def check_against_oracle(ours, params0, grads_seq, hp, state_dtype=None):
 # ------------------------------------------------------------------------- accuracy
 
 
-# the shared odd shapes, with 70001 (3 CPU chunks, 2 interpreted Triton blocks) for 278011
-LION_SHAPES = [name for name in SHAPES if name != "278011"] + ["70001"]
-
-
-@pytest.mark.parametrize("shape_name", LION_SHAPES)
+# (the shared odd shapes, with 70001 (3 CPU chunks, 2 interpreted Triton blocks) for 278011)
+@pytest.mark.parametrize("shape_name", SHAPE_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_shapes_match_oracle(device, backend, dtype, shape_name):
-    shapes = [(70001,)] if shape_name == "70001" else shapes_for(shape_name, device, backend)
     n_steps = 2 if shape_name == "many_small" else 3
-    params0 = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    params0 = rand_params(shapes_for(shape_name, device, backend), device, dtype)
     grads_seq = lion_grads(params0, n_steps)
     hp = dict(lr=1e-2, weight_decay=0.1)
     ours = run_op(params0, grads_seq, backend, **hp)
@@ -157,8 +152,8 @@ FLAG_CASES = ([(f, torch.float32, None) for f in FLAGS]
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_flags_match_oracle(device, backend, dtype, state_dtype, flags):
     hp = dict(FLAGS[flags])
-    lr_dtype = hp.pop("lr_dtype", torch.float64)
-    params0 = [torch.randn(s, device=device).to(dtype) for s in [(4097,), (33, 7), ()]]
+    lr_dtype = pop_lr_dtype(hp)
+    params0 = rand_params([(4097,), (33, 7), ()], device, dtype)
     grads_seq = lion_grads(params0, 4)
     ours = run_op(params0, grads_seq, backend, state_dtype=state_dtype, lr_dtype=lr_dtype, **hp)
     check_against_oracle(ours, params0, grads_seq, hp, state_dtype=state_dtype)
@@ -228,47 +223,25 @@ def test_empty_lists(device, backend):
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_grad_scale_unscales(device, backend):
-    params0 = [torch.randn(s, device=device) for s in [(4097,), (7, 9)]]
+    params0 = rand_params([(4097,), (7, 9)], device)
     grads_seq = lion_grads(params0, 3)
     hp = dict(weight_decay=0.1, maximize=True)
-    plain = run_op(params0, grads_seq, backend, **hp)
-    for s in (2.0**12, 1000.5):  # any scale: the unscaled grads' signs and momentum
-        scaled = run_op(params0, [[g * s for g in gs] for gs in grads_seq], backend, **hp,
-                        grad_scale=torch.tensor(s, device=device))
-        for a, b in zip(scaled.params + scaled.m, plain.params + plain.m):
-            if s == 2.0**12:  # a power of two divides exactly: bit-identical
-                assert torch.equal(a, b)
-            else:
-                assert_fp32_close(a, b)
+    plain, scaled = check_grad_scale_unscales(run_op, params0, grads_seq, backend, **hp)
+    # any other scale: the unscaled grads' signs and momentum
+    for a, b in zip(scaled.params + scaled.m, plain.params + plain.m):
+        assert_fp32_close(a, b)
     check_against_oracle(scaled, params0, grads_seq, hp)
 
 
 @pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_found_inf_skips_everything(device, backend, master):
-    dtype = torch.bfloat16 if master else torch.float32
-    params0 = [torch.randn(s, device=device).to(dtype) for s in [(4097,), (), (0,)]]
-    masters = [p.float() + 1e-3 * torch.randn_like(p.float()) for p in params0] if master else None
+    params0, masters = found_inf_inputs(device, master)
     state = SimpleNamespace(m=[torch.randn_like(p, dtype=torch.float32) for p in params0],
                             steps=[torch.full((), 3.0, device=device) for _ in params0])
-    before = [t.clone() for t in state.m + state.steps]
     grads = lion_grads(params0, 1)
-    out = run_op(params0, grads, backend, weight_decay=0.1, masters=masters, state=state,
-                 found_inf=torch.tensor(1.0, device=device))
-    for a, b in zip(out.params + out.masters, params0 + (masters or [])):
-        assert torch.equal(a, b)
-    for a, b in zip(out.m + out.steps, before):
-        assert torch.equal(a, b)
-    # found_inf == 0 is a normal step
-    copy_state = SimpleNamespace(**{k: [t.clone() for t in v] for k, v in vars(state).items()})
-    run_fi = run_op(params0, grads, backend, masters=masters, state=copy_state,
-                    weight_decay=0.1, found_inf=torch.tensor(0.0, device=device))
-    run_no = run_op(params0, grads, backend, masters=masters, state=state, weight_decay=0.1)
-    for a, b in zip(run_fi.params + run_fi.m + run_fi.steps,
-                    run_no.params + run_no.m + run_no.steps):
-        assert torch.equal(a, b)
-    assert float(run_no.steps[0]) == 4.0
-    assert not torch.equal(run_no.params[0], params0[0])
+    check_found_inf_skips_everything(run_op, params0, grads, backend, masters, state,
+                                     weight_decay=0.1)
 
 
 # -------------------------------------------------------------------- poisoned memory
@@ -277,36 +250,10 @@ def test_found_inf_skips_everything(device, backend, master):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_views_into_poisoned_buffers(device, backend, dtype):
-    """Every tensor the op reads or writes is a view into a NaN-filled buffer: the op
-    neither reads the NaNs (results equal a run on clean copies) nor writes outside the
-    views (the poison is bit for bit unchanged). One param is a strided view."""
-    n = 4097
-    p0 = [torch.randn(n, device=device).to(dtype), torch.randn(n, device=device).to(dtype)]
-    grads_seq = lion_grads(p0, 2)
-    clean = run_op(p0, grads_seq, backend, weight_decay=0.1)
-    bufs, views = [], {}
-    for name, ts in (("p", p0), ("m", [torch.zeros_like(p) for p in p0])):
-        views[name] = []
-        for i, t in enumerate(ts):
-            b, v = (embed_strided if (name == "p" and i == 1) else embed)(t)
-            bufs.append((b, v, b.clone()))
-            views[name].append(v)
-    poisoned_grads = []
-    for gs in grads_seq:
-        row = []
-        for g in gs:
-            b, v = embed(g)
-            bufs.append((b, v, b.clone()))
-            row.append(v)
-        poisoned_grads.append(row)
-    lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-    steps = [torch.zeros((), device=device) for _ in p0]
-    for gs in poisoned_grads:
-        op(views["p"], gs, views["m"], [], steps, lr, 0.9, 0.99, 0.1, False, None, None, None,
-           backend)
-    for a, b in zip(views["p"] + views["m"], clean.params + clean.m):
-        assert torch.equal(a, b)
-    assert_poison_intact(bufs)
+    """Every tensor the op reads or writes is a view into a NaN-filled buffer
+    (optim_op_helpers.check_poisoned_views)."""
+    p0 = rand_params([(4097,), (4097,)], device, dtype)
+    check_poisoned_views(run_op, new_state, backend, p0, lion_grads(p0, 2), weight_decay=0.1)
 
 
 # --------------------------------------------------------------------- master weights
@@ -318,23 +265,15 @@ def test_master_weights(device, backend, dtype):
     """With fp32 masters the params are outputs only: poisoned with NaN before the first
     step, each step leaves param == master rounded to nearest, and the masters follow
     the float64 oracle as an fp32 param would."""
-    shapes = [(4097,), (13, 5), (), (0,)]
-    masters0 = [torch.randn(s, device=device) for s in shapes]
-    params = [torch.full(s, float("nan"), device=device, dtype=dtype) for s in shapes]
-    state = new_state(masters0)
-    masters = [m.clone() for m in masters0]
+    masters0, params = master_inputs(device, dtype)
     grads_seq = lion_grads(params, 3)
-    lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-    for gs in grads_seq:
-        op(params, gs, state.m, masters, state.steps, lr, 0.9, 0.99, 0.1, False, None, None,
-           None, backend)
-        for p, m in zip(params, masters):
-            assert torch.equal(p, m.to(dtype))
+    out = run_op(params, grads_seq, backend, masters=masters0, state=new_state(masters0),
+                 weight_decay=0.1)
     for i, m0 in enumerate(masters0):
         oracle, oracle_m, _ = lion_float64(m0, [g[i] for g in grads_seq], lr=1e-2,
                                            weight_decay=0.1)
-        assert_fp32_close(masters[i].double(), oracle)
-        assert_fp32_close(state.m[i].double(), oracle_m)
+        assert_fp32_close(out.masters[i].double(), oracle)
+        assert_fp32_close(out.m[i].double(), oracle_m)
 
 
 # ---------------------------------------------------------------- stochastic rounding
@@ -343,7 +282,7 @@ def test_master_weights(device, backend, dtype):
 def _sr_setup(device, shapes):
     """bf16 params, fp32 momentum from the middle of training (|m| <= 0.05, so the
     LION_GRADS margin still holds)."""
-    params0 = [torch.randn(s, device=device).to(torch.bfloat16) for s in shapes]
+    params0 = rand_params(shapes, device, torch.bfloat16)
     m0 = [torch.empty(s, device=device).uniform_(-0.05, 0.05) for s in shapes]
     return params0, m0
 
@@ -353,17 +292,15 @@ def test_sr_within_one_ulp_of_fp32_update(device, backend):
     shapes = [(4097,), (0,), (31, 3), ()]
     params0, m0 = _sr_setup(device, shapes)
     grads = lion_grads(params0, 1)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
-    out = run_op(params0, grads, backend, state=new_state(params0, exp_avgs=m0), sr_seed=seed,
-                 lr=1e-3, weight_decay=0.1)
-    rtol, atol = tol(torch.float32).values()
-    for i, (got, p0) in enumerate(zip(out.params, params0)):
+    out = run_op(params0, grads, backend, state=new_state(params0, exp_avgs=m0),
+                 sr_seed=sr_seed(device), lr=1e-3, weight_decay=0.1)
+    wants = []
+    for i, p0 in enumerate(params0):
         want, want_m, _ = lion_float64(p0, [grads[0][i]], lr=1e-3, weight_decay=0.1,
                                        exp_avg=m0[i])
-        assert got.dtype == torch.bfloat16
-        bound = SR_MAX_ULPS * spacing(torch.bfloat16, want) + atol + rtol * want.abs()
-        assert ((got.double() - want).abs() <= bound).all()
+        wants.append(want)
         assert_fp32_close(out.m[i].double(), want_m)  # exact fp32, not rounded to bf16
+    assert_sr_within_one_ulp(out.params, wants)
     assert not torch.equal(out.m[0], out.m[0].bfloat16().float())
 
 
@@ -371,48 +308,25 @@ def test_sr_within_one_ulp_of_fp32_update(device, backend):
 def test_sr_unbiased(device, backend):
     """One fixed fp32 value rounded stochastically many times (65536 elements x 4 seeds):
     the mean approaches the value; round-to-nearest would be > 100 sigma away."""
-    n, n_seeds = 65536, 4
-    lr = float(torch.empty(()).uniform_(0.5e-3, 3.5e-3))
-    p0 = torch.ones(n, dtype=torch.bfloat16, device=device)
-    g = torch.ones(n, dtype=torch.bfloat16, device=device)
+    lr, p0, g = sr_unbiased_inputs(device)
     value = float(torch.tensor(1.0, dtype=torch.float32) - torch.tensor(lr, dtype=torch.float32))
-    lo = float(torch.tensor(value).bfloat16().float())
-    if lo > value:
-        lo -= float(spacing(torch.bfloat16, torch.tensor(value)))
-    ulp = float(spacing(torch.bfloat16, torch.tensor(lo)))
-    q = (value - lo) / ulp
-    assert 0.02 < q < 0.98, "the test value must sit between two bf16 values"
-    results = []
-    for _ in range(n_seeds):
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
-        out = run_op([p0], [[g]], backend, lr=lr, state_dtype=torch.float32, sr_seed=seed)
-        vals = out.params[0].double()
-        assert ((vals == lo) | (vals == lo + ulp)).all(), "SR rounds to a neighbour"
-        results.append(vals)
-    mean = float(torch.cat(results).mean())
-    sigma = ulp * math.sqrt(q * (1 - q) / (n * n_seeds))
-    assert abs(mean - value) <= SR_MEAN_SIGMAS * sigma, (mean, value, sigma)
+    check_sr_unbiased(value, lambda seed: run_op([p0], [[g]], backend, lr=lr,
+                                                 state_dtype=torch.float32,
+                                                 sr_seed=seed).params[0],
+                      device, q_margin=0.02)
 
 
-def _sr_pairs():
-    bes = [b for d, b in DEVICE_BACKENDS if d == "cpu"]
-    return [(a, b) for i, a in enumerate(bes) for b in bes[i + 1:]]
-
-
-@pytest.mark.parametrize("backend_a,backend_b", _sr_pairs())
+@pytest.mark.parametrize("backend_a,backend_b", cpu_backend_pairs())
 def test_sr_bits_agree_across_backends(backend_a, backend_b):
     """Same seed, same inputs: the backends draw the same random bits per (tensor,
     element), so the rounded bf16 bits agree on (nearly) every element."""
     shapes = [(4097,), (0,), (300, 7), (), (70001,)]
     params0, m0 = _sr_setup("cpu", shapes)
     grads = lion_grads(params0, 1)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    outs = [run_op(params0, grads, be, state=new_state(params0, exp_avgs=m0), sr_seed=seed,
-                   weight_decay=0.1, lr=1e-3) for be in (backend_a, backend_b)]
-    a = torch.cat([p.reshape(-1) for p in outs[0].params]).view(torch.int16)
-    b = torch.cat([p.reshape(-1) for p in outs[1].params]).view(torch.int16)
-    agree = float((a == b).double().mean())
-    assert agree >= SR_BIT_AGREEMENT, f"{backend_a} vs {backend_b}: {agree:.4%} of bits agree"
+    seed = sr_seed("cpu")
+    check_sr_bits_agree(lambda be, sr: run_op(
+        params0, grads, be, state=new_state(params0, exp_avgs=m0), sr_seed=seed if sr else None,
+        weight_decay=0.1, lr=1e-3).params, backend_a, backend_b)
 
 
 # --------------------------------------------------------------------- bad arguments

@@ -12,15 +12,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import CPU_BACKENDS
-from optim_twin_helpers import (FP32, assert_construction_refused, assert_refusals_documented,
-                                assert_same_training, assert_unchanged, check_optim_db_error_input,
-                                clone_params, make_params, mlp, optim_db_configs,
-                                optim_db_error_inputs, rand_grads, roundtrip, run_optim_db_config,
-                                set_grads, snapshot, train_regression, twin_run)
-from tolerances import SR_MAX_ULPS, TRAIN_LOSS_MAX_FRACTION, TRAIN_LOSS_RTOL, spacing
+from optim_twin_helpers import (check_checkpoint_resumes_exactly, check_compiled_step_matches_eager,
+                                check_construction_case, check_grad_scaler_matches_torch,
+                                check_master_weights_match_twin, check_odd_params_like_torch,
+                                check_ours_checkpoint_into_torch,
+                                check_refused_group_and_sparse_step,
+                                check_sr_first_step_within_one_ulp,
+                                check_torch_checkpoint_into_ours, check_trains_like, clone_params,
+                                construction_cases, make_params, mlp, optim_db_tests, set_grads,
+                                twin_groups, twin_run, twin_run_late_grads)
 
 from dlopt_kernels.optim import Adagrad
 
@@ -75,36 +77,11 @@ def test_later_group_sum_starts_at_constructor_value():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compiled_step_matches_eager(backend):
-    """The optimizer step under torch.compile(fullgraph=True) gives the eager result bit
-    for bit (fp32 group, bf16 master-weights group) and does not recompile when the
-    tensor lr changes."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    model = mlp()
-    model[2].to(torch.bfloat16)
-    twin = copy.deepcopy(model)
-
-    def make(m):
-        return Adagrad([{"params": m[0].parameters()},
-                        {"params": m[2].parameters(), "master_weights": True}],
-                       lr=torch.tensor(0.05), lr_decay=0.1, weight_decay=0.01, backend=backend)
-
-    opt, opt_eager = make(model), make(twin)
-    compiled_step = torch.compile(opt.step, fullgraph=True)
-    graphs_before = counters["stats"]["unique_graphs"]
-    for i in range(4):
-        x = torch.randn(5, 8)
-        for m, o, step in ((model, opt, compiled_step), (twin, opt_eager, opt_eager.step)):
-            o.zero_grad()
-            m[2](m[1](m[0](x)).bfloat16()).float().square().mean().backward()
-            step()
-            o.defaults["lr"].mul_(0.7)
-        for p, q in zip(model.parameters(), twin.parameters()):
-            assert torch.equal(p, q), f"step {i}"
-        for p in model[2].parameters():
-            assert torch.equal(p, opt.state[p]["master_param"].to(p.dtype))
-    assert counters["stats"]["unique_graphs"] - graphs_before <= 2
+    """Bit for bit with eager (fp32 group, bf16 master-weights group), no recompile when
+    the tensor lr changes (optim_twin_helpers)."""
+    check_compiled_step_matches_eager(lambda m: Adagrad(
+        [{"params": m[0].parameters()}, {"params": m[2].parameters(), "master_weights": True}],
+        lr=torch.tensor(0.05), lr_decay=0.1, weight_decay=0.01, backend=backend))
 
 
 # ------------------------------------------------------------------------ state_dict
@@ -115,62 +92,26 @@ def _two_groups(params):
 
 
 def test_torch_checkpoint_into_ours():
-    params = make_params()
-    ref = TWIN(_two_groups(params), lr=0.05, weight_decay=0.1, initial_accumulator_value=0.1)
-    for _ in range(3):
-        set_grads(params, rand_grads(params))
-        ref.step()
-    sd = roundtrip(ref.state_dict())
-    mine = clone_params(params)
-    ours = Adagrad(_two_groups(mine), lr=0.5)  # hparams and state come from sd
-    ours.load_state_dict(sd)
-    for g_ours, g_ref in zip(ours.param_groups, ref.param_groups):
-        for key in ("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value",
-                    "maximize"):
-            assert g_ours[key] == g_ref[key], key
-    assert_same_training(ours, mine, ref, params)
-    twin_run(Adagrad, TWIN, {}, mine, 3, ours=ours, ref=ref, ps_ref=params)
+    ours, mine = check_torch_checkpoint_into_ours(
+        lambda ps: TWIN(_two_groups(ps), lr=0.05, weight_decay=0.1, initial_accumulator_value=0.1),
+        lambda ps: Adagrad(_two_groups(ps), lr=0.5),  # hparams and state come from it
+        make_params(), ("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value",
+                        "maximize"))
     assert all(float(ours.state[p]["step"]) == 6 for p in mine)
 
 
 def test_ours_checkpoint_into_torch():
-    params = make_params()
-    ours = Adagrad(_two_groups(params), lr=0.05, eps=1e-6, maximize=True)
-    for _ in range(3):
-        set_grads(params, rand_grads(params))
-        ours.step()
-    sd = roundtrip(ours.state_dict())
-    theirs = clone_params(params)
-    ref = TWIN(_two_groups(theirs), lr=0.5, foreach=False)
-    ref.load_state_dict(sd)
-    assert_same_training(ours, params, ref, theirs)
-    twin_run(Adagrad, TWIN, {}, params, 3, ours=ours, ref=ref, ps_ref=theirs)
+    check_ours_checkpoint_into_torch(
+        lambda ps: Adagrad(_two_groups(ps), lr=0.05, eps=1e-6, maximize=True),
+        lambda ps: TWIN(_two_groups(ps), lr=0.5, foreach=False), make_params())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_master_weights_checkpoint_roundtrip(dtype):
-    params = make_params(dtype=dtype)
-    ours = Adagrad(params, lr=0.01, master_weights=True)
-    for _ in range(2):
-        set_grads(params, rand_grads(params))
-        ours.step()
-    sd = ours.state_dict()
-    for i in range(len(params)):
-        assert sd["state"][i]["master_param"].dtype == torch.float32
-        assert sd["state"][i]["sum"].dtype == torch.float32
-    mine = clone_params(params)
-    resumed = Adagrad(mine, lr=0.3, master_weights=True)
-    resumed.load_state_dict(roundtrip(sd))
-    for _ in range(2):
-        grads = rand_grads(params)
-        set_grads(params, grads)
-        set_grads(mine, grads)
-        ours.step()
-        resumed.step()
-    for p, q in zip(params, mine):
-        assert torch.equal(p, q)
-        for key in ("master_param", "sum", "step"):
-            assert torch.equal(ours.state[p][key], resumed.state[q][key]), key
+    _, _, sd = check_checkpoint_resumes_exactly(
+        lambda ps: Adagrad(ps, lr=0.01, master_weights=True),
+        lambda ps: Adagrad(ps, lr=0.3, master_weights=True), make_params(dtype=dtype))
+    assert all(set(st) == {"step", "master_param", "sum"} for st in sd["state"].values())
 
 
 def test_master_copy_taken_at_first_step():
@@ -198,40 +139,15 @@ def test_param_groups_and_late_grads_match_torch(backend):
               {"params": params[2:4], "lr": 0.03, "lr_decay": 0.2, "eps": 1e-4},
               {"params": params[4:], "weight_decay": 0.2, "maximize": True}]
     ours = Adagrad(groups, lr=0.01, backend=backend)
-    ref = TWIN([dict(g, params=clone_params(g["params"])) for g in groups], lr=0.01,
-               foreach=False)
-    ps_ref = [p for g in ref.param_groups for p in g["params"]]
-    for k in range(4):
-        grads = rand_grads(params)
-        grads[1] = None
-        if k < 2:
-            grads[3] = None
-        set_grads(params, grads)
-        set_grads(ps_ref, grads)
-        ours.step()
-        ref.step()
-        assert_same_training(ours, params, ref, ps_ref)
+    ref, ps_ref = twin_groups(TWIN, groups, lr=0.01)
+    twin_run_late_grads(ours, params, ref, ps_ref)
     assert float(ours.state[params[1]]["step"]) == 0 and float(ours.state[params[3]]["step"]) == 2
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_odd_params_like_torch(backend):
     """Zero-size and 0-dim params, a transposed param and a transposed grad."""
-    params = [nn.Parameter(torch.randn(s)) for s in [(0,), (), (3, 0), (5,)]]
-    params.append(nn.Parameter(torch.randn(7, 5).t()))
-    params.append(nn.Parameter(torch.randn(5, 7)))
-    ps_ref = clone_params(params)
-    ours = Adagrad(params, lr=0.1, weight_decay=0.1, backend=backend)
-    ref = TWIN(ps_ref, lr=0.1, weight_decay=0.1, foreach=False)
-    for _ in range(3):
-        grads = rand_grads(params)
-        grads[-1] = torch.randn(7, 5).t()
-        set_grads(params, grads)
-        set_grads(ps_ref, grads)
-        ours.step()
-        ref.step()
-        assert_same_training(ours, params, ref, ps_ref)
-    assert params[4].stride() == (1, 5)
+    check_odd_params_like_torch(Adagrad, TWIN, dict(lr=0.1, weight_decay=0.1), backend)
 
 
 # ----------------------------------------------------------------------- GradScaler
@@ -243,25 +159,10 @@ def test_grad_scaler_matches_torch_fused(backend):
     overflow step changes nothing at all (steps included)."""
     model = mlp()
     twin = copy.deepcopy(model)
-    ours = Adagrad(model.parameters(), lr=0.05, lr_decay=0.1, weight_decay=0.1, backend=backend)
-    ref = TWIN(twin.parameters(), lr=0.05, lr_decay=0.1, weight_decay=0.1, fused=True)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=2)
-               for _ in range(2)]
-    for it in range(5):
-        x = torch.randn(5, 8)
-        for m, o, sc in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
-            o.zero_grad()
-            sc.scale(m(x).square().mean()).backward()
-            if it == 2:
-                next(m.parameters()).grad[0, 0] = float("inf")
-            before = snapshot(list(m.parameters()), o) if (o is ours and it == 2) else None
-            sc.step(o)
-            sc.update()
-            if before is not None:
-                assert_unchanged({k: before[k] for k in ("params", "state")},
-                                 list(m.parameters()), o)
-        assert scalers[0].get_scale() == scalers[1].get_scale()
-        assert_same_training(ours, list(model.parameters()), ref, list(twin.parameters()))
+    kw = dict(lr=0.05, lr_decay=0.1, weight_decay=0.1)
+    ours = Adagrad(model.parameters(), **kw, backend=backend)
+    ref = TWIN(twin.parameters(), **kw, fused=True)
+    check_grad_scaler_matches_torch(ours, ref, model, twin, 5, (2,))
     assert {float(ours.state[p]["step"]) for p in model.parameters()} == {4.0}
 
 
@@ -271,57 +172,22 @@ def test_grad_scaler_matches_torch_fused(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_master_weights(backend, dtype):
-    params = make_params(dtype=dtype) + [nn.Parameter(torch.randn(9))]
-    ref_ps = [nn.Parameter(p.detach().float().clone()) for p in params]
-    ours = Adagrad(params, lr=0.01, weight_decay=0.1, master_weights=True, backend=backend)
-    ref = TWIN(ref_ps, lr=0.01, weight_decay=0.1, foreach=False)
-    for _ in range(3):
-        grads = rand_grads(params)
-        set_grads(params, grads)
-        set_grads(ref_ps, [g.float() for g in grads])
-        ours.step()
-        ref.step()
-        for p, q in zip(params, ref_ps):
-            st = ours.state[p]
-            if p.dtype == torch.float32:
-                assert "master_param" not in st
-                torch.testing.assert_close(p.detach(), q.detach(), **FP32)
-                continue
-            assert torch.equal(p.detach(), st["master_param"].to(dtype))
-            torch.testing.assert_close(st["master_param"], q.detach(), **FP32)
-            torch.testing.assert_close(st["sum"], ref.state[q]["sum"], **FP32)
+    check_master_weights_match_twin(Adagrad, TWIN, dict(lr=0.01, weight_decay=0.1), dtype,
+                                    backend, ("sum",))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_stochastic_rounding_first_step_within_one_ulp(backend):
-    params = make_params([(4097,), (5, 9), ()], dtype=torch.bfloat16)
-    ref_ps = [nn.Parameter(p.detach().float().clone()) for p in params]
-    ours = Adagrad(params, lr=1e-3, initial_accumulator_value=1.0, stochastic_rounding=True,
-                   backend=backend)
-    ref = TWIN(ref_ps, lr=1e-3, initial_accumulator_value=1.0, foreach=False)
-    grads = rand_grads(params)
-    set_grads(params, grads)
-    set_grads(ref_ps, [g.float() for g in grads])
-    ours.step()
-    ref.step()
-    rtol, atol = FP32["rtol"], FP32["atol"]
-    for p, q in zip(params, ref_ps):
-        st = ours.state[p]
-        assert "master_param" not in st and st["sum"].dtype == torch.float32
-        want = q.detach().double()
-        bound = SR_MAX_ULPS * spacing(torch.bfloat16, want) + atol + rtol * want.abs()
-        assert ((p.detach().double() - want).abs() <= bound).all()
+    check_sr_first_step_within_one_ulp(Adagrad, TWIN,
+                                       dict(lr=1e-3, initial_accumulator_value=1.0), backend,
+                                       "sum")
 
 
 # ------------------------------------------------------------------------- bad input
 
-CONSTRUCTION = {
-    "lr_negative": (dict(lr=-1e-3), ValueError, "lr"),
-    "lr_tensor_two_elements": (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, "lr"),
-    "lr_string": (dict(lr="0.01"), TypeError, "lr"),
+CONSTRUCTION = construction_cases({
     "lr_decay_negative": (dict(lr_decay=-0.5), ValueError, "lr_decay"),
     "lr_decay_nan": (dict(lr_decay=float("nan")), ValueError, "lr_decay"),
-    "weight_decay_negative": (dict(weight_decay=-0.1), ValueError, "weight_decay"),
     "initial_accumulator_value_negative": (dict(initial_accumulator_value=-1.0), ValueError,
                                            "initial_accumulator_value"),
     "initial_accumulator_value_string": (dict(initial_accumulator_value="0"), TypeError,
@@ -331,54 +197,24 @@ CONSTRUCTION = {
     "maximize_not_bool": (dict(maximize=1), TypeError, "maximize"),
     "differentiable": (dict(differentiable=True), ValueError, "differentiable"),
     "foreach_and_fused": (dict(foreach=True, fused=True), ValueError, "fused"),
-    "master_and_sr": (dict(master_weights=True, stochastic_rounding=True), ValueError,
-                      "stochastic_rounding"),
-    "unknown_backend": (dict(backend="bogus"), ValueError, "backend"),
-}
+})
 
 
 @pytest.mark.parametrize("case", list(CONSTRUCTION))
 def test_construction_refused(case):
-    kwargs, exc, name = CONSTRUCTION[case]
-    params = make_params()
-    set_grads(params, rand_grads(params))
-    assert_construction_refused(Adagrad, params, kwargs, exc, name)
+    check_construction_case(Adagrad, CONSTRUCTION[case])
 
 
 def test_refused_step_and_group_change_nothing():
-    params = make_params()
-    opt = Adagrad(params[:3], lr=0.01)
-    for _ in range(2):
-        set_grads(params, rand_grads(params))
-        opt.step()
-    before = snapshot(params, opt)
-    with pytest.raises(ValueError, match="lr_decay"):
-        opt.add_param_group({"params": params[3:], "lr_decay": -1.0})
-    assert_unchanged(before, params, opt)
-    params[1].grad = params[1].grad.to_sparse()
-    before = snapshot(params, opt)
-    with pytest.raises(TypeError, match="sparse"):
-        opt.step()
-    assert_unchanged(before, params, opt)
+    check_refused_group_and_sparse_step(lambda ps: Adagrad(ps, lr=0.01), make_params(),
+                                        [({"lr_decay": -1.0}, ValueError, "lr_decay")])
 
 
 # --------------------------------------------------- PyTorch's optimizer test database
 
 REFUSED = {"differentiable": "a fused in-place step has no autograd graph; use torch.optim"}
-
-
-@pytest.mark.parametrize("kwargs", optim_db_configs("Adagrad"))
-def test_optim_db_config(kwargs):
-    run_optim_db_config(Adagrad, TWIN, kwargs, REFUSED)
-
-
-def test_refusals_are_documented():
-    assert_refusals_documented(REFUSED)
-
-
-@pytest.mark.parametrize("error_input", optim_db_error_inputs("Adagrad"))
-def test_optim_db_error_input(error_input):
-    check_optim_db_error_input(Adagrad, error_input)
+test_optim_db_config, test_refusals_are_documented, test_optim_db_error_input = \
+    optim_db_tests(Adagrad, TWIN, REFUSED)
 
 
 # ------------------------------------------------------------------- training check
@@ -386,7 +222,5 @@ def test_optim_db_error_input(error_input):
 
 def test_trains_like_torch():
     kwargs = dict(lr=0.05, lr_decay=1e-3, weight_decay=1e-4, initial_accumulator_value=0.1)
-    ours, scale = train_regression(lambda ps: Adagrad(ps, **kwargs))
-    theirs, _ = train_regression(lambda ps: TWIN(ps, **kwargs, foreach=False))
-    assert abs(ours - theirs) <= TRAIN_LOSS_RTOL * theirs
-    assert ours <= TRAIN_LOSS_MAX_FRACTION * scale, (ours, scale)
+    check_trains_like(lambda ps: Adagrad(ps, **kwargs),
+                      lambda ps: TWIN(ps, **kwargs, foreach=False))

@@ -7,37 +7,19 @@ Tolerances come from tests/tolerances.py only.
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import CPU_BACKENDS
+from optim_twin_helpers import (FP32, check_checkpoint_resumes_exactly,
+                                check_compiled_step_matches_eager, make_params, mlp, rand_grads,
+                                set_grads)
 from reference import LambFloat64
-from tolerances import SR_MAX_ULPS, TRAIN_LOSS_RTOL, spacing, tol
+from tolerances import TRAIN_LOSS_RTOL, sr_bound
 
 from dlopt_kernels.optim import LAMB
-
-FP32 = tol(torch.float32)
-SHAPES = [(7, 13), (13,), (3, 7), (3,), ()]
-
-
-def make_params(shapes=SHAPES, dtype=torch.float32):
-    return [nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-
-
-def clone_params(params):
-    return [nn.Parameter(p.detach().clone()) for p in params]
-
-
-def rand_grads(params, scale=1.0):
-    return [torch.randn_like(p) * scale for p in params]
-
-
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.clone()
 
 
 def assert_matches_oracle(ours, params, oracle, tolerance=FP32):
@@ -108,66 +90,26 @@ def test_param_groups_clip_globally(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compiled_step_matches_eager(backend):
     """torch.compile(fullgraph=True) of the step (with clipping, a bf16 master-weights
-    group and a tensor lr changed in place) gives the eager result bit for bit."""
-    torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    model[2].to(torch.bfloat16)
-    twin = copy.deepcopy(model)
-
-    def make(m):
-        return LAMB([{"params": m[0].parameters()},
-                     {"params": m[2].parameters(), "master_weights": True}],
-                    lr=torch.tensor(0.01), max_grad_norm=0.1, backend=backend)
-
-    opt, opt_eager = make(model), make(twin)
-    compiled_step = torch.compile(opt.step, fullgraph=True)
-    for i in range(3):
-        x = torch.randn(5, 8)
-        for m, o, step in ((model, opt, compiled_step), (twin, opt_eager, opt_eager.step)):
-            o.zero_grad()
-            m[2](m[1](m[0](x)).bfloat16()).float().square().mean().backward()
-            step()
-            o.defaults["lr"].mul_(0.7)
-        for p, q in zip(model.parameters(), twin.parameters()):
-            assert torch.equal(p, q), f"step {i}"
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+    group and a tensor lr changed in place) gives the eager result bit for bit
+    (optim_twin_helpers)."""
+    check_compiled_step_matches_eager(lambda m: LAMB(
+        [{"params": m[0].parameters()}, {"params": m[2].parameters(), "master_weights": True}],
+        lr=torch.tensor(0.01), max_grad_norm=0.1, backend=backend), n_steps=3)
 
 
 def test_state_dict_roundtrip():
-    params = make_params()
-    ours = LAMB(params, lr=0.01, max_grad_norm=1.0)
-    for _ in range(2):
-        set_grads(params, rand_grads(params))
-        ours.step()
-    sd = _roundtrip(ours.state_dict())
+    _, resumed, sd = check_checkpoint_resumes_exactly(
+        lambda ps: LAMB(ps, lr=0.01, max_grad_norm=1.0), lambda ps: LAMB(ps, lr=0.5),
+        make_params())
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
-    mine = clone_params(params)
-    resumed = LAMB(mine, lr=0.5)
-    resumed.load_state_dict(sd)
     assert resumed.param_groups[0]["max_grad_norm"] == 1.0
-    for _ in range(2):
-        grads = rand_grads(params)
-        set_grads(params, grads)
-        set_grads(mine, grads)
-        ours.step()
-        resumed.step()
-    for p, q in zip(params, mine):
-        assert torch.equal(p, q)
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(ours.state[p][key], resumed.state[q][key])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_grad_scaler(backend):
     """torch.amp.GradScaler: grads are unscaled in the kernel (the clipping norm too),
     and a step with an inf grad changes nothing at all."""
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = mlp()
     params = list(model.parameters())
     ours = LAMB(params, lr=0.01, max_grad_norm=0.5, backend=backend)
     oracle = LambFloat64(params, lr=0.01, max_grad_norm=0.5)
@@ -225,13 +167,11 @@ def test_stochastic_rounding_first_step_within_one_ulp(backend):
     set_grads(params, grads)
     ours.step()
     oracle.step([g.float() for g in grads])
-    rtol, atol = FP32["rtol"], FP32["atol"]
     for i, p in enumerate(params):
         st = ours.state[p]
         assert "master_param" not in st and st["exp_avg"].dtype == torch.float32
         want = oracle.params[i]
-        bound = SR_MAX_ULPS * spacing(torch.bfloat16, want) + atol + rtol * want.abs()
-        assert ((p.detach().double() - want).abs() <= bound).all()
+        assert ((p.detach().double() - want).abs() <= sr_bound(want)).all()
 
 
 def test_params_without_grads_and_closure():

@@ -29,9 +29,9 @@ struct F16 {
 };
 
 template <class P, Store STORE>
-inline typename P::T store_param(float x, uint32_t key, int64_t i) {
+inline typename P::T store_param(float x, uint32_t key, uint32_t i) {
   if constexpr (STORE == Store::kStochastic && std::is_same_v<P, BF16>) {
-    return bf16_bits_stochastic(x, sr_random(key, static_cast<uint64_t>(i)));
+    return bf16_bits_stochastic(x, mix32(i ^ key));  // sr_random(key, i), in 32-bit lanes
   } else {
     return P::store(x);
   }

@@ -1,20 +1,18 @@
 // Per-tensor step counters of a multi-tensor op on CUDA, counted on the device (no
 // host sync, CUDA-graph capturable): the CUDA twin of cpu_multi_tensor.h
-// increment_step / check_step_tensor / skip_step.
+// increment_step / skip_step (the host half checks the step tensors).
 //
-// for_each_step_batch packs the step tensors' pointers into StepBatch kernel arguments
+// for_each_step_batch packs the call's step pointers into StepBatch kernel arguments
 // (kStepsPerLaunch per launch); an op either launches bump_steps_kernel on each batch
 // (ops whose coefficients do not depend on the step) or calls bump_step() from its own
 // per-tensor prepare kernel (Adam: bias corrections from the new step).
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/macros.h"
 
@@ -56,36 +54,28 @@ __global__ void bump_steps_kernel(const __grid_constant__ StepBatch b,
   if (k < b.count && !skip_step(found_inf)) bump_step(b, k);
 }
 
-inline void check_step_tensor(const at::Tensor& s, const c10::Device& device, size_t i) {
-  TORCH_CHECK(s.numel() == 1 && s.device() == device &&
-                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-              "dlopt: state_steps[", i, "] must be a one-element float32/float64 tensor on ",
-              device);
-}
-
-// fn(const StepBatch&) for each batch of kStepsPerLaunch step tensors.
+// fn(const StepBatch&) -> cudaError_t for each batch of kStepsPerLaunch of the call's
+// steps; stops at the first error.
 template <class Fn>
-void for_each_step_batch(at::TensorList steps, Fn&& fn) {
-  const size_t n = steps.size();
-  for (size_t first = 0; first < n; first += kStepsPerLaunch) {
+cudaError_t for_each_step_batch(const Launch& l, Fn&& fn) {
+  for (int32_t first = 0; first < l.n; first += kStepsPerLaunch) {
     StepBatch b;
-    b.first = static_cast<int32_t>(first);
-    b.count = static_cast<int32_t>(std::min<size_t>(kStepsPerLaunch, n - first));
+    b.first = first;
+    b.count = std::min<int32_t>(kStepsPerLaunch, l.n - first);
     for (int k = 0; k < b.count; ++k) {
-      const at::Tensor& s = steps[first + k];
-      b.step[k] = s.data_ptr();
-      b.is_double[k] = s.scalar_type() == at::kDouble;
+      b.step[k] = l.steps[first + k].ptr;
+      b.is_double[k] = l.steps[first + k].is_double;
     }
-    fn(static_cast<const StepBatch&>(b));
+    DLOPT_CUDA_TRY(fn(static_cast<const StepBatch&>(b)));
   }
+  return cudaSuccess;
 }
 
-// steps[i] += 1 for every i unless found_inf is set, on the current stream.
-inline void bump_steps(at::TensorList steps, const ScalarRef& found_inf) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for_each_step_batch(steps, [&](const StepBatch& b) {
-    bump_steps_kernel<<<(b.count + 127) / 128, 128, 0, stream>>>(b, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+// steps[i] += 1 for every i unless found_inf is set, on the call's stream.
+inline cudaError_t bump_steps(const Launch& l) {
+  return for_each_step_batch(l, [&](const StepBatch& b) {
+    bump_steps_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, l.found_inf);
+    return cudaGetLastError();
   });
 }
 

@@ -10,10 +10,10 @@
 // element). Master weights need no adapter: the fp32 master is one more F32
 // list, and the low-precision param is stored with nearest-even rounding.
 #pragma once
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 #include <cstdint>
+#include "dlopt/cuda_launch.h"
 #include "dlopt/rounding.h"
 
 namespace dlopt {
@@ -55,33 +55,33 @@ struct F16 {
   }
 };
 
-// How an fp32 result is written into a param (the CUDA twin of cpu_storage.h Store).
-enum class StoreMode { kNearest, kMaster, kStochastic };
-
 // The CUDA twin of cpu_multi_tensor.h pick_storage: maps (param dtype, state dtype,
-// store mode) to `Pick<PS, S, MASTER>::get(args...)`, PS the param's storage (whose
+// store mode) to `Pick<PS, S, MASTER>::run(args...)`, PS the param's storage (whose
 // store rounds stochastically under kStochastic), S the states'. fp32 params honour a
-// master copy and ignore stochastic rounding; fp16 params take no stochastic rounding.
+// master copy and ignore stochastic rounding. The host half has refused every other
+// combination (other param dtypes, stochastic rounding of fp16): they return
+// cudaErrorInvalidValue without launching.
 template <template <class, class, bool> class Pick, class... Args>
-auto pick_storage(at::ScalarType pt, at::ScalarType st, StoreMode store, Args... args) {
-  const bool f32_state = st == at::kFloat;
+cudaError_t pick_storage(DType pt, DType st, StoreMode store, Args&&... args) {
+  const bool f32_state = st == DType::kF32;
   switch (pt) {
-    case at::kFloat:
-      return store == StoreMode::kMaster ? Pick<F32, F32, true>::get(args...)
-                                         : Pick<F32, F32, false>::get(args...);
-    case at::kBFloat16:
-      if (store == StoreMode::kMaster) return Pick<BF16, F32, true>::get(args...);
+    case DType::kF32:
+      return store == StoreMode::kMaster ? Pick<F32, F32, true>::run(args...)
+                                         : Pick<F32, F32, false>::run(args...);
+    case DType::kBF16:
+      if (store == StoreMode::kMaster) return Pick<BF16, F32, true>::run(args...);
       if (store == StoreMode::kStochastic)
-        return f32_state ? Pick<BF16Stochastic, F32, false>::get(args...)
-                         : Pick<BF16Stochastic, BF16, false>::get(args...);
-      return f32_state ? Pick<BF16, F32, false>::get(args...) : Pick<BF16, BF16, false>::get(args...);
-    case at::kHalf:
-      TORCH_CHECK(store != StoreMode::kStochastic,
-                  "dlopt: stochastic rounding supports bfloat16 and float32 params, not float16");
-      if (store == StoreMode::kMaster) return Pick<F16, F32, true>::get(args...);
-      return f32_state ? Pick<F16, F32, false>::get(args...) : Pick<F16, F16, false>::get(args...);
+        return f32_state ? Pick<BF16Stochastic, F32, false>::run(args...)
+                         : Pick<BF16Stochastic, BF16, false>::run(args...);
+      return f32_state ? Pick<BF16, F32, false>::run(args...)
+                       : Pick<BF16, BF16, false>::run(args...);
+    case DType::kF16:
+      if (store == StoreMode::kStochastic) return cudaErrorInvalidValue;
+      if (store == StoreMode::kMaster) return Pick<F16, F32, true>::run(args...);
+      return f32_state ? Pick<F16, F32, false>::run(args...)
+                       : Pick<F16, F16, false>::run(args...);
     default:
-      TORCH_CHECK(false, "dlopt: unsupported param dtype ", pt);
+      return cudaErrorInvalidValue;
   }
 }
 

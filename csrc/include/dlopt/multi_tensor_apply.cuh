@@ -2,8 +2,9 @@
 // functor over many tensors (each with N parallel "lists": param, grad,
 // states, ...) in a few kernel launches.
 //
-// Host side (for_each_table, multi_tensor_apply): the caller hands a vector of
-// TensorEntry (N raw pointers + numel + per-tensor metadata). They are packed
+// Host side (group_by_dtype, for_each_table, multi_tensor_apply): the launcher turns
+// the call's ParamEntry list (dlopt/cuda_launch.h) into vectors of TensorEntry (N raw
+// pointers + numel + per-tensor metadata), one per dtype group. They are packed
 // into a table that travels by value as the kernel argument (under the classic
 // 4 KB parameter limit: no device-side buffer, no host->device copy, nothing
 // that breaks CUDA graph capture). Each tensor is cut into kChunk-element
@@ -32,16 +33,17 @@
 // copyable: device pointers, hyperparameters) is part of the table and so is
 // shared by every block of a launch.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <limits>
+#include <map>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "dlopt/cuda_launch.h"
+#include "dlopt/cuda_storage.cuh"
 #include "dlopt/macros.h"
 
 namespace dlopt {
@@ -217,11 +219,36 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   run_thread(tab, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
-// Packs the non-empty entries into tables and calls fn(table, number_of_blocks)
-// for each; host-only and CUDA-free (multi_tensor_apply launches from fn).
+// The call's non-empty entries as TensorEntry lists, one per (param dtype, state
+// dtype) group (each group is one template instantiation of the Op); meta(entry) gives
+// an entry's Meta.
+template <int N, class Meta, class MetaFn>
+std::map<std::pair<cuda::DType, cuda::DType>, std::vector<TensorEntry<N, Meta>>> group_by_dtype(
+    const cuda::Launch& l, MetaFn&& meta) {
+  static_assert(N <= cuda::kMaxLists, "more lists than a ParamEntry holds");
+  std::map<std::pair<cuda::DType, cuda::DType>, std::vector<TensorEntry<N, Meta>>> groups;
+  for (int32_t i = 0; i < l.n; ++i) {
+    const cuda::ParamEntry& e = l.entries[i];
+    if (e.numel == 0) continue;
+    TensorEntry<N, Meta> t;
+    std::copy(e.ptr, e.ptr + N, t.ptr);
+    t.numel = e.numel;
+    t.meta = meta(e);
+    groups[{e.param, e.state}].push_back(t);
+  }
+  return groups;
+}
+
+// The Meta of ops that need only the tensor's index.
+inline int32_t tensor_index(const cuda::ParamEntry& e) { return e.index; }
+
+// Packs the non-empty entries into tables and calls fn(table, number_of_blocks) ->
+// cudaError_t for each, stopping at the first error; host-only and CUDA-free
+// (multi_tensor_apply launches from fn).
 template <class Op, class Fn>
-void for_each_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                    const Op& op, Fn&& fn) {
+cudaError_t for_each_table(
+    const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
+    Fn&& fn) {
   using Tab = Table<Op>;
   using Cap = typename Tab::Cap;
   static_assert(sizeof(Tab) <= 4096, "multi_tensor_apply: kernel argument over 4 KB");
@@ -242,8 +269,8 @@ void for_each_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>
   };
   for (size_t t = 0; t < todo.size(); ++t) {
     const Entry& e = *todo[t];
+    // int32 chunk indices: 2^31 chunks of 64K elements (2^47) exceed any GPU's memory.
     const int64_t chunks = (e.numel + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "dlopt: tensor too large");
     put(nt++, e);
     for (int64_t c = 0; c < chunks; ++c) {
       tab.block_tensor[nb] = static_cast<uint16_t>(nt - 1);
@@ -251,25 +278,38 @@ void for_each_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>
       ++nb;
       const bool last_chunk = c == chunks - 1;
       if (nb == Cap::kBlocks || (last_chunk && (nt == Cap::kTensors || t + 1 == todo.size()))) {
-        fn(static_cast<const Tab&>(tab), nb);
+        DLOPT_CUDA_TRY(fn(static_cast<const Tab&>(tab), nb));
         nb = 0;
         nt = 0;
         if (!last_chunk) put(nt++, e);  // the rest of this tensor goes in the next table
       }
     }
   }
+  return cudaSuccess;
 }
 
-// Launches Op over every entry on the current stream of the current device
-// (the caller sets the device with a CUDAGuard). Empty tensors are skipped.
+// Launches Op over every entry on `stream` (of the current device, which the host
+// half set). Empty tensors are skipped.
 template <class Op>
-void multi_tensor_apply(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                        const Op& op) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for_each_table(entries, op, [&](const Table<Op>& tab, int blocks) {
+cudaError_t multi_tensor_apply(
+    const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
+    cudaStream_t stream) {
+  return for_each_table(entries, op, [&](const Table<Op>& tab, int blocks) {
     multi_tensor_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   });
+}
+
+// The launch of an element-wise op: for each dtype group of the call (group_by_dtype,
+// meta(entry) the Op's Meta), Pick<PS, S, MASTER>::run(args..., entries, stream) as
+// cuda::pick_storage chooses it (args: the Op's runtime choices, then its shared data).
+template <template <class, class, bool> class Pick, int N, class Meta, class MetaFn,
+          class... Args>
+cudaError_t apply_by_dtype(const cuda::Launch& l, MetaFn&& meta, const Args&... args) {
+  for (const auto& [key, entries] : group_by_dtype<N, Meta>(l, meta))
+    DLOPT_CUDA_TRY(cuda::pick_storage<Pick>(key.first, key.second, l.store, args..., entries,
+                                            l.stream));
+  return cudaSuccess;
 }
 
 }  // namespace mta

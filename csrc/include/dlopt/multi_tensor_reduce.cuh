@@ -2,14 +2,14 @@
 // built on multi_tensor_apply.cuh: the same tables, chunking, vectorized loads and
 // stores, plus a per-chunk result. Deterministic: no atomics, a fixed order.
 //
-//   1. multi_tensor_reduce(entries, op): like multi_tensor_apply (the functor may
+//   1. multi_tensor_reduce(entries, op, stream): like multi_tensor_apply (the functor may
 //      also write lists), but every thread keeps `float acc[Op::kPartials]`, passed
 //      to the functor as its fourth argument; each block (one chunk of one tensor)
 //      reduces its threads' values in double and writes them to
 //      op.partials[(meta.chunk_base + chunk) * kPartials + r]. A tensor's chunks
 //      are thus contiguous: give tensor i `chunk_base` = sum of chunks_of(numel)
 //      over the tensors before it (chunk_bases() below).
-//   2. segment_reduce(bases, partials, fin): one block per tensor combines its
+//   2. segment_reduce(bases, partials, fin, stream): one block per tensor combines its
 //      chunks' partials in double and calls fin.finish(tensor_index, values) once.
 //      The tensor ranges travel by value in the kernel argument (no host->device
 //      copy, nothing that breaks CUDA graph capture), 448 tensors per launch.
@@ -26,8 +26,7 @@
 // segment_reduce provides kPartials, identity, combine and
 //   void finish(int64_t tensor_index, const double (&v)[kPartials]) const;
 #pragma once
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -95,15 +94,15 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   }
 }
 
-// Launches a reducing Op over every entry on the current stream (the caller sets the
-// device). Empty tensors are skipped (they own no chunk).
+// Launches a reducing Op over every entry on `stream` (of the current device). Empty
+// tensors are skipped (they own no chunk). Returns the first launch error.
 template <class Op>
-void multi_tensor_reduce(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                         const Op& op) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for_each_table(entries, op, [&](const Table<Op>& tab, int blocks) {
+cudaError_t multi_tensor_reduce(
+    const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
+    cudaStream_t stream) {
+  return for_each_table(entries, op, [&](const Table<Op>& tab, int blocks) {
     multi_tensor_reduce_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return cudaGetLastError();
   });
 }
 
@@ -132,13 +131,14 @@ __global__ void __launch_bounds__(kSegmentBlock)
   if (threadIdx.x == 0) fin.finish(b.first + k, v);
 }
 
-// fin.finish(i, values of tensor i) for every tensor i, bases from chunk_bases().
+// fin.finish(i, values of tensor i) for every tensor i, bases from chunk_bases(), on
+// `stream`. Returns the first launch error.
 template <class Fin>
-void segment_reduce(const std::vector<int64_t>& bases, const double* partials, const Fin& fin) {
+cudaError_t segment_reduce(const std::vector<int64_t>& bases, const double* partials,
+                           const Fin& fin, cudaStream_t stream) {
   static_assert(sizeof(SegmentBatch) + sizeof(double*) + sizeof(Fin) <= 4096,
                 "segment_reduce: kernel arguments over 4 KB");
   static_assert(std::is_trivially_copyable<Fin>::value, "Fin must be trivially copyable");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = static_cast<int64_t>(bases.size()) - 1;
   for (int64_t first = 0; first < n; first += kSegmentsPerLaunch) {
     const int count = static_cast<int>(std::min<int64_t>(kSegmentsPerLaunch, n - first));
@@ -146,8 +146,9 @@ void segment_reduce(const std::vector<int64_t>& bases, const double* partials, c
     b.first = first;
     for (int k = 0; k <= count; ++k) b.base[k] = bases[first + k];
     segment_reduce_kernel<Fin><<<count, kSegmentBlock, 0, stream>>>(b, partials, fin);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DLOPT_CUDA_TRY(cudaGetLastError());
   }
+  return cudaSuccess;
 }
 
 }  // namespace mta

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Print the README's benchmark tables (markdown) from a results file of benchmarks/results/.
+
+    python benchmarks/tables.py benchmarks/results/cpu-intel-xeon-2c-2026-11-26.json
+
+One table per benchmark section: for each case, our default backend's median step time,
+each baseline's, our speedup against each, and the share of the measured bandwidth we
+reach; then the section's targets, met or missed, as the benchmark evaluated them. The
+README quotes this output as is, so its numbers always come from a committed run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def _ours_row(case: dict[str, Any], auto: str) -> dict[str, Any] | None:
+    """Our default backend's row of a case: plain "dlopt[auto]", else the first
+    row of ours with that backend (the bf16 case labels rows "dlopt[auto] bf16 SR")."""
+    ours = [r for r in case["results"] if r["role"] == "ours" and f"[{auto}]" in r["label"]]
+    plain = [r for r in ours if r["label"] == f"dlopt[{auto}]"]
+    return (plain or ours or [None])[0]
+
+
+def section_table(name: str, sec: dict[str, Any]) -> str:
+    auto = sec.get("auto_backend", "cpu")
+    bw = sec["bandwidth"]["gbps"]
+    lines = [f"**{name}** (measured bandwidth {bw:.1f} GB/s; load average at start "
+             f"{sec['load_average_start'][0]:.2f} on {sec['env']['cpu_cores']} cores; "
+             f"{sec['started_utc'][:16]}Z)", "",
+             "| case | ours: median ms | baselines: median ms (our speedup) | ours % of BW |",
+             "|---|---|---|---|"]
+    for case in sec["cases"]:
+        ours = _ours_row(case, auto)
+        if ours is None:
+            continue
+        cells = []
+        for sp in case["speedups"]:
+            if sp["ours"] == ours["label"]:
+                base = next(r for r in case["results"] if r["label"] == sp["baseline"])
+                cells.append(f"{base['label']} {base['median_ms']:.2f} ({sp['speedup']:.2f}x)")
+        lines.append(f"| {case['name']} | {ours['label']} {ours['median_ms']:.2f} | "
+                     f"{'; '.join(cells)} | {ours['pct_bandwidth']:.0f}% |")
+    targets = sec.get("targets") or []
+    if targets:
+        lines += [""] + [
+            f"- {'met' if t['met'] else '**MISSED**'}: {t['case']} {t['what']} = "
+            f"{t['value']:.2f}{t['unit']} (target >= {t['threshold']:g}{t['unit']})"
+            for t in targets]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    with open(argv[0]) as f:
+        data = json.load(f)
+    print("\n\n".join(section_table(name, sec) for name, sec in data["benchmarks"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

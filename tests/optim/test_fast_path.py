@@ -1,0 +1,193 @@
+"""The eager fast path of FusedOptimizer.step (dlopt_kernels._C.collect_group builds the
+lists in C; the kernel is called without the Python op layer): it must give exactly
+what the Python path gives, hand every case it does not handle to the Python path, and
+never change anything the user passed when it declines."""
+import pytest
+import torch
+
+from dlopt_kernels import optim
+from dlopt_kernels.optim import _base
+
+pytestmark = pytest.mark.skipif(_base._COLLECT is None, reason="needs the compiled C++ library")
+
+# (class, kwargs) covering every optimizer and the state layouts that differ
+CASES = [
+    (optim.Adam, {}), (optim.AdamW, {"amsgrad": True}), (optim.SGD, {"lr": 0.1}),
+    (optim.SGD, {"lr": 0.1, "momentum": 0.9}), (optim.Adagrad, {}),
+    (optim.RMSprop, {"momentum": 0.5, "centered": True}), (optim.Adafactor, {}),
+    (optim.Lion, {}), (optim.LAMB, {}),
+]
+
+
+def _params(dtype=torch.float32, shapes=((3, 5), (7,), (), (2, 3, 4))):
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _set_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def _run(cls, kw, params, steps, fast, monkeypatch):
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(_base, "_COLLECT", None)
+        opt = cls(params, **kw)
+        for k in range(steps):
+            _set_grads(params, 100 + k)
+            opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("cls,kw", CASES, ids=lambda x: getattr(x, "__name__", str(x)))
+@pytest.mark.parametrize("dtype,lowp", [(torch.float32, {}), (torch.bfloat16, {"master_weights": True}),
+                                        (torch.bfloat16, {"stochastic_rounding": True})],
+                         ids=["fp32", "bf16-master", "bf16-sr"])
+def test_fast_path_matches_python_path(cls, kw, dtype, lowp, monkeypatch):
+    kw = {**kw, **lowp}
+    a = _params(dtype)
+    b = [p.detach().clone().requires_grad_() for p in a]
+    calls = []
+    real = _base._COLLECT
+    monkeypatch.setattr(_base, "_COLLECT", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)  # the stochastic-rounding seed draws from the global generator
+    oa = _run(cls, kw, a, 3, True, monkeypatch)
+    monkeypatch.setattr(_base, "_COLLECT", real)
+    torch.manual_seed(0)
+    ob = _run(cls, kw, b, 3, False, monkeypatch)
+    assert calls, "the fast path was never tried"
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys()
+        for key in sa[k]:
+            torch.testing.assert_close(sa[k][key], sb[k][key], rtol=0, atol=0)
+
+
+def test_fast_path_is_taken_after_the_first_step():
+    params = _params()
+    opt = optim.AdamW(params)
+    _set_grads(params, 0)
+    opt.step()  # creates the state: Python path
+    group = opt.param_groups[0]
+    lists = opt._fast_lists(group)
+    assert lists is not None
+    got_params, grads, steps, masters, exp_avgs, exp_avg_sqs = lists
+    assert [id(p) for p in got_params] == [id(p) for p in params]
+    assert all(g is p.grad for g, p in zip(grads, params))
+    assert all(s is opt.state[p]["step"] for s, p in zip(steps, params))
+    assert all(m is opt.state[p]["exp_avg"] for m, p in zip(exp_avgs, params))
+    assert all(v is opt.state[p]["exp_avg_sq"] for v, p in zip(exp_avg_sqs, params))
+    assert masters == []
+
+
+def test_params_without_grad_are_left_out():
+    params = _params()
+    opt = optim.Adam(params)
+    _set_grads(params, 0)
+    opt.step()
+    params[1].grad = None
+    lists = opt._fast_lists(opt.param_groups[0])
+    assert [id(p) for p in lists[0]] == [id(p) for i, p in enumerate(params) if i != 1]
+
+
+def _declines(opt):
+    before = {p: dict(s) for p, s in opt.state.items()}
+    assert opt._fast_lists(opt.param_groups[0]) is None
+    # nothing was added to the state (it is a defaultdict) or replaced in it
+    assert set(opt.state.keys()) == set(before.keys())
+    for p, s in opt.state.items():
+        assert s == before[p]
+
+
+def test_declines_first_step_mixed_dtypes_subclasses_and_missing_state():
+    params = _params()
+    opt = optim.Adam(params)
+    _set_grads(params, 0)
+    _declines(opt)  # no state yet
+    opt.step()
+    params[0].grad_dtype = None  # torch refuses a grad of another dtype unless told
+    params[0].grad = params[0].grad.to(torch.float64)
+    _declines(opt)
+    _set_grads(params, 1)
+    del opt.state[params[2]]["exp_avg_sq"]  # a missing state key
+    _declines(opt)
+
+
+def test_declines_mixed_param_dtypes_then_steps_both_buckets():
+    params = _params() + _params(torch.bfloat16)
+    opt = optim.AdamW(params, master_weights=True)
+    for k in range(2):
+        _set_grads(params, k)
+        opt.step()
+    _declines(opt)
+    for p in params:
+        assert opt.state[p]["step"].item() == 2
+
+
+def test_declines_tensor_subclass():
+    class Sub(torch.Tensor):
+        pass
+
+    params = [torch.randn(4, requires_grad=True).as_subclass(Sub).detach().requires_grad_()]
+    opt = optim.SGD(params, lr=0.1, momentum=0.9)
+    params[0].grad = torch.ones(4)
+    opt.step()
+    assert type(params[0]) is Sub
+    _declines(opt)
+
+
+def test_sparse_grad_is_refused_before_any_group_steps():
+    a, b = _params(shapes=((4,),)), _params(shapes=((5,),))
+    opt = optim.Adam([{"params": a}, {"params": b}])
+    _set_grads(a + b, 0)
+    opt.step()
+    snapshot = [p.detach().clone() for p in a + b]
+    b[0].grad = torch.ones(5).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    for p, s in zip(a + b, snapshot):
+        torch.testing.assert_close(p.detach(), s, rtol=0, atol=0)
+    assert opt.state[a[0]]["step"].item() == 1
+
+
+def test_grad_dtype_mismatch_is_a_type_error_on_the_fast_path():
+    params = _params()
+    opt = optim.Adam(params)
+    _set_grads(params, 0)
+    opt.step()
+    params[0].grad_dtype = None
+    params[0].grad = params[0].grad.half()
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step()
+
+
+def test_fast_path_bumps_version_counters():
+    # autograd's in-place checks rely on version counters, whichever path ran
+    params = _params()
+    opt = optim.Adam(params)
+    _set_grads(params, 0)
+    opt.step()
+    before = [p._version for p in params]
+    opt.step()
+    assert all(p._version > v for p, v in zip(params, before))
+
+
+def test_compiled_step_does_not_use_the_fast_path(monkeypatch):
+    params = _params(shapes=((8,), (3, 3)))
+    opt = optim.AdamW(params)
+    _set_grads(params, 0)
+    opt.step()
+    calls = []
+    real = _base._COLLECT
+    monkeypatch.setattr(_base, "_COLLECT", lambda *a: calls.append(1) or real(*a))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step():
+        opt.step()
+
+    step()
+    assert calls == []
