@@ -28,19 +28,20 @@ using ChunkFn = void (*)(const AdagradTensorArgs&, int64_t, int64_t);
 
 template <class P, class S, Store STORE, bool WD>
 void adagrad_chunk(const AdagradTensorArgs& a, int64_t begin, int64_t end) {
-  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
-  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
-  auto* __restrict__ sum = static_cast<typename S::T*>(a.sum);
-  float* __restrict__ master = a.master;
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ sum = ck.offset(static_cast<typename S::T*>(a.sum));
+  float* __restrict__ master = ck.offset(a.master);
   const AdagradCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t i = 0; i < ck.len; ++i) {
     float pf = load_param<P, STORE>(p, master, i);
     float sf = S::load(sum[i]);
     adagrad_update<WD>(pf, P::load(g[i]) * grad_mul, sf, c);
     sum[i] = S::store(sf);
-    write_param<P, STORE>(p, master, pf, key, i);
+    write_param<P, STORE>(p, master, pf, key, i, ck.base);
   }
 }
 

@@ -33,26 +33,17 @@ enum class WeightDecay { kNone, kL2, kDecoupled };
 
 template <class P, class S, Store STORE, WeightDecay WD, bool AMSGRAD>
 void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
-  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
-  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
-  auto* __restrict__ m = static_cast<typename S::T*>(a.m);
-  auto* __restrict__ v = static_cast<typename S::T*>(a.v);
-  auto* __restrict__ vmax = static_cast<typename S::T*>(a.vmax);
-  float* __restrict__ master = a.master;
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ m = ck.offset(static_cast<typename S::T*>(a.m));
+  auto* __restrict__ v = ck.offset(static_cast<typename S::T*>(a.v));
+  auto* __restrict__ vmax = ck.offset(static_cast<typename S::T*>(a.vmax));
+  float* __restrict__ master = ck.offset(a.master);
   const AdamCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  // A 32-bit loop index (a chunk has at most kCpuChunk elements), so the vectorized
-  // loop carries the stochastic-rounding element index in 32-bit lanes, not 64-bit.
-  const uint32_t base = static_cast<uint32_t>(begin);
-  const int32_t len = static_cast<int32_t>(end - begin);
-  p += begin;
-  g += begin;
-  m += begin;
-  v += begin;
-  if (AMSGRAD) vmax += begin;
-  if (STORE == Store::kMaster) master += begin;
-  for (int32_t i = 0; i < len; ++i) {
+  for (int32_t i = 0; i < ck.len; ++i) {
     float pf = (STORE == Store::kMaster) ? master[i] : P::load(p[i]);
     float mf = S::load(m[i]);
     float vf = S::load(v[i]);
@@ -63,7 +54,7 @@ void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
     v[i] = S::store(vf);
     if (AMSGRAD) vmax[i] = S::store(vmf);
     if (STORE == Store::kMaster) master[i] = pf;
-    p[i] = store_param<P, STORE>(pf, key, base + static_cast<uint32_t>(i));
+    p[i] = store_param<P, STORE>(pf, key, ck.base + static_cast<uint32_t>(i));
   }
 }
 

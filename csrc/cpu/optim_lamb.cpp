@@ -89,17 +89,18 @@ void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, dou
 
 template <class P, class S, Store STORE, bool WD>
 void lamb_apply_chunk(const LambTensorArgs& a, float scale, int64_t begin, int64_t end) {
-  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
-  const auto* __restrict__ m = static_cast<const typename S::T*>(a.m);
-  const auto* __restrict__ v = static_cast<const typename S::T*>(a.v);
-  float* __restrict__ master = a.master;
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ m = ck.offset(static_cast<const typename S::T*>(a.m));
+  const auto* __restrict__ v = ck.offset(static_cast<const typename S::T*>(a.v));
+  float* __restrict__ master = ck.offset(a.master);
   const AdamCoeffs c = a.c;
   const uint32_t key = a.sr_key;
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t i = 0; i < ck.len; ++i) {
     float pf = load_param<P, STORE>(p, master, i);
     const float u = lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
     pf = pf - scale * u;
-    write_param<P, STORE>(p, master, pf, key, i);
+    write_param<P, STORE>(p, master, pf, key, i, ck.base);
   }
 }
 

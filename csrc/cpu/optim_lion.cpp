@@ -27,19 +27,20 @@ using ChunkFn = void (*)(const LionTensorArgs&, int64_t, int64_t);
 
 template <class P, class S, Store STORE, bool WEIGHT_DECAY>
 void lion_chunk(const LionTensorArgs& a, int64_t begin, int64_t end) {
-  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
-  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
-  auto* __restrict__ m = static_cast<typename S::T*>(a.m);
-  float* __restrict__ master = a.master;
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ m = ck.offset(static_cast<typename S::T*>(a.m));
+  float* __restrict__ master = ck.offset(a.master);
   const LionCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t i = 0; i < ck.len; ++i) {
     float pf = load_param<P, STORE>(p, master, i);
     float mf = S::load(m[i]);
     lion_update<WEIGHT_DECAY>(pf, P::load(g[i]) * grad_mul, mf, c);
     m[i] = S::store(mf);
-    write_param<P, STORE>(p, master, pf, key, i);
+    write_param<P, STORE>(p, master, pf, key, i, ck.base);
   }
 }
 

@@ -31,16 +31,17 @@ using ChunkFn = void (*)(const RmspropTensorArgs&, int64_t, int64_t);
 
 template <class P, class S, Store STORE, bool WD, bool CENTERED, bool MOMENTUM>
 void rmsprop_chunk(const RmspropTensorArgs& a, int64_t begin, int64_t end) {
-  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
-  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
-  auto* __restrict__ v = static_cast<typename S::T*>(a.v);
-  auto* __restrict__ ga = static_cast<typename S::T*>(a.ga);
-  auto* __restrict__ buf = static_cast<typename S::T*>(a.buf);
-  float* __restrict__ master = a.master;
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ v = ck.offset(static_cast<typename S::T*>(a.v));
+  auto* __restrict__ ga = ck.offset(static_cast<typename S::T*>(a.ga));
+  auto* __restrict__ buf = ck.offset(static_cast<typename S::T*>(a.buf));
+  float* __restrict__ master = ck.offset(a.master);
   const RmspropCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t i = 0; i < ck.len; ++i) {
     float pf = load_param<P, STORE>(p, master, i);
     float vf = S::load(v[i]);
     float gaf = CENTERED ? S::load(ga[i]) : 0.f;
@@ -49,7 +50,7 @@ void rmsprop_chunk(const RmspropTensorArgs& a, int64_t begin, int64_t end) {
     v[i] = S::store(vf);
     if (CENTERED) ga[i] = S::store(gaf);
     if (MOMENTUM) buf[i] = S::store(bf);
-    write_param<P, STORE>(p, master, pf, key, i);
+    write_param<P, STORE>(p, master, pf, key, i, ck.base);
   }
 }
 

@@ -29,19 +29,20 @@ using ChunkFn = void (*)(const SgdTensorArgs&, int64_t, int64_t);
 // MOMENTUM: 0 none, 1 heavy ball, 2 Nesterov. FIRST: the buffer becomes the grad.
 template <class P, class S, Store STORE, bool WD, int MOMENTUM, bool FIRST>
 void sgd_chunk(const SgdTensorArgs& a, int64_t begin, int64_t end) {
-  auto* __restrict__ p = static_cast<typename P::T*>(a.p);
-  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
-  auto* __restrict__ buf = static_cast<typename S::T*>(a.buf);
-  float* __restrict__ master = a.master;
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ buf = ck.offset(static_cast<typename S::T*>(a.buf));
+  float* __restrict__ master = ck.offset(a.master);
   const SgdCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int64_t i = begin; i < end; ++i) {
+  for (int32_t i = 0; i < ck.len; ++i) {
     float pf = load_param<P, STORE>(p, master, i);
     float bf = (MOMENTUM != 0 && !FIRST) ? S::load(buf[i]) : 0.f;
     sgd_update<WD, MOMENTUM != 0, MOMENTUM == 2>(pf, P::load(g[i]) * grad_mul, bf, FIRST, c);
     if (MOMENTUM != 0) buf[i] = S::store(bf);
-    write_param<P, STORE>(p, master, pf, key, i);
+    write_param<P, STORE>(p, master, pf, key, i, ck.base);
   }
 }
 

@@ -38,8 +38,8 @@ inline typename P::T store_param(float x, uint32_t key, uint32_t i) {
 }
 
 // The fp32 value an update starts from: the fp32 master copy, or the param itself.
-template <class P, Store STORE>
-inline float load_param(const typename P::T* p, const float* master, int64_t i) {
+template <class P, Store STORE, class I>
+inline float load_param(const typename P::T* p, const float* master, I i) {
   if constexpr (STORE == Store::kMaster) {
     return master[i];
   } else {
@@ -48,11 +48,29 @@ inline float load_param(const typename P::T* p, const float* master, int64_t i) 
 }
 
 // Writes an updated fp32 value back: into the master copy (if any) and into the
-// param, rounded as STORE says.
-template <class P, Store STORE>
-inline void write_param(typename P::T* p, float* master, float x, uint32_t key, int64_t i) {
+// param, rounded as STORE says. `base + i` is the element's index in its tensor (the
+// stochastic-rounding counter): loops over a chunk pass the chunk's first index as
+// `base` and a 32-bit `i` from there (ChunkLoop), so the vectorized loop keeps that
+// counter in 32-bit lanes.
+template <class P, Store STORE, class I>
+inline void write_param(typename P::T* p, float* master, float x, uint32_t key, I i,
+                        uint32_t base = 0) {
   if constexpr (STORE == Store::kMaster) master[i] = x;
-  p[i] = store_param<P, STORE>(x, key, i);
+  p[i] = store_param<P, STORE>(x, key, base + static_cast<uint32_t>(i));
 }
+
+// A chunk [begin, end) of one tensor as a 32-bit loop: `offset(ptr)` moves a pointer to
+// the chunk's first element, `len` elements follow, `base` is the first one's index.
+struct ChunkLoop {
+  uint32_t base;
+  int32_t len;
+  int64_t begin;
+  ChunkLoop(int64_t b, int64_t e)  // a chunk has at most kCpuChunk elements
+      : base(static_cast<uint32_t>(b)), len(static_cast<int32_t>(e - b)), begin(b) {}
+  template <class T>
+  T* offset(T* ptr) const {
+    return ptr == nullptr ? ptr : ptr + begin;
+  }
+};
 
 }  // namespace dlopt
