@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Print the README's benchmark tables (markdown) from a results file of benchmarks/results/.
 
-    python benchmarks/tables.py benchmarks/results/cpu-intel-xeon-2c-2026-11-26.json
+    python benchmarks/tables.py benchmarks/results/cpu-intel-xeon-2c-2026-11-26.json [SECTION ...]
 
 One table per benchmark section: for each case, our default backend's median step time,
 each baseline's, our speedup against each, and the share of the measured bandwidth we
@@ -52,12 +52,13 @@ def section_table(name: str, sec: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if not argv:
         print(__doc__)
         return 2
     with open(argv[0]) as f:
         data = json.load(f)
-    print("\n\n".join(section_table(name, sec) for name, sec in data["benchmarks"].items()))
+    names = argv[1:] or list(data["benchmarks"])  # the sections asked for, in that order
+    print("\n\n".join(section_table(name, data["benchmarks"][name]) for name in names))
     return 0
 
 
