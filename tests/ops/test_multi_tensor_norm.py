@@ -147,11 +147,22 @@ def test_cpu_result_independent_of_thread_count():
 
 def test_cpu_accumulates_beyond_fp32():
     """Many equal values: an fp32 running sum would drift by many ulps; the CPU kernel
-    accumulates in double and rounds once."""
+    sums at most 8 fp32 terms per partial and the partials in double."""
     t = torch.full((3_000_001,), 0.1)
     norms, total = op([t], 2.0, "cpu")
     exact = math.sqrt(3_000_001 * float(torch.tensor(0.1)) ** 2)
     assert float(total) == float(torch.tensor(exact, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0])
+def test_cpu_huge_finite_values_give_a_finite_norm(ord):
+    """Squares above FLT_MAX overflow the kernel's fp32 partial sums; the chunk is then
+    summed again in double, so the norm is finite and right, as torch's on the CPU."""
+    t = torch.full((1000,), 3e19) * torch.rand(1000).add_(0.5)
+    norms, total = op([t, torch.randn(100)], ord, "cpu")
+    want = torch.linalg.vector_norm(t.double(), ord)
+    assert math.isfinite(float(total))
+    torch.testing.assert_close(norms[0].double(), want, **NORM_TOL)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -154,7 +154,11 @@ def test_grad_scaler_matches_torch(backend):
     kw = dict(lr=0.01, momentum=0.9, centered=True)
     ours = RMSprop(model.parameters(), **kw, backend=backend)
     ref = TWIN(twin.parameters(), **kw, foreach=False)
-    check_grad_scaler_matches_torch(ours, ref, model, twin, 5, (2,))
+    # centered RMSprop divides by sqrt(v - grad_avg^2), which cancels: fp32 rounding
+    # differences grow along the trajectory, so params are judged against float64
+    model64 = copy.deepcopy(twin).double()
+    oracle = (model64, TWIN(model64.parameters(), **kw, foreach=False))
+    check_grad_scaler_matches_torch(ours, ref, model, twin, 5, (2,), oracle=oracle)
 
 
 # --------------------------------------------------- master weights, stochastic rounding
