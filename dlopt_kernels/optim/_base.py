@@ -282,7 +282,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         or None when the Python path must do it (first step, mixed devices or dtypes,
         tensor subclasses, anything to refuse)."""
         params = group["params"]
-        if type(params) is not list:
+        if type(params) is not list or not isinstance(self.state, dict):
             return None
         keys = self._state_keys_for(group)
         step_keys = ("step",) if self._has_step else ()
