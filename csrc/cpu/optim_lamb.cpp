@@ -1,7 +1,8 @@
 // Multi-tensor LAMB step on the CPU (maths: dlopt/lamb_math.h), in two parallel
-// regions over 32K-element chunks of every tensor in the call:
-//   1. moments: m, v updated; per chunk, sum p^2 and sum u^2 in double (u the LAMB
-//      update direction, computed from m and v as stored);
+// regions over 32K-element chunks, per group of tensors small enough to stay in the
+// cache between the two:
+//   1. moments: m, v updated; per chunk, sum p^2 and sum u^2 (fp32 partials of 8 terms
+//      added in double; u the LAMB direction, computed from m and v as stored);
 //   2. apply: per tensor the trust ratio from its chunks' sums (combined in chunk
 //      order on one thread, so results do not depend on the thread count), then
 //      p -= lr * trust * u with u recomputed from the stored m, v.
@@ -40,48 +41,72 @@ struct LambFns {
   ApplyFn apply;
 };
 
-// One element of pass 1: updates m[i], v[i]; returns p and u through pf, u.
-template <class P, class S, Store STORE, bool WD>
-inline void lamb_moments_one(const LambTensorArgs& a, int64_t i, float& pf, float& u) {
-  const auto* __restrict__ g = static_cast<const typename P::T*>(a.g);
-  auto* __restrict__ m = static_cast<typename S::T*>(a.m);
-  auto* __restrict__ v = static_cast<typename S::T*>(a.v);
-  pf = load_param<P, STORE>(static_cast<const typename P::T*>(a.p), a.master, i);
-  float mf = S::load(m[i]);
-  float vf = S::load(v[i]);
-  adam_moments(P::load(g[i]) * a.grad_mul, mf, vf, a.c);
-  const typename S::T ms = S::store(mf);
-  const typename S::T vs = S::store(vf);
-  m[i] = ms;
-  v[i] = vs;
-  u = lamb_direction<WD>(pf, S::load(ms), S::load(vs), a.c);
-}
-
+// Pass 1 over one chunk: updates m and v; out[0], out[1] = sum of p^2, sum of u^2 (u the
+// LAMB direction from the new moments). The sums are fp32 partials of 8 terms per lane,
+// widened to double every 128 elements, as in multi_tensor_norm.cpp: widening every
+// element kept this loop from vectorizing at all. A non-finite sum (a square above
+// FLT_MAX) is recomputed in double from the updated m and v (u depends only on them
+// and p, which this pass does not change).
 template <class P, class S, Store STORE, bool WD>
 void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, double* out) {
-  // 16 double lanes per sum so the additions do not wait on each other (vectorized).
-  constexpr int kLanes = 16;
+  const ChunkLoop ck(begin, end);
+  const auto* __restrict__ p = ck.offset(static_cast<const typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ m = ck.offset(static_cast<typename S::T*>(a.m));
+  auto* __restrict__ v = ck.offset(static_cast<typename S::T*>(a.v));
+  const float* __restrict__ master = ck.offset(static_cast<const float*>(a.master));
+  const AdamCoeffs c = a.c;
+  const float grad_mul = a.grad_mul;
+  // One element: new moments stored; returns p (fp32) and u through pf, u.
+  auto one = [&](int32_t k, float& pf, float& u) {
+    pf = load_param<P, STORE>(p, master, k);
+    float mf = S::load(m[k]);
+    float vf = S::load(v[k]);
+    adam_moments(P::load(g[k]) * grad_mul, mf, vf, c);
+    const typename S::T ms = S::store(mf);
+    const typename S::T vs = S::store(vf);
+    m[k] = ms;
+    v[k] = vs;
+    u = lamb_direction<WD>(pf, S::load(ms), S::load(vs), c);
+  };
+  constexpr int kLanes = 16, kRows = 8;
   double pp[kLanes] = {}, uu[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
+  int32_t i = 0;
+  for (; i + kLanes * kRows <= ck.len; i += kLanes * kRows) {
+    float ps[kLanes] = {}, us[kLanes] = {};
+    for (int r = 0; r < kRows; ++r) {
 #pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        float pf, u;
+        one(i + r * kLanes + j, pf, u);
+        ps[j] += pf * pf;
+        us[j] += u * u;
+      }
+    }
     for (int j = 0; j < kLanes; ++j) {
-      float pf, u;
-      lamb_moments_one<P, S, STORE, WD>(a, i + j, pf, u);
-      pp[j] += static_cast<double>(pf) * pf;
-      uu[j] += static_cast<double>(u) * u;
+      pp[j] += ps[j];
+      uu[j] += us[j];
     }
   }
   double sp = 0.0, su = 0.0;
-  for (; i < end; ++i) {
+  for (; i < ck.len; ++i) {
     float pf, u;
-    lamb_moments_one<P, S, STORE, WD>(a, i, pf, u);
+    one(i, pf, u);
     sp += static_cast<double>(pf) * pf;
     su += static_cast<double>(u) * u;
   }
   for (int j = 0; j < kLanes; ++j) {
     sp += pp[j];
     su += uu[j];
+  }
+  if (!std::isfinite(sp) || !std::isfinite(su)) {  // overflowed fp32 partials: redo in double
+    sp = su = 0.0;
+    for (int32_t k = 0; k < ck.len; ++k) {
+      const float pf = load_param<P, STORE>(p, master, k);
+      const float u = lamb_direction<WD>(pf, S::load(m[k]), S::load(v[k]), c);
+      sp += static_cast<double>(pf) * pf;
+      su += static_cast<double>(u) * u;
+    }
   }
   out[0] = sp;
   out[1] = su;
@@ -149,10 +174,12 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   AlignedLists L({P, grads, exp_avgs, exp_avg_sqs, master_params}, {true, false, true, true, true});
   std::vector<LambTensorArgs> args(n);
   std::vector<LambFns> fns(n);
-  std::vector<int64_t> numels(n), chunk_base(n + 1, 0);
+  std::vector<int64_t> numels(n), chunk_base(n + 1, 0), bytes_per_elem(n);
   for (size_t i = 0; i < n; ++i) {
     const double step = increment_step(state_steps[i]);
     numels[i] = L[0][i].numel();
+    bytes_per_elem[i] = 2 * L[0][i].element_size() + 2 * L[2][i].element_size() +
+                        (use_master ? 4 : 0);
     chunk_base[i + 1] = chunk_base[i] + (numels[i] + kCpuChunk - 1) / kCpuChunk;
     if (numels[i] == 0) continue;
     LambTensorArgs& a = args[i];
@@ -167,24 +194,39 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     fns[i] = pick_storage<PickLamb>(L[0][i].scalar_type(), L[2][i].scalar_type(), store,
                                     weight_decay != 0.0);
   }
-  // Pass 1: moments and per-chunk sums of p^2, u^2.
+  // Both passes run per group of consecutive tensors of at most kGroupBytes (a larger
+  // tensor is a group alone), so pass 2 finds the group's p, m, v still in the cache.
+  constexpr int64_t kGroupBytes = 32 << 20;
   std::vector<double> partials(2 * static_cast<size_t>(chunk_base[n]));
-  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) {
-    fns[t].moments(args[t], b, e, &partials[2 * (chunk_base[t] + b / kCpuChunk)]);
-  });
-  // Trust ratios, then pass 2.
   std::vector<float> scales(n);
-  for (size_t i = 0; i < n; ++i) {
-    double pp = 0.0, uu = 0.0;
-    for (int64_t c = chunk_base[i]; c < chunk_base[i + 1]; ++c) {
-      pp += partials[2 * c];
-      uu += partials[2 * c + 1];
+  std::vector<int64_t> group_numels(n, 0);
+  for (size_t g0 = 0; g0 < n;) {
+    size_t g1 = g0;
+    int64_t bytes = 0;
+    while (g1 < n && (g1 == g0 || bytes + numels[g1] * bytes_per_elem[g1] <= kGroupBytes)) {
+      bytes += numels[g1] * bytes_per_elem[g1];
+      group_numels[g1] = numels[g1];
+      ++g1;
     }
-    scales[i] = static_cast<float>(lr_v * lamb_trust_ratio(std::sqrt(pp), std::sqrt(uu)));
+    // Pass 1: moments and per-chunk sums of p^2, u^2.
+    for_each_chunk(group_numels, [&](int32_t t, int64_t b, int64_t e) {
+      fns[t].moments(args[t], b, e, &partials[2 * (chunk_base[t] + b / kCpuChunk)]);
+    });
+    // Trust ratios, then pass 2.
+    for (size_t i = g0; i < g1; ++i) {
+      double pp = 0.0, uu = 0.0;
+      for (int64_t c = chunk_base[i]; c < chunk_base[i + 1]; ++c) {
+        pp += partials[2 * c];
+        uu += partials[2 * c + 1];
+      }
+      scales[i] = static_cast<float>(lr_v * lamb_trust_ratio(std::sqrt(pp), std::sqrt(uu)));
+    }
+    for_each_chunk(group_numels, [&](int32_t t, int64_t b, int64_t e) {
+      fns[t].apply(args[t], scales[t], b, e);
+    });
+    for (size_t i = g0; i < g1; ++i) group_numels[i] = 0;
+    g0 = g1;
   }
-  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) {
-    fns[t].apply(args[t], scales[t], b, e);
-  });
   L.finish();
   for (auto list : {params, exp_avgs, exp_avg_sqs, master_params, state_steps})
     bump_versions(list);

@@ -183,6 +183,26 @@ def test_empty_lists_and_missing_norm(device, backend):
         assert torch.equal(a, b)
 
 
+def test_cpu_huge_params_keep_a_finite_trust_ratio():
+    """Params above sqrt(FLT_MAX) overflow the CPU kernel's fp32 partial sums of p^2; the
+    chunk's sums are then redone in double, so the step still matches the oracle."""
+    params = [torch.randn(4097) * 3e19, torch.randn(300)]
+    grads_seq = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    ours = run_op(params, grads_seq, "cpu")
+    check(ours, params, grads_seq, {})
+
+
+def test_cpu_cache_groups_match_oracle():
+    """The CPU kernel runs both passes per group of tensors of at most 32 MB of state:
+    a list spanning several groups (a tensor larger than a group, small ones between)
+    gives each tensor its own trust ratio as the oracle does."""
+    params = [torch.randn(2_500_000), torch.randn(5), torch.randn(300_000),
+              torch.randn(1_700_000), torch.randn(7, 3)]
+    grads_seq = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    ours = run_op(params, grads_seq, "cpu")
+    check(ours, params, grads_seq, {})
+
+
 def test_cpu_result_independent_of_thread_count():
     params0 = [torch.randn(s) for s in [(100_001,), (300, 200)]]
     grads_seq = rand_grads(params0, 2)
