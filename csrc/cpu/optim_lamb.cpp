@@ -5,7 +5,8 @@
 //      added in double; u the LAMB direction, computed from m and v as stored);
 //   2. apply: per tensor the trust ratio from its chunks' sums (combined in chunk
 //      order on one thread, so results do not depend on the thread count), then
-//      p -= lr * trust * u with u recomputed from the stored m, v.
+//      p -= lr * trust * u, u stored by pass 1 (or, for a tensor larger than a group,
+//      recomputed from the stored m, v).
 // 24 + 16 bytes per fp32 param: read p, g, m, v, write m, v; read p, m, v, write p.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -31,6 +32,7 @@ struct LambTensorArgs {
   AdamCoeffs c;
   float grad_mul;  // 1 / grad_scale * clip factor
   uint32_t sr_key;
+  float* u;  // scratch for the direction u between the passes (nullptr: pass 2 recomputes it)
 };
 
 using MomentsFn = void (*)(const LambTensorArgs&, int64_t, int64_t, double*);
@@ -57,6 +59,7 @@ void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, dou
   const float* __restrict__ master = ck.offset(static_cast<const float*>(a.master));
   const AdamCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
+  float* __restrict__ u_out = ck.offset(a.u);
   // One element: new moments stored; returns p (fp32) and u through pf, u.
   auto one = [&](int32_t k, float& pf, float& u) {
     pf = load_param<P, STORE>(p, master, k);
@@ -68,6 +71,7 @@ void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, dou
     m[k] = ms;
     v[k] = vs;
     u = lamb_direction<WD>(pf, S::load(ms), S::load(vs), c);
+    if (u_out) u_out[k] = u;
   };
   constexpr int kLanes = 16, kRows = 8;
   double pp[kLanes] = {}, uu[kLanes] = {};
@@ -119,11 +123,13 @@ void lamb_apply_chunk(const LambTensorArgs& a, float scale, int64_t begin, int64
   const auto* __restrict__ m = ck.offset(static_cast<const typename S::T*>(a.m));
   const auto* __restrict__ v = ck.offset(static_cast<const typename S::T*>(a.v));
   float* __restrict__ master = ck.offset(a.master);
+  const float* __restrict__ u_in = ck.offset(a.u);
   const AdamCoeffs c = a.c;
   const uint32_t key = a.sr_key;
   for (int32_t i = 0; i < ck.len; ++i) {
     float pf = load_param<P, STORE>(p, master, i);
-    const float u = lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
+    // the same value pass 1 stored: both compute it from the stored m, v
+    const float u = u_in ? u_in[i] : lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
     pf = pf - scale * u;
     write_param<P, STORE>(p, master, pf, key, i, ck.base);
   }
@@ -200,13 +206,23 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   std::vector<double> partials(2 * static_cast<size_t>(chunk_base[n]));
   std::vector<float> scales(n);
   std::vector<int64_t> group_numels(n, 0);
+  // Within a group that fits the cache, pass 1 also stores u (4 B per element, reused
+  // across calls) so pass 2 skips its sqrt and division; a tensor larger than a group
+  // recomputes u instead (no scratch as large as the model).
+  static thread_local std::vector<float> u_scratch;
   for (size_t g0 = 0; g0 < n;) {
     size_t g1 = g0;
-    int64_t bytes = 0;
+    int64_t bytes = 0, group_elems = 0;
     while (g1 < n && (g1 == g0 || bytes + numels[g1] * bytes_per_elem[g1] <= kGroupBytes)) {
       bytes += numels[g1] * bytes_per_elem[g1];
+      group_elems += numels[g1];
       group_numels[g1] = numels[g1];
       ++g1;
+    }
+    if (bytes <= kGroupBytes) {
+      if (static_cast<int64_t>(u_scratch.size()) < group_elems) u_scratch.resize(group_elems);
+      for (size_t i = g0, off = 0; i < g1; off += numels[i], ++i)
+        args[i].u = numels[i] ? u_scratch.data() + off : nullptr;
     }
     // Pass 1: moments and per-chunk sums of p^2, u^2.
     for_each_chunk(group_numels, [&](int32_t t, int64_t b, int64_t e) {
