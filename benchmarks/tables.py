@@ -55,9 +55,18 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    with open(argv[0]) as f:
-        data = json.load(f)
+    try:
+        with open(argv[0]) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"tables.py: cannot read results file {argv[0]!r}: {exc}", file=sys.stderr)
+        return 2
     names = argv[1:] or list(data["benchmarks"])  # the sections asked for, in that order
+    unknown = [n for n in names if n not in data["benchmarks"]]
+    if unknown:
+        print(f"tables.py: no section {unknown} in {argv[0]}; it has "
+              f"{sorted(data['benchmarks'])}", file=sys.stderr)
+        return 2
     print("\n\n".join(section_table(name, data["benchmarks"][name]) for name in names))
     return 0
 

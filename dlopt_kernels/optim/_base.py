@@ -300,7 +300,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = args[0]
         if (not torch.compiler.is_compiling() and self._direct and params
                 and params[0].device.type in ("cpu", "cuda")):
-            _, kernel = registry.resolve(op._qualified_op_name[7:], params[0].device, args[-1])
+            _, kernel = registry.resolve(op.__name__, params[0].device, args[-1])
             return kernel(*args[:-1])
         return op(*args)
 

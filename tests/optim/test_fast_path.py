@@ -191,3 +191,12 @@ def test_compiled_step_does_not_use_the_fast_path(monkeypatch):
 
     step()
     assert calls == []
+
+
+def test_collect_group_refuses_wrong_argument_types():
+    with pytest.raises(TypeError, match="list"):
+        _base._COLLECT((torch.zeros(2),), {}, (), None)  # params must be a list
+    with pytest.raises(TypeError, match="dict"):
+        _base._COLLECT([torch.zeros(2)], [], (), None)  # state must be a dict
+    with pytest.raises(TypeError, match="tuple"):
+        _base._COLLECT([torch.zeros(2)], {}, ["exp_avg"], None)  # keys must be a tuple
