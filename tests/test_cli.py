@@ -120,3 +120,18 @@ def test_bench_unknown_name_is_an_error(capsys):
                                "in this checkout")
     assert cli.main(["bench", "no-such-benchmark", "--quick", "--no-progress"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw, want", [("2.5", 2.5), ("", None), ("0", ValueError),
+                                       ("-1", ValueError), ("nan", ValueError),
+                                       ("inf", ValueError), ("fast", ValueError)])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bench_budget_from_env(monkeypatch, raw, want, device):
+    from dlopt_kernels.bench import common
+    monkeypatch.setenv("DLOPT_BENCH_BUDGET_S", raw)
+    if want is ValueError:
+        with pytest.raises(ValueError, match="DLOPT_BENCH_BUDGET_S"):
+            common.default_settings(torch.device(device), quick=False)
+        return
+    got = common.default_settings(torch.device(device), quick=False).budget_s
+    assert got == (want if want is not None else (10.0 if device == "cuda" else 20.0))

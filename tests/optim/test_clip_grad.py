@@ -236,7 +236,7 @@ def test_training_matches_torch():
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
-def test_grads_on_two_devices_match_torch():
+def test_grads_on_cuda_and_cpu_match_torch():
     params = make(shapes=[(100,), (7, 3)], device="cuda") + make(shapes=[(50,)], device="cpu")
     ref = twin(params)
     got = clip_grad_norm_(params, 0.3)
