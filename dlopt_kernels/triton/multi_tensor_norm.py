@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlopt_kernels.triton._common import block_size, f64, interpreted, is_dense
+from dlopt_kernels.triton._common import LAUNCH_OPTIONS, block_size, f64, interpreted, is_dense
 
 _KINDS = {2.0: 0, 1.0: 1, float("inf"): 2, float("-inf"): 3, 0.0: 4}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -179,10 +179,10 @@ def multi_tensor_norm(tensors, norm_type):
             if x.numel():
                 _partials_kernel[(bases[i + 1] - bases[i],)](
                     x, partials[bases[i]:], x.numel(), p, KIND=kind, BLOCK=block,
-                    num_warps=4 if block > 4096 else 8)
+                    num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
         max_count = max(b - a for a, b in zip(bases, bases[1:]))
         _finish_kernel[(n,)](partials, _device_tensor(bases, dev), raws, norms, p, KIND=kind,
-                             BLOCK=small, ITERS=loop_iters(max_count, small))
+                             BLOCK=small, ITERS=loop_iters(max_count, small), **LAUNCH_OPTIONS)
         _total_kernel[(1,)](raws, n, total, p, KIND=kind, BLOCK=small,
-                            ITERS=loop_iters(n, small))
+                            ITERS=loop_iters(n, small), **LAUNCH_OPTIONS)
     return norms, total

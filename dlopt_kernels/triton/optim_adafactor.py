@@ -26,6 +26,7 @@ import triton.language as tl
 
 from dlopt_kernels.backends.checks import check_factored_lists
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     bump_steps,
     decoupled_decay_factor,
     f64,
@@ -72,7 +73,9 @@ def _tile(pid_r, b, c0, R, C, BR: tl.constexpr, BC: tl.constexpr):
     return rows, cols, offs, (rows[:, None] < R) & (cols[None, :] < C)
 
 
-@triton.jit
+# do_not_specialize: Triton turns an int argument equal to 1 into a Python constant,
+# which has no .to(); these kernels convert theirs.
+@triton.jit(do_not_specialize=["tensor_index", "R", "C"])
 def _stats_kernel(p_ptr, g_ptr, master_ptr, row_sum_ptr, col_sum_ptr, sum_p2_ptr, gs_ptr,
                   tensor_index, R, C, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
                   MASTER: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
@@ -95,7 +98,7 @@ def _stats_kernel(p_ptr, g_ptr, master_ptr, row_sum_ptr, col_sum_ptr, sum_p2_ptr
     tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(ps, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "C"])
 def _factors_kernel(row_var_ptr, col_var_ptr, row_sum_ptr, col_sum_ptr, den_ptr, step_ptr,
                     lr_ptr, fi_ptr, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
                     eps1: tl.float64, HAS_FI: tl.constexpr, BLOCK: tl.constexpr):
@@ -133,7 +136,7 @@ def _direction(g, v, eps1_sq):
     return g * tl.math.div_rn(1.0, tl.sqrt_rn(v))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tensor_index", "n", "R", "C"])
 def _direction_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_ptr, den_ptr,
                       sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, tensor_index,
                       n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
@@ -176,7 +179,7 @@ def _direction_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_pt
         tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(p * p, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tensor_index", "n", "R", "C"])
 def _apply_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_ptr, den_ptr,
                   sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                   tensor_index, n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
@@ -291,10 +294,10 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
                 grid = (triton.cdiv(rows, br), batch)
                 _stats_kernel[grid](p, g, mp, row_sum, col_sum, sums[0], gs, i, rows, cols,
                                     MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
-                                    MASTER=flags["MASTER"], BR=br, BC=bc, num_warps=warps)
+                                    MASTER=flags["MASTER"], BR=br, BC=bc, num_warps=warps, **LAUNCH_OPTIONS)
                 _factors_kernel[(batch,)](rv, cv, row_sum, col_sum, den, steps[i], lr, fi, rows,
                                           cols, **floats, HAS_FI=flags["HAS_FI"],
-                                          BLOCK=br * bc, num_warps=warps)
+                                          BLOCK=br * bc, num_warps=warps, **LAUNCH_OPTIONS)
                 var = p  # stand-in, not read
             else:
                 rows = cols = 1
@@ -304,11 +307,11 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
             tensors = dict(p_ptr=p, g_ptr=g, master_ptr=mp, var_ptr=var, row_var_ptr=rv,
                            col_var_ptr=cv, den_ptr=den, sum_p2_ptr=sums[0], sum_u2_ptr=sums[1])
             _direction_kernel[grid](**tensors, **common, R=rows, C=cols, **floats,
-                                    FACTORED=factored, **flags, BR=br, BC=bc, num_warps=warps)
+                                    FACTORED=factored, **flags, BR=br, BC=bc, num_warps=warps, **LAUNCH_OPTIONS)
             _apply_kernel[grid](**tensors, **common, seed_ptr=seed, R=rows, C=cols, **floats,
                                 eps2=float(eps2), d=float(d), FACTORED=factored,
                                 WD=weight_decay != 0.0, **flags, SR=sr, BR=br, BC=bc,
-                                num_warps=warps)
+                                num_warps=warps, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

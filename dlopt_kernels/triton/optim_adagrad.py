@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     align_to_params,
     block_size,
     bump_steps,
@@ -91,7 +92,7 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr, lr_d
                 p, G[i], S[i], MP[i] if master_params else p, steps[i], lr, gs, fi, seed, numel,
                 i, *floats, **flags,
                 SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8)
+                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

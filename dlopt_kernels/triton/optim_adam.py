@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     adam_bias_corrections,
     adam_direction,
     adam_moments,
@@ -175,7 +176,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                 p, G[i], M[i], V[i], VM[i] if amsgrad else p, MP[i] if master_params else p,
                 steps[i], lr, gs, fi, seed, numel, i, *floats, **flags,
                 SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8)
+                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     adam_bias_corrections,
     adam_direction,
     adam_moments,
@@ -186,18 +187,18 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
                     p, G[i], M[i], V[i], MP[i] if master_params else p, steps[i], gs, gn, fi,
                     partials[2 * bases[i]:], p.numel(), b1, b2, 1.0 - b1, 1.0 - b2, wd, eps,
                     float(max_grad_norm), HAS_GS=grad_scale is not None, CLIP=clip, **flags,
-                    BLOCK=block, num_warps=warps)
+                    BLOCK=block, num_warps=warps, **LAUNCH_OPTIONS)
         small = 1024 if interpreted() else 256
         _lamb_trust_kernel[(n,)](partials, _device_tensor(bases, dev), lr, scales, BLOCK=small,
                                  ITERS=loop_iters(max(b - a for a, b in zip(bases, bases[1:])),
-                                                  small))
+                                                  small), **LAUNCH_OPTIONS)
         for i, p in enumerate(P):
             if p.numel():
                 _lamb_apply_kernel[(bases[i + 1] - bases[i],)](
                     p, M[i], V[i], MP[i] if master_params else p, steps[i], scales[i:], fi,
                     seed, p.numel(), i, b1, b2, wd, eps,
                     SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                    **flags, BLOCK=block, num_warps=warps)
+                    **flags, BLOCK=block, num_warps=warps, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     align_to_params,
     block_size,
     bump_steps,
@@ -94,7 +95,7 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr, beta1, be
                 p, G[i], M[i], MP[i] if master_params else p, lr, gs, fi, seed, numel, i,
                 *floats, **flags,
                 SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8)
+                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

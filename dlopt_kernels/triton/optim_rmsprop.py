@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     align_to_params,
     block_size,
     bump_steps,
@@ -109,7 +110,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
                 p, G[i], V[i], GA[i] if centered else p, B[i] if use_momentum else p,
                 MP[i] if master_params else p, lr, gs, fi, seed, numel, i, *floats, **flags,
                 SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8)
+                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

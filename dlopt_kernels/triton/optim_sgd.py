@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
     align_to_params,
     block_size,
     check_elementwise_lists,
@@ -102,7 +103,7 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr, weight_decay, m
                 seed, numel, i, *floats, **flags,
                 FIRST=use_momentum and bool(new_buffers) and bool(new_buffers[i]),
                 SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8)
+                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).

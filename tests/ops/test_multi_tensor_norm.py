@@ -117,10 +117,17 @@ def test_views_into_poisoned_buffers(device, backend):
     strided.copy_(rand((501,), torch.float32, device))
     views.append(strided)
     clean.append(strided.clone())
+    # Compiled Triton lays a block out by the pointers' alignment (offset views: one
+    # element per thread, aligned tensors: four), so its sums may add in another order:
+    # bit-equal for max/min, within NORM_TOL for sums. A read of the poison is NaN.
+    reordered = device == "cuda" and backend == "triton"
     for ord in (2.0, math.inf, -math.inf):
         a = op(views, ord, backend)
         b = op(clean, ord, backend)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if reordered and ord == 2.0:
+            torch.testing.assert_close(a, b, **NORM_TOL)
+        else:
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -203,7 +203,9 @@ def test_mid_training_state(device, backend):
     state = SimpleNamespace(rv=[s["row_var"].clone() for s in st if "row_var" in s],
                             cv=[s["col_var"].clone() for s in st if "col_var" in s],
                             var=[s["variance"].clone() for s in st if "variance" in s],
-                            steps=[s["step"].clone() for s in st])
+                            # torch keeps steps on the CPU; the op takes them on the
+                            # params' device (the cuda backend refuses CPU ones)
+                            steps=[s["step"].clone().to(device) for s in st])
     start = [p.detach().clone() for p in ref_ps]
     grads_seq = rand_grads(params0, 2)
     ours = run_op(start, grads_seq, backend, weight_decay=0.1, state=state)
