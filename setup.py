@@ -31,9 +31,28 @@ def want_cuda() -> bool:
     return possible
 
 
+def shared_libstdcxx() -> list:
+    """Link arguments that make the extensions use the shared libstdc++, the one torch
+    and the rest of the process use. On one GPU image the toolchain linked libstdc++
+    statically into our libraries; that private copy's locale was never set up, and the
+    first number formatted into an error message (any refused call) segfaulted. A full
+    path to the shared library, placed before the driver's own -lstdc++, satisfies
+    every reference first, so a static archive after it adds nothing. Empty (the
+    default link) where the compiler cannot name the shared library."""
+    import subprocess
+    cxx = os.environ.get("CXX", "g++").split()[0]
+    try:
+        path = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [os.path.realpath(path)] if os.path.isabs(path) and os.path.exists(path) else []
+
+
 cxx_flags = ["-O3", "-std=c++17", f"-march={os.environ.get('DLOPT_CPU_ARCH', 'native')}",
              "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
 use_cuda = want_cuda()
+LINK_STDCXX = shared_libstdcxx()
 archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
 if use_cuda:  # lets `dlopt-kernels info` say what the CUDA library was built for
     cxx_flags += ["-DDLOPT_WITH_CUDA", f'-DDLOPT_CUDA_ARCH_STR="{";".join(archs)}"']
@@ -43,7 +62,7 @@ cpu_sources += ["csrc/common/tensor_lists.cpp"]  # list checks, shared with the 
 ext_modules = [
     cpp_extension.CppExtension(
         "dlopt_kernels._C", cpu_sources, include_dirs=[INCLUDE],
-        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"] + LINK_STDCXX)
 ]
 
 if use_cuda:
@@ -55,6 +74,7 @@ if use_cuda:
         "dlopt_kernels._C_cuda", cuda_sources, include_dirs=[INCLUDE],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                             "nvcc": ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr",
-                                     "-lineinfo"] + gencode}))
+                                     "-lineinfo"] + gencode},
+        extra_link_args=LINK_STDCXX))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})
