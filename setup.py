@@ -32,13 +32,22 @@ def want_cuda() -> bool:
 
 
 def shared_libstdcxx() -> list:
-    """Link arguments that make the extensions use the shared libstdc++, the one torch
-    and the rest of the process use. On one GPU image the toolchain linked libstdc++
-    statically into our libraries; that private copy's locale was never set up, and the
-    first number formatted into an error message (any refused call) segfaulted. A full
-    path to the shared library, placed before the driver's own -lstdc++, satisfies
-    every reference first, so a static archive after it adds nothing. Empty (the
-    default link) where the compiler cannot name the shared library."""
+    """Link arguments that make the extensions use the shared libstdc++ the process runs
+    with (torch's). One GPU image's compiler (CXX=/opt/gcc/bin/g++, GCC 13.3) had only
+    libstdc++.a in its search path and linked it statically into our libraries; that
+    private copy's locale was never set up, so the first number formatted into an error
+    message (any refused call) segfaulted. A full path to the shared library, placed
+    before the driver's own -lstdc++, satisfies every reference first, so an archive
+    after it adds nothing. The library: the one this build process has loaded (torch is
+    imported, so it is the runtime's), else the compiler's; none: the default link."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path and os.path.exists(path):
+                    return [path]
+    except OSError:
+        pass
     import subprocess
     cxx = os.environ.get("CXX", "g++").split()[0]
     try:

@@ -2,8 +2,10 @@
 """Print the README's benchmark tables (markdown) from a results file of benchmarks/results/.
 
     python benchmarks/tables.py benchmarks/results/cpu-intel-xeon-2c-2026-11-26.json [SECTION ...]
+    python benchmarks/tables.py --backend triton benchmarks/results/nvidia-h200-2026-11-26.json
 
-One table per benchmark section: for each case, our default backend's median step time,
+One table per benchmark section: for each case, our default backend's (or --backend's)
+median step time,
 each baseline's, our speedup against each, and the share of the measured bandwidth we
 reach; then the section's targets, met or missed, as the benchmark evaluated them. The
 README quotes this output as is, so its numbers always come from a committed run.
@@ -23,14 +25,16 @@ def _ours_row(case: dict[str, Any], auto: str) -> dict[str, Any] | None:
     return (plain or ours or [None])[0]
 
 
-def section_table(name: str, sec: dict[str, Any]) -> str:
-    auto = sec.get("auto_backend", "cpu")
+def section_table(name: str, sec: dict[str, Any], backend: str | None = None) -> str:
+    auto = backend or sec.get("auto_backend", "cpu")
     bw = sec["bandwidth"]["gbps"]
     lines = [f"**{name}** (measured bandwidth {bw:.1f} GB/s; load average at start "
              f"{sec['load_average_start'][0]:.2f} on {sec['env']['cpu_cores']} cores; "
              f"{sec['started_utc'][:16]}Z)", "",
              "| case | ours: median ms | baselines: median ms (our speedup) | ours % of BW |",
              "|---|---|---|---|"]
+    if backend:
+        lines[0] += f", backend {backend}"
     for case in sec["cases"]:
         ours = _ours_row(case, auto)
         if ours is None:
@@ -42,7 +46,7 @@ def section_table(name: str, sec: dict[str, Any]) -> str:
                 cells.append(f"{base['label']} {base['median_ms']:.2f} ({sp['speedup']:.2f}x)")
         lines.append(f"| {case['name']} | {ours['label']} {ours['median_ms']:.2f} | "
                      f"{'; '.join(cells)} | {ours['pct_bandwidth']:.0f}% |")
-    targets = sec.get("targets") or []
+    targets = [t for t in sec.get("targets") or [] if not backend or f"[{backend}]" in t["what"]]
     if targets:
         lines += [""] + [
             f"- {'met' if t['met'] else '**MISSED**'}: {t['case']} {t['what']} = "
@@ -52,6 +56,9 @@ def section_table(name: str, sec: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    backend = None
+    if argv[:1] == ["--backend"] and len(argv) >= 2:
+        backend, argv = argv[1], argv[2:]
     if not argv:
         print(__doc__)
         return 2
@@ -67,7 +74,12 @@ def main(argv: list[str]) -> int:
         print(f"tables.py: no section {unknown} in {argv[0]}; it has "
               f"{sorted(data['benchmarks'])}", file=sys.stderr)
         return 2
-    print("\n\n".join(section_table(name, data["benchmarks"][name]) for name in names))
+    missing = [n for n in names if backend and backend not in data["benchmarks"][n].get(
+        "ours_backends", [backend])]
+    if missing:
+        print(f"tables.py: backend {backend!r} was not timed in {missing}", file=sys.stderr)
+        return 2
+    print("\n\n".join(section_table(name, data["benchmarks"][name], backend) for name in names))
     return 0
 
 

@@ -2,12 +2,14 @@
 # One GPU session in one command (GPU time is scarce): build the CUDA library for
 # sm_90, run every benchmark on the GPU (each in its own process, so one crash costs
 # one benchmark), then the test suite's CUDA cases.
-#   [DLOPT_TRY_MALFORMED=1] bash tools/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS]
+#   DLOPT_GIT_COMMIT=<sha> bash tools/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS]
+# (the lease's copy of .git was seen to be stale: name the commit sent, for the JSON)
 # Writes env.txt, build.log, bench.log, tests.log and the benchmark JSON into OUTDIR.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR}
+: "${DLOPT_GIT_COMMIT:?set DLOPT_GIT_COMMIT to the commit sent (git rev-parse HEAD here)}"
 TEST_S=${2:-170}
-BENCH_S=${3:-180}
+BENCH_S=${3:-240}  # the eight took about 200 s on an H200 at 2.5 s a case
 export DLOPT_BENCH_BUDGET_S=${4:-2.5}
 mkdir -p "$OUT"
 # TRITON_INTERPRET=0: Triton compiles for the GPU (tests/conftest.py sets 1 by default,
@@ -18,20 +20,12 @@ t0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - $2) )); }
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import sys,torch,triton;print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
-  nvcc --version | tail -1; git rev-parse HEAD 2>/dev/null; } | tee "$OUT/env.txt"
+  nvcc --version | tail -1; echo "commit $DLOPT_GIT_COMMIT"; } | tee "$OUT/env.txt"
 if ! python3 -m pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; exit 1
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m dlopt_kernels.cli info 2>&1 | tee -a "$OUT/env.txt"
-# Malformed-list refusals once crashed inside the CUDA library (docs/compat.md); the
-# checks now run in g++-compiled host code. DLOPT_TRY_MALFORMED=1 runs them first, in a
-# process of their own, so a crash there cannot end the session.
-if [ "${DLOPT_TRY_MALFORMED:-0}" = 1 ]; then
-  timeout 90 python3 -m pytest tests -q -p no:cacheprovider -k "cuda and inconsistent_lists" \
-    2>&1 | tee "$OUT/malformed.log" | tail -8
-  echo "malformed-list tests: exit ${PIPESTATUS[0]}"
-fi
 tb=$(date +%s)
 # issue 3's target first; each benchmark merges its section into OUT/<device>-<date>.json
 for b in adam lamb lion sgd adagrad rmsprop adafactor multi_tensor_norm; do
@@ -43,7 +37,7 @@ for b in adam lamb lion sgd adagrad rmsprop adafactor multi_tensor_norm; do
 done
 grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -n 12 --timeout 120 -rfE \
-  --tb=short --durations=10 -k "cuda and not inconsistent_lists" \
+  --tb=short --durations=10 -k "cuda or test_build" \
   >"$OUT/tests.log" 2>&1
 echo "tests: exit $? at $(( $(date +%s) - t0 )) s"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40

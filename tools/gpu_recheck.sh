@@ -6,6 +6,7 @@
 set -uo pipefail
 OUT=${1:?usage: gpu_recheck.sh OUTDIR TEST_SECONDS BENCH_SECONDS bench...}
 TEST_S=$2; BENCH_S=$3; shift 3
+: "${DLOPT_GIT_COMMIT:?set DLOPT_GIT_COMMIT to the commit sent (git rev-parse HEAD here)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 DLOPT_BUILD_CUDA=1 DLOPT_CUDA_ARCH=90 TRITON_INTERPRET=0
 export DLOPT_BENCH_BUDGET_S=${DLOPT_BENCH_BUDGET_S:-2.5}

@@ -275,16 +275,20 @@ def ours_backends(op: str, device: torch.device, quick: bool) -> tuple[list[str]
 
 
 def evaluate_targets(section: dict[str, Any], targets: Sequence[tuple], auto: str,
-                     device: torch.device) -> list[dict[str, Any]]:
+                     device: torch.device, gpu_targets: Sequence[tuple] = (),
+                     backends: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Check measured numbers against targets, each (case, ours label pattern with
     "{b}" for the backend, baseline label or None for "% of measured bandwidth",
-    threshold). The targets are for the CPU: none are evaluated on other devices."""
-    if device.type != "cpu":
-        return []
+    threshold). `targets` hold for the CPU (our `auto` backend); `gpu_targets` for a GPU,
+    for each of `backends` (default: `auto`)."""
+    if device.type == "cpu":
+        plan = [(t, auto) for t in targets]
+    else:
+        plan = [(t, b) for b in (backends or [auto]) for t in gpu_targets]
     cases = {c["name"]: c for c in section["cases"]}
     out = []
-    for case_name, ours_pat, base, threshold in targets:
-        ours = ours_pat.format(b=auto)
+    for (case_name, ours_pat, base, threshold), backend in plan:
+        ours = ours_pat.format(b=backend)
         case = cases.get(case_name)
         value = None
         if base is None:
@@ -613,6 +617,12 @@ def _version(pkg: str) -> Optional[str]:
 
 
 def git_info() -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it. DLOPT_GIT_COMMIT,
+    if set, names the commit instead: a GPU lease's copy of .git was seen to be an older
+    snapshot than the tree it came with, so tools/gpu_check.sh passes the commit sent."""
+    named = os.environ.get("DLOPT_GIT_COMMIT")
+    if named:
+        return {"commit": named, "dirty": None, "source": "DLOPT_GIT_COMMIT"}
     root = Path(__file__).resolve().parents[2]
     info: dict[str, Any] = {"commit": None, "dirty": None}
     try:
@@ -621,8 +631,7 @@ def git_info() -> dict[str, Any]:
         info["commit"] = run("rev-parse", "HEAD")
         info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        # a copy of the tree without .git (a GPU lease): the caller may name the commit
-        info["commit"] = os.environ.get("DLOPT_GIT_COMMIT") or None
+        pass
     return info
 
 

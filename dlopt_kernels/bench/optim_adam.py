@@ -29,7 +29,12 @@ from dlopt_kernels.bench.common import Case, Impl, Runner, Settings
 NAME = "optim_adam"
 HPARAMS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
-# Targets for this project on the CPU (docs: benchmarks/README.md). None for CUDA yet.
+# Targets (issue 3; benchmarks/README.md): on the CPU for the auto backend, on a GPU for
+# each of cuda and triton (the GPT-2 list: torch fused and 85% of the D2D copy).
+GPU_TARGETS = [
+    ("gpt2_small", "dlopt[{b}]", "torch fused", 1.0),
+    ("gpt2_small", "dlopt[{b}]", None, 85.0),
+]
 CPU_TARGETS = [
     # (case, ours label pattern, baseline label or None for "% of bandwidth", threshold)
     ("fp32_10m", "dlopt[{b}]", "torch fused", 1.0),
@@ -166,8 +171,9 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
 
 
 def evaluate_targets(section: dict[str, Any], auto: str, device: torch.device) -> list[dict[str, Any]]:
-    """Check the measured numbers against the project's targets (CPU only for now)."""
-    return common.evaluate_targets(section, CPU_TARGETS, auto, device)
+    """Check the measured numbers against the project's targets."""
+    return common.evaluate_targets(section, CPU_TARGETS, auto, device, GPU_TARGETS,
+                                   section.get("ours_backends", ()))
 
 
 def run(quick: bool = False, device: Optional[torch.device | str] = None, progress: bool = True,
