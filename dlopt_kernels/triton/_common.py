@@ -267,3 +267,75 @@ def align_to_params(lists, mutated):
                 writeback.append((t, tw))
             lists[k][i] = tw
     return lists, writeback
+
+
+# ------------------------------------------------------- multi-tensor launches
+#
+# One launch per group of tensors instead of one per tensor (a GPT-2 list is 148
+# tensors: 148 launches cost more than the work). The host writes a table with one row
+# per tensor (the addresses of its tensors, its numel, its index in the op's lists, its
+# first block); a per-block map says which row each program works on. Kernels turn
+# the addresses back into typed pointers (`tensor_ptr`). Both tables are cached by
+# content: in a training loop the same tensors come back every step, so the steady
+# state copies nothing to the device (and so can be captured in a CUDA graph).
+
+TORCH_TO_TL = {torch.float32: tl.float32, torch.float64: tl.float64,
+               torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+COL_NUMEL, COL_INDEX, COL_FIRST = 0, 1, 2  # then one column per list
+_TABLE_CACHE: dict = {}
+_TABLE_CACHE_SIZE = 16
+
+
+@triton.jit
+def table_row(table_ptr, map_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (row pointer, numel, tensor index, element offsets)."""
+    pid = tl.program_id(0)
+    rec = table_ptr + tl.load(map_ptr + pid).to(tl.int64) * NCOL
+    n = tl.load(rec + 0)  # COL_NUMEL
+    index = tl.load(rec + 1)  # COL_INDEX
+    offs = (pid - tl.load(rec + 2)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # COL_FIRST
+    return rec, n, index, offs
+
+
+@triton.jit
+def tensor_ptr(rec, k, DTYPE: tl.constexpr):
+    """The k-th list's tensor of this row, as a pointer to DTYPE."""
+    return tl.load(rec + 3 + k).to(tl.pointer_type(DTYPE))
+
+
+def _cached(key, build):
+    hit = _TABLE_CACHE.pop(key, None)
+    if hit is None:
+        hit = build()
+        while len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+    _TABLE_CACHE[key] = hit  # most recently used last
+    return hit
+
+
+def multi_tensor_groups(lists, key_of, block, device):
+    """Group the params (lists[0]) that have elements by key_of(i), and build each
+    group's tables for `tensor_ptr`: list k of a row is lists[k][i], or the param where
+    lists[k] is empty (a stand-in the kernel's flags never read). Returns
+    [(key, indices, table, block_map, num_blocks)]."""
+    groups: dict = {}
+    for i, p in enumerate(lists[0]):
+        if p.numel():
+            groups.setdefault(key_of(i), []).append(i)
+    out = []
+    for key, idx in groups.items():
+        rows, first = [], 0
+        for i in idx:
+            n = lists[0][i].numel()
+            rows.append([n, i, first] + [(lst[i] if lst else lists[0][i]).data_ptr()
+                                         for lst in lists])
+            first += triton.cdiv(n, block)
+        flat = tuple(v for row in rows for v in row)
+        table = _cached(("table", device, flat),
+                        lambda: torch.tensor(flat, dtype=torch.int64).to(device))
+        counts = tuple(triton.cdiv(lists[0][i].numel(), block) for i in idx)
+        block_map = _cached(("map", device, counts), lambda: torch.repeat_interleave(
+            torch.arange(len(idx), dtype=torch.int32),
+            torch.tensor(counts, dtype=torch.int64)).to(device))
+        out.append((key, idx, table, block_map, first))
+    return out

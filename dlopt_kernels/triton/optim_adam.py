@@ -5,7 +5,8 @@ the random bits of rounding.h).
 
 No host syncs: lr, grad_scale, found_inf, sr_seed and the steps stay tensors that
 the kernel reads; it derives the bias corrections from each tensor's own step in
-fp64, as adam_coeffs() does on the host. One launch per tensor for now.
+fp64, as adam_coeffs() does on the host. One launch per group of tensors that share
+their dtypes (_common.multi_tensor_groups).
 
 Storage: with master weights the kernel reads and writes the fp32 master and stores
 the param rounded to nearest (stochastic rounding is only for bf16 params without
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
+    TORCH_TO_TL,
     adam_bias_corrections,
     adam_direction,
     adam_moments,
@@ -30,24 +32,35 @@ from dlopt_kernels.triton._common import (
     block_size,
     bump_steps,
     f64,
+    multi_tensor_groups,
     on_device,
     sr_tensor_key,
     store_f32,
+    table_row,
+    tensor_ptr,
 )
 
 _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 
 
-@triton.jit(do_not_specialize=["tensor_index"])
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, step_ptr, lr_ptr, gs_ptr,
-                 fi_ptr, seed_ptr, n, tensor_index,
+@triton.jit
+def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                  beta1: tl.float64, beta2: tl.float64, one_minus_beta1: tl.float64,
                  one_minus_beta2: tl.float64, weight_decay: tl.float64, eps: tl.float64,
                  WD: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
-                 SR: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    step = tl.load(step_ptr).to(tl.float64)
+                 SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
+                 STEP_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    # One block of one tensor of the group (multi_tensor_groups' table); the lists'
+    # order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps.
+    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    p_ptr = tensor_ptr(rec, 0, P_DT)
+    g_ptr = tensor_ptr(rec, 1, P_DT)
+    m_ptr = tensor_ptr(rec, 2, S_DT)
+    v_ptr = tensor_ptr(rec, 3, S_DT)
+    vmax_ptr = tensor_ptr(rec, 4, S_DT)
+    master_ptr = tensor_ptr(rec, 5, tl.float32)
+    step = tl.load(tensor_ptr(rec, 6, STEP_DT)).to(tl.float64)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         skip = tl.load(fi_ptr) != 0
         n = tl.where(skip, 0, n)
@@ -164,19 +177,20 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                  AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
                  HAS_FI=found_inf is not None, MASTER=bool(master_params))
     block = block_size()
+    sr = sr_seed is not None and not master_params
     # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
     gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    lists = [P, G, M, V, VM, MP, steps]
+    groups = multi_tensor_groups(lists, lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype),
+                                 block, dev)
     # Triton launches on the current CUDA device: make it the params' one.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for i, p in enumerate(P):
-            numel = p.numel()
-            if numel == 0:  # its step was still counted above
-                continue
-            _adam_kernel[(triton.cdiv(numel, block),)](
-                p, G[i], M[i], V[i], VM[i] if amsgrad else p, MP[i] if master_params else p,
-                steps[i], lr, gs, fi, seed, numel, i, *floats, **flags,
-                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
+        for (p_dt, s_dt, step_dt), _, table, block_map, num_blocks in groups:
+            _adam_kernel[(num_blocks,)](
+                table, block_map, lr, gs, fi, seed, *floats, **flags,
+                SR=sr and p_dt == torch.bfloat16, P_DT=TORCH_TO_TL[p_dt], S_DT=TORCH_TO_TL[s_dt],
+                STEP_DT=TORCH_TO_TL[step_dt], NCOL=3 + len(lists), BLOCK=block,
+                num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()
