@@ -10,6 +10,7 @@ clamp before any float->int cast.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -339,3 +340,19 @@ def multi_tensor_groups(lists, key_of, block, device):
             torch.tensor(counts, dtype=torch.int64)).to(device))
         out.append((key, idx, table, block_map, first))
     return out
+
+
+def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
+    """Run an element-wise multi-tensor kernel over `lists` (params first): one launch
+    per group of params with the same key_of(i), as
+    kernel[(blocks,)](table, block_map, *args, **flags, **consts_of(key), NCOL, BLOCK),
+    on the params' device. The kernel starts with `table_row` and reads its tensors
+    with `tensor_ptr` (list k of `lists` is column k)."""
+    block = block_size()
+    groups = multi_tensor_groups(lists, key_of, block, device)
+    # Triton launches on the current CUDA device: make it the params' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for key, _, table, block_map, num_blocks in groups:
+            kernel[(num_blocks,)](table, block_map, *args, **flags, **consts_of(key),
+                                  NCOL=3 + len(lists), BLOCK=block,
+                                  num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)

@@ -15,24 +15,20 @@ reference. Steps may live on the params' device (no sync) or on the CPU (one syn
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    LAUNCH_OPTIONS,
     TORCH_TO_TL,
     adam_bias_corrections,
     adam_direction,
     adam_moments,
     align_to_params,
     bf16_stochastic,
-    block_size,
     bump_steps,
     f64,
-    multi_tensor_groups,
+    launch_multi_tensor,
     on_device,
     sr_tensor_key,
     store_f32,
@@ -176,21 +172,15 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                      _WD_DECOUPLED if decoupled_weight_decay else _WD_L2),
                  AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
                  HAS_FI=found_inf is not None, MASTER=bool(master_params))
-    block = block_size()
     sr = sr_seed is not None and not master_params
     # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
     gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    lists = [P, G, M, V, VM, MP, steps]
-    groups = multi_tensor_groups(lists, lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype),
-                                 block, dev)
-    # Triton launches on the current CUDA device: make it the params' one.
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for (p_dt, s_dt, step_dt), _, table, block_map, num_blocks in groups:
-            _adam_kernel[(num_blocks,)](
-                table, block_map, lr, gs, fi, seed, *floats, **flags,
-                SR=sr and p_dt == torch.bfloat16, P_DT=TORCH_TO_TL[p_dt], S_DT=TORCH_TO_TL[s_dt],
-                STEP_DT=TORCH_TO_TL[step_dt], NCOL=3 + len(lists), BLOCK=block,
-                num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
+    launch_multi_tensor(
+        _adam_kernel, [P, G, M, V, VM, MP, steps],
+        lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype),
+        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
+                         S_DT=TORCH_TO_TL[key[1]], STEP_DT=TORCH_TO_TL[key[2]]),
+        (lr, gs, fi, seed, *floats), flags, dev)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

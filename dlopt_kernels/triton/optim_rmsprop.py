@@ -5,39 +5,48 @@ of rounding.h).
 
 No host syncs: lr, grad_scale, found_inf, sr_seed and the steps stay tensors the kernel
 reads (RMSprop's maths does not use the step; it is counted as torch's state keeps it).
-One launch per tensor, as the Adam kernel.
+One launch per dtype group of tensors, as the Adam kernel.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    LAUNCH_OPTIONS,
+    TORCH_TO_TL,
     align_to_params,
-    block_size,
     bump_steps,
     check_elementwise_lists,
     f64,
     grad_multiplier,
+    launch_multi_tensor,
     load_param,
     on_device,
     store_f32,
+    table_row,
+    tensor_ptr,
     write_param,
 )
 
 
-@triton.jit(do_not_specialize=["tensor_index"])
-def _rmsprop_kernel(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, master_ptr, lr_ptr, gs_ptr, fi_ptr,
-                    seed_ptr, n, tensor_index, alpha: tl.float64, one_minus_alpha: tl.float64,
-                    eps: tl.float64, weight_decay: tl.float64, momentum: tl.float64,
-                    WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
-                    MASTER: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+@triton.jit
+def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha: tl.float64,
+                    one_minus_alpha: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+                    momentum: tl.float64, WD: tl.constexpr, CENTERED: tl.constexpr,
+                    MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
+                    HAS_FI: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+                    P_DT: tl.constexpr, S_DT: tl.constexpr, NCOL: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    # One block of one tensor (lists: params, grads, square_avgs, grad_avgs,
+    # momentum buffers, masters).
+    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    p_ptr = tensor_ptr(rec, 0, P_DT)
+    g_ptr = tensor_ptr(rec, 1, P_DT)
+    v_ptr = tensor_ptr(rec, 2, S_DT)
+    ga_ptr = tensor_ptr(rec, 3, S_DT)
+    buf_ptr = tensor_ptr(rec, 4, S_DT)
+    master_ptr = tensor_ptr(rec, 5, tl.float32)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
     mask = offs < n
@@ -99,18 +108,14 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
     flags = dict(WD=weight_decay != 0.0, CENTERED=bool(centered), MOMENTUM=use_momentum,
                  MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
                  HAS_FI=found_inf is not None, MASTER=bool(master_params))
-    block = block_size()
     gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for i, p in enumerate(P):
-            numel = p.numel()
-            if numel == 0:  # its step was still counted above
-                continue
-            _rmsprop_kernel[(triton.cdiv(numel, block),)](
-                p, G[i], V[i], GA[i] if centered else p, B[i] if use_momentum else p,
-                MP[i] if master_params else p, lr, gs, fi, seed, numel, i, *floats, **flags,
-                SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
+    sr = sr_seed is not None and not master_params
+    launch_multi_tensor(
+        _rmsprop_kernel, [P, G, V, GA if centered else [], B if use_momentum else [], MP],
+        lambda i: (P[i].dtype, V[i].dtype),
+        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
+                         S_DT=TORCH_TO_TL[key[1]]),
+        (lr, gs, fi, seed, *floats), flags, dev)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

@@ -43,7 +43,7 @@ def dtype_id(x):
 
 
 def interpreted(device: str, backend: str) -> bool:
-    """Triton under TRITON_INTERPRET pays ~15 ms per launch (one per tensor)."""
+    """Triton under TRITON_INTERPRET pays ~15 ms per launch and ~1 ms per program."""
     return backend == "triton" and device == "cpu"
 
 

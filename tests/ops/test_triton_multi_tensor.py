@@ -1,0 +1,84 @@
+"""The Triton backend's multi-tensor launches (triton/_common.py multi_tensor_groups):
+one launch per dtype group, addresses from a table cached by content. Judged against
+the reference backend, which updates each tensor on its own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import device_backends
+from tolerances import tol
+
+pytestmark = pytest.mark.skipif(
+    not any(b == "triton" for _, b in device_backends()), reason="triton backend unavailable")
+DEVICES = sorted({d for d, b in device_backends() if b == "triton"})
+op = torch.ops.dlopt.adam_step
+
+
+def _lists(device, shapes_dtypes):
+    ps = [torch.randn(s, device=device).to(dt) for s, dt in shapes_dtypes]
+    return dict(params=ps, grads=[torch.randn_like(p) for p in ps],
+                m=[torch.randn_like(p).abs() for p in ps], v=[torch.rand_like(p) for p in ps],
+                steps=[torch.full((), 3.0, device=device) for _ in ps])
+
+
+def _clone(lists):
+    return {k: [t.clone() for t in v] for k, v in lists.items()}
+
+
+def _step(lists, backend, sr_seed=None):
+    op(lists["params"], lists["grads"], lists["m"], lists["v"], [], [], lists["steps"],
+       torch.tensor(1e-2, dtype=torch.float64), 0.9, 0.999, 0.01, 1e-8, False, False, True,
+       None, None, sr_seed, backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_and_empty_tensors_in_one_call(device):
+    """fp32, bf16 and fp16 params (three groups) and zero-size ones, interleaved: each
+    tensor updated as on its own, each step counted."""
+    spec = [((70001,), torch.float32), ((0,), torch.float32), ((33, 7), torch.bfloat16),
+            ((5,), torch.float16), ((2, 0), torch.bfloat16), ((1,), torch.float32),
+            ((4097,), torch.float16)]
+    got = _lists(device, spec)
+    want = _clone(got)
+    _step(got, "triton")
+    _step(want, "reference")
+    for key in ("params", "m", "v", "steps"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol(a.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_new_tensors_get_a_new_table(device):
+    """Tensors of the same shapes but other storage after a cached call: the new ones
+    are updated and the old ones left alone (no stale addresses)."""
+    spec = [((300,), torch.float32), ((17, 3), torch.float32)]
+    first = _lists(device, spec)
+    _step(first, "triton")
+    _step(first, "triton")  # a cache hit: same tensors
+    before = _clone(first)
+    second = _lists(device, spec)
+    want = _clone(second)
+    _step(second, "triton")
+    _step(want, "reference")
+    for key in ("params", "m", "v"):
+        for a, b in zip(second[key], want[key]):
+            torch.testing.assert_close(a, b, **tol(a.dtype))
+        for a, b in zip(first[key], before[key]):
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sr_bits_follow_the_tensor_index(device):
+    """Stochastic rounding keys on each tensor's index in the op's lists, also when
+    zero-size tensors and another dtype's group sit between: the same bits as the
+    reference backend."""
+    spec = [((0,), torch.bfloat16), ((5000,), torch.float32), ((3000,), torch.bfloat16),
+            ((2500,), torch.bfloat16)]
+    got = _lists(device, spec)
+    want = _clone(got)
+    seed = torch.tensor(1234, dtype=torch.int64)
+    _step(got, "triton", seed)
+    _step(want, "reference", seed)
+    for a, b in zip(got["params"][2:], want["params"][2:]):
+        assert (a.view(torch.int16) != b.view(torch.int16)).float().mean() <= 0.01
