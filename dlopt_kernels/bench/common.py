@@ -547,6 +547,29 @@ def run_case(case: Case, device: torch.device, settings: Settings,
             "info": case.info, "results": results, "speedups": speedups}
 
 
+def run_benchmark(name: str, build_cases: Callable, targets: Sequence[tuple], quick: bool,
+                  device: Optional[torch.device | str], progress: bool,
+                  settings: Optional[Settings], gpu_targets: Sequence[tuple] = (),
+                  **info: Any) -> dict[str, Any]:
+    """What every benchmark module's `run` does: pick the device and settings, build
+    the cases (`build_cases(device, quick) -> (cases, backends, auto)`), time them,
+    and return the section with `info` (hyperparameters and such, tuples stored as
+    lists), our backends and the targets evaluated."""
+    import dlopt_kernels  # noqa: F401  (loads the compiled library, registers backends)
+
+    device = bench_device(device)
+    settings = settings or default_settings(device, quick)
+    cases, backends, auto = build_cases(device, quick)
+    section = run_cases(name, cases, device, settings, quick, progress)
+    for key, value in info.items():
+        section[key] = ({k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+                        if isinstance(value, dict) else value)
+    section["ours_backends"] = backends
+    section["auto_backend"] = auto
+    section["targets"] = evaluate_targets(section, targets, auto, device, gpu_targets, backends)
+    return section
+
+
 def run_cases(benchmark: str, cases: Sequence[Case], device: torch.device, settings: Settings,
               quick: bool, progress: bool = True) -> dict[str, Any]:
     """Measure the bandwidth, run every case, measure the bandwidth again; the section

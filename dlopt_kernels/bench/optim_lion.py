@@ -79,16 +79,7 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
 
 def run(quick: bool = False, device: Optional[torch.device | str] = None, progress: bool = True,
         settings: Optional[Settings] = None) -> dict[str, Any]:
-    """Run the benchmark and return its results section (see common.run_cases)."""
-    import dlopt_kernels  # noqa: F401  (loads the compiled library, registers backends)
-
-    device = common.bench_device(device)
-    settings = settings or common.default_settings(device, quick)
-    cases, backends, auto = build_cases(device, quick)
-    section = common.run_cases(NAME, cases, device, settings, quick, progress)
-    section["hparams"] = {**HPARAMS, "betas": list(HPARAMS["betas"])}
-    section["baseline_impl"] = "dlopt_kernels.bench.optim_lion.TorchLion"
-    section["ours_backends"] = backends
-    section["auto_backend"] = auto
-    section["targets"] = common.evaluate_targets(section, CPU_TARGETS, auto, device)
-    return section
+    """Run the benchmark and return its results section (see common.run_benchmark)."""
+    return common.run_benchmark(NAME, build_cases, CPU_TARGETS, quick, device, progress,
+                                settings, hparams=HPARAMS,
+                                baseline_impl="dlopt_kernels.bench.optim_lion.TorchLion")
