@@ -137,8 +137,11 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
     title = ("GPT-2 small shapes (124M)" if width == 1.0 else
              f"GPT-2 small shapes, every dimension x {width:.4g} (d_model {shapes[2][0]}, "
              f"vocab {shapes[0][0]}, positions {shapes[1][0]})")
+    # On a GPU the step time counts host launch overhead (the GPU idles at the start
+    # event): the op-only and kernel-only rows show how much of it is Python.
     cases.append(Case("gpt2_small", title, common.numel_of(shapes), len(shapes),
-                      _fp32_impls(shapes, device, backends, auto),
+                      _fp32_impls(shapes, device, backends, auto)
+                      + (_diag_impls(shapes, device, auto) if cuda else []),
                       info={"width": width, "shapes": [list(s) for s in shapes]}))
 
     # 3. many tiny tensors
