@@ -50,15 +50,17 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
         raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
 
 
-def _collect_function() -> Optional[Callable]:
-    """The C fast path of `FusedOptimizer._collect`, if the C++ library loaded."""
+def _c_function(name: str) -> Optional[Callable]:
+    """A fast-path function of the C++ library (csrc/python_fast_path.cpp), if it loaded."""
     if not _lib.LOADED["cpu"]:
         return None
     from dlopt_kernels import _C
-    return getattr(_C, "collect_group", None)
+    return getattr(_C, name, None)
 
 
-_COLLECT = _collect_function()
+_COLLECT = _c_function("collect_group")  # the C twin of FusedOptimizer._collect
+_CALL_COMPILED = _c_function("call_compiled")  # torch.ops.dlopt_C.<op>(...) without its
+# Python argument conversion
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -296,11 +298,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _run(self, op: Any, *args: Any) -> Any:
         """Call the fused `op` with `args` (params first, backend last). On a bucket of
         the C fast path, call the kernel the op would pick directly: the op layer's
-        Python (argument conversion, routing) costs ~0.4 ms per 1,000 tensors."""
+        Python (argument conversion, routing) costs ~0.4 ms per 1,000 tensors. A
+        compiled kernel goes through `_C.call_compiled`, which also skips the Python
+        op call's per-tensor argument conversion."""
         params = args[0]
         if (not torch.compiler.is_compiling() and self._direct and params
                 and params[0].device.type in ("cpu", "cuda")):
-            _, kernel = registry.resolve(op.__name__, params[0].device, args[-1])
+            backend, kernel = registry.resolve(op.__name__, params[0].device, args[-1])
+            if backend in ("cpu", "cuda") and _CALL_COMPILED is not None:
+                return _CALL_COMPILED(op.__name__, *args[:-1])
             return kernel(*args[:-1])
         return op(*args)
 

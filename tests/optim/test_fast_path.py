@@ -200,3 +200,62 @@ def test_collect_group_refuses_wrong_argument_types():
         _base._COLLECT([torch.zeros(2)], [], (), None)  # state must be a dict
     with pytest.raises(TypeError, match="tuple"):
         _base._COLLECT([torch.zeros(2)], {}, ["exp_avg"], None)  # keys must be a tuple
+
+
+# ------------------------------------------------------------ _C.call_compiled
+
+
+def _lion_args(seed):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(7, generator=g), torch.randn(2, 3, generator=g)]
+    return ([ps, [torch.randn(p.shape, generator=g) for p in ps],
+             [torch.randn(p.shape, generator=g).abs() for p in ps], [],
+             [torch.zeros(()) for _ in ps], torch.tensor(1e-2, dtype=torch.float64),
+             0.9, 0.99, 0.1, False, None, None, None])
+
+
+def test_call_compiled_matches_the_op_for_ops_of_one_signature():
+    """Adagrad's and Lion's compiled ops share a C++ signature: each name must still
+    reach its own op, whichever ran first."""
+    from dlopt_kernels import _C
+    for name in ("adagrad_step", "lion_step", "adagrad_step"):
+        a, b = _lion_args(7), _lion_args(7)
+        if name == "adagrad_step":  # (params, grads, sums, masters, steps, lr, decay, wd, eps, max)
+            a[6:9] = b[6:9] = [1e-3, 0.1, 1e-10]
+        getattr(torch.ops.dlopt_C, name)(*a)
+        _C.call_compiled(name, *b)
+        for x, y in zip(a[0] + a[2] + a[4], b[0] + b[2] + b[4]):
+            assert torch.equal(x, y), name
+
+
+def test_call_compiled_keeps_no_reference():
+    """Tensors are borrowed, not referenced: nothing outlives the call."""
+    import gc
+    import weakref
+    from dlopt_kernels import _C
+    args = _lion_args(3)
+    refs = [weakref.ref(t) for lst in args[:5] for t in lst] + [weakref.ref(args[5])]
+    _C.call_compiled("lion_step", *args)
+    del args
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda a: ("lion_step", *a[:-1]), TypeError, "takes 13 arguments"),
+    (lambda a: ("lion_step", tuple(a[0]), *a[1:]), TypeError, "list of tensors"),
+    (lambda a: ("lion_step", a[0] + [1.0], *a[1:]), TypeError, "tensor"),
+    (lambda a: ("lion_step", *a[:9], 0, *a[10:]), TypeError, "bool"),
+    (lambda a: ("lion_step", *a[:5], 0.01, *a[6:]), TypeError, "tensor"),
+    (lambda a: ("lion_step", *a[:6], "0.9", *a[7:]), TypeError, "float"),
+    (lambda a: ("no_such_step", *a), ValueError, "unknown op"),
+    (lambda a: (3, *a), TypeError, "name must be a str"),
+], ids=["count", "tuple", "float_in_list", "int_for_bool", "float_for_tensor", "str_for_float",
+        "unknown", "name"])
+def test_call_compiled_refuses_bad_arguments(bad, exc, match):
+    from dlopt_kernels import _C
+    args = _lion_args(5)
+    before = [t.clone() for lst in args[:5] for t in lst]
+    with pytest.raises(exc, match=match):
+        _C.call_compiled(*bad(args))
+    assert all(torch.equal(x, y) for x, y in zip(before, [t for lst in args[:5] for t in lst]))
