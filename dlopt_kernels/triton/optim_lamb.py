@@ -3,11 +3,12 @@ _common.py), the two-pass structure of csrc/cpu/optim_lamb.cpp, the storage rule
 the Adam kernel (fp32 arithmetic; params fp32/bf16/fp16; states fp32 or the param
 dtype; fp32 master weights; bf16 stochastic rounding with rounding.h's random bits).
 
-1. `_lamb_moments_kernel`, one launch per tensor: updates m, v and writes, per
-   program, the float64 sums of p^2 and u^2 (u from m, v as stored) to its slots.
-2. `_lamb_trust_kernel`, one program per tensor: the trust ratio from the tensor's
-   sums, and lr * trust as the tensor's fp32 step scale.
-3. `_lamb_apply_kernel`, one launch per tensor: p -= scale * u, u recomputed.
+1. `_lamb_moments_kernel`, one launch per dtype group of tensors (the multi-tensor
+   table of _common.py): updates m, v and writes, per program, the float64 sums of p^2
+   and u^2 (u from m, v as stored) to its slots.
+2. `_lamb_trust_kernel`, one program per tensor: the trust ratio from the sums in the
+   tensor's range of slots, and lr * trust as the tensor's fp32 step scale.
+3. `_lamb_apply_kernel`, one launch per dtype group: p -= scale * u, u recomputed.
 
 No host syncs: lr, grad_scale, global_grad_norm, found_inf, sr_seed and the steps stay
 tensors the kernels read.
@@ -23,6 +24,7 @@ import triton.language as tl
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
+    TORCH_TO_TL,
     adam_bias_corrections,
     adam_direction,
     adam_moments,
@@ -32,9 +34,12 @@ from dlopt_kernels.triton._common import (
     f64,
     interpreted,
     load_param,
+    multi_tensor_groups,
     on_device,
     round_to_storage,
     store_f32,
+    table_row,
+    tensor_ptr,
     write_param,
 )
 from dlopt_kernels.triton.multi_tensor_norm import _device_tensor, loop_iters
@@ -68,15 +73,28 @@ def _direction(p, m, v, step_size, inv_bc2_sqrt, eps, weight_decay, WD: tl.const
 
 
 @triton.jit
-def _lamb_moments_kernel(p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, step_ptr, gs_ptr, gn_ptr,
-                         fi_ptr, part_ptr, n, beta1: tl.float64, beta2: tl.float64,
+def _lamb_tensors(table_ptr, map_ptr, P_DT: tl.constexpr, S_DT: tl.constexpr,
+                  STEP_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensors (lists: params, grads, exp_avgs, exp_avg_sqs, masters,
+    steps), numel, tensor index and offsets."""
+    rec, n, index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    return (tensor_ptr(rec, 0, P_DT), tensor_ptr(rec, 1, P_DT), tensor_ptr(rec, 2, S_DT),
+            tensor_ptr(rec, 3, S_DT), tensor_ptr(rec, 4, tl.float32),
+            tensor_ptr(rec, 5, STEP_DT), n, index, offs)
+
+
+@triton.jit
+def _lamb_moments_kernel(table_ptr, map_ptr, gs_ptr, gn_ptr, fi_ptr, part_ptr,
+                         beta1: tl.float64, beta2: tl.float64,
                          one_minus_beta1: tl.float64, one_minus_beta2: tl.float64,
                          weight_decay: tl.float64, eps: tl.float64, max_grad_norm: tl.float64,
                          MASTER: tl.constexpr, HAS_GS: tl.constexpr, CLIP: tl.constexpr,
                          HAS_FI: tl.constexpr, WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                         P_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
+                         NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)  # its slot in part_ptr (the group's part of the slots)
+    p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, step_ptr, n, _, offs = _lamb_tensors(
+        table_ptr, map_ptr, P_DT, S_DT, STEP_DT, NCOL, BLOCK)
     step_size, inv_bc2_sqrt, n = _coeffs(step_ptr, fi_ptr, n, f64(beta1), f64(beta2), HAS_FI,
                                          BIAS_CORRECTION)
     mask = offs < n
@@ -110,11 +128,11 @@ def _lamb_moments_kernel(p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, step_ptr, gs_pt
 
 
 @triton.jit
-def _lamb_trust_kernel(part_ptr, bases_ptr, lr_ptr, scale_ptr, BLOCK: tl.constexpr,
+def _lamb_trust_kernel(part_ptr, ranges_ptr, lr_ptr, scale_ptr, BLOCK: tl.constexpr,
                        ITERS: tl.constexpr):
-    i = tl.program_id(0)
-    lo = tl.load(bases_ptr + i)
-    hi = tl.load(bases_ptr + i + 1)
+    i = tl.program_id(0)  # tensor i's slots: [ranges[2i], ranges[2i + 1])
+    lo = tl.load(ranges_ptr + 2 * i)
+    hi = tl.load(ranges_ptr + 2 * i + 1)
     pp = tl.zeros((BLOCK,), tl.float64)
     uu = tl.zeros((BLOCK,), tl.float64)
     for it in range(ITERS):  # a constexpr trip count (see multi_tensor_norm.py)
@@ -129,13 +147,15 @@ def _lamb_trust_kernel(part_ptr, bases_ptr, lr_ptr, scale_ptr, BLOCK: tl.constex
     tl.store(scale_ptr + i, (tl.load(lr_ptr).to(tl.float64) * trust).to(tl.float32))
 
 
-@triton.jit(do_not_specialize=["tensor_index"])
-def _lamb_apply_kernel(p_ptr, m_ptr, v_ptr, master_ptr, step_ptr, scale_ptr, fi_ptr, seed_ptr,
-                       n, tensor_index, beta1: tl.float64, beta2: tl.float64,
-                       weight_decay: tl.float64, eps: tl.float64, MASTER: tl.constexpr,
-                       SR: tl.constexpr, HAS_FI: tl.constexpr, WD: tl.constexpr,
-                       BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+@triton.jit
+def _lamb_apply_kernel(table_ptr, map_ptr, scale_ptr, fi_ptr, seed_ptr, beta1: tl.float64,
+                       beta2: tl.float64, weight_decay: tl.float64, eps: tl.float64,
+                       MASTER: tl.constexpr, SR: tl.constexpr, HAS_FI: tl.constexpr,
+                       WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr, P_DT: tl.constexpr,
+                       S_DT: tl.constexpr, STEP_DT: tl.constexpr, NCOL: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    p_ptr, _, m_ptr, v_ptr, master_ptr, step_ptr, n, tensor_index, offs = _lamb_tensors(
+        table_ptr, map_ptr, P_DT, S_DT, STEP_DT, NCOL, BLOCK)
     step_size, inv_bc2_sqrt, n = _coeffs(step_ptr, fi_ptr, n, f64(beta1), f64(beta2), HAS_FI,
                                          BIAS_CORRECTION)
     mask = offs < n
@@ -144,7 +164,7 @@ def _lamb_apply_kernel(p_ptr, m_ptr, v_ptr, master_ptr, step_ptr, scale_ptr, fi_
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
     u = _direction(p, m, v, step_size, inv_bc2_sqrt, f64(eps).to(tl.float32),
                    f64(weight_decay).to(tl.float32), WD)
-    p = p - tl.load(scale_ptr) * u
+    p = p - tl.load(scale_ptr + tensor_index) * u
     write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
 
@@ -167,11 +187,21 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
     (P, G, M, V, MP), writeback = align_to_params(
         [params, grads, exp_avgs, exp_avg_sqs, master_params], (True, False, True, True, True))
     block = block_size()
-    bases = [0]
-    for p in P:
-        bases.append(bases[-1] + triton.cdiv(p.numel(), block))
+    groups = multi_tensor_groups([P, G, M, V, MP, steps],
+                                 lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype), block, dev)
+    # The slots of all groups side by side; tensor i's range [lo, hi), empty if numel 0.
+    ranges = [0] * (2 * len(P))
+    offsets, total = [], 0
+    for _, idx, _, _, num_blocks in groups:
+        offsets.append(total)
+        first = 0
+        for i in idx:
+            ranges[2 * i] = total + first
+            first += triton.cdiv(P[i].numel(), block)
+            ranges[2 * i + 1] = total + first
+        total += num_blocks
     n = len(P)
-    partials = torch.empty(2 * max(bases[-1], 1), dtype=torch.float64, device=dev)
+    partials = torch.empty(2 * max(total, 1), dtype=torch.float64, device=dev)
     scales = torch.empty(n, dtype=torch.float32, device=dev)
     b1, b2, wd, eps = float(beta1), float(beta2), float(weight_decay), float(eps)
     flags = dict(MASTER=bool(master_params), HAS_FI=found_inf is not None, WD=wd != 0.0,
@@ -180,25 +210,26 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
     gs, gn, fi, seed = (lr if t is None else t
                         for t in (grad_scale, global_grad_norm, found_inf, sr_seed))
     warps = 4 if block > 4096 else 8
+    sr = sr_seed is not None and not master_params
+
+    def dtypes(key):
+        return dict(P_DT=TORCH_TO_TL[key[0]], S_DT=TORCH_TO_TL[key[1]],
+                    STEP_DT=TORCH_TO_TL[key[2]], NCOL=3 + 6, BLOCK=block, num_warps=warps)
+
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for i, p in enumerate(P):
-            if p.numel():
-                _lamb_moments_kernel[(bases[i + 1] - bases[i],)](
-                    p, G[i], M[i], V[i], MP[i] if master_params else p, steps[i], gs, gn, fi,
-                    partials[2 * bases[i]:], p.numel(), b1, b2, 1.0 - b1, 1.0 - b2, wd, eps,
-                    float(max_grad_norm), HAS_GS=grad_scale is not None, CLIP=clip, **flags,
-                    BLOCK=block, num_warps=warps, **LAUNCH_OPTIONS)
+        for (key, _, table, block_map, num_blocks), offset in zip(groups, offsets):
+            _lamb_moments_kernel[(num_blocks,)](
+                table, block_map, gs, gn, fi, partials[2 * offset:], b1, b2, 1.0 - b1,
+                1.0 - b2, wd, eps, float(max_grad_norm), HAS_GS=grad_scale is not None,
+                CLIP=clip, **flags, **dtypes(key), **LAUNCH_OPTIONS)
         small = 1024 if interpreted() else 256
-        _lamb_trust_kernel[(n,)](partials, _device_tensor(bases, dev), lr, scales, BLOCK=small,
-                                 ITERS=loop_iters(max(b - a for a, b in zip(bases, bases[1:])),
-                                                  small), **LAUNCH_OPTIONS)
-        for i, p in enumerate(P):
-            if p.numel():
-                _lamb_apply_kernel[(bases[i + 1] - bases[i],)](
-                    p, M[i], V[i], MP[i] if master_params else p, steps[i], scales[i:], fi,
-                    seed, p.numel(), i, b1, b2, wd, eps,
-                    SR=sr_seed is not None and not master_params and p.dtype == torch.bfloat16,
-                    **flags, BLOCK=block, num_warps=warps, **LAUNCH_OPTIONS)
+        widest = max(hi - lo for lo, hi in zip(ranges[0::2], ranges[1::2]))
+        _lamb_trust_kernel[(n,)](partials, _device_tensor(ranges, dev), lr, scales, BLOCK=small,
+                                 ITERS=loop_iters(widest, small), **LAUNCH_OPTIONS)
+        for key, _, table, block_map, num_blocks in groups:
+            _lamb_apply_kernel[(num_blocks,)](
+                table, block_map, scales, fi, seed, b1, b2, wd, eps,
+                SR=sr and key[0] == torch.bfloat16, **flags, **dtypes(key), **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

@@ -82,3 +82,20 @@ def test_sr_bits_follow_the_tensor_index(device):
     _step(want, "reference", seed)
     for a, b in zip(got["params"][2:], want["params"][2:]):
         assert (a.view(torch.int16) != b.view(torch.int16)).float().mean() <= 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lamb_trust_ratio_per_tensor_across_groups(device):
+    """LAMB's per-tensor norms come from each tensor's own slots, also when dtype groups
+    and zero-size tensors interleave (the slots of all groups sit side by side)."""
+    spec = [((3000,), torch.bfloat16), ((0,), torch.float32), ((70001,), torch.float32),
+            ((40, 9), torch.bfloat16), ((5,), torch.float32)]
+    got = _lists(device, spec)
+    want = _clone(got)
+    for lists, backend in ((got, "triton"), (want, "reference")):
+        torch.ops.dlopt.lamb_step(lists["params"], lists["grads"], lists["m"], lists["v"], [],
+                                  lists["steps"], torch.tensor(1e-2, dtype=torch.float64), 0.9,
+                                  0.999, 0.01, 1e-6, True, 0.0, None, None, None, None, backend)
+    for key in ("params", "m", "v", "steps"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol(a.dtype))
