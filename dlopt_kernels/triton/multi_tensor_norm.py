@@ -2,10 +2,11 @@
 structure of csrc/cuda/multi_tensor_norm.cu, in three kernels, none of which waits for
 the host:
 
-1. `_partials_kernel`, one launch per tensor: each program reduces BLOCK elements (fp32
-   terms, fp32 tree sum) to one float64 partial at its slot in a shared buffer.
-2. `_finish_kernel`, one program per tensor: combines the tensor's partials in float64
-   into its raw value and its norm.
+1. `_partials_kernel`, one launch per dtype group of tensors (the multi-tensor table of
+   _common.py): each program reduces BLOCK elements (fp32 terms, fp32 tree sum) to one
+   float64 partial at its slot in a shared buffer (the groups' slots side by side).
+2. `_finish_kernel`, one program per tensor: combines the partials in the tensor's range
+   of slots in float64 into its raw value and its norm.
 3. `_total_kernel`, one program: the total from the raw values.
 
 Kinds (norm_math.h NormKind): 0 L2, 1 L1, 2 inf, 3 -inf, 4 L0 (count), 5 any other p.
@@ -18,7 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dlopt_kernels.triton._common import LAUNCH_OPTIONS, block_size, f64, interpreted, is_dense
+from dlopt_kernels.triton._common import (
+    LAUNCH_OPTIONS,
+    TORCH_TO_TL,
+    block_size,
+    f64,
+    interpreted,
+    is_dense,
+    multi_tensor_groups,
+    table_row,
+    tensor_ptr,
+)
 
 _KINDS = {2.0: 0, 1.0: 1, float("inf"): 2, float("-inf"): 3, 0.0: 4}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -78,9 +89,11 @@ def _reduce(v, KIND: tl.constexpr):
 
 
 @triton.jit
-def _partials_kernel(x_ptr, out_ptr, n, p: tl.float64, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _partials_kernel(table_ptr, map_ptr, out_ptr, p: tl.float64, KIND: tl.constexpr,
+                     X_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)  # its slot in out_ptr (the group's part of the slots)
+    rec, n, _, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    x_ptr = tensor_ptr(rec, 0, X_DT)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = _term(x, f64(p).to(tl.float32), KIND)
@@ -104,11 +117,11 @@ def _finish(raw, p, KIND: tl.constexpr):
 
 
 @triton.jit
-def _finish_kernel(part_ptr, bases_ptr, raw_ptr, norms_ptr, p: tl.float64, KIND: tl.constexpr,
+def _finish_kernel(part_ptr, ranges_ptr, raw_ptr, norms_ptr, p: tl.float64, KIND: tl.constexpr,
                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    i = tl.program_id(0)
-    lo = tl.load(bases_ptr + i)
-    hi = tl.load(bases_ptr + i + 1)
+    i = tl.program_id(0)  # tensor i's slots: [ranges[2i], ranges[2i + 1])
+    lo = tl.load(ranges_ptr + 2 * i)
+    hi = tl.load(ranges_ptr + 2 * i + 1)
     acc = tl.full((BLOCK,), _identity(KIND), tl.float64)
     # A constexpr trip count (loop_iters()): the triton 3.6 interpreter (with numpy 2)
     # cannot loop to a runtime bound, loaded or passed in.
@@ -165,24 +178,31 @@ def multi_tensor_norm(tensors, norm_type):
     kind = _KINDS.get(p, 5)
     block = block_size()
     xs = [t if is_dense(t) else t.contiguous() for t in tensors]
-    bases = [0]
-    for x in xs:
-        bases.append(bases[-1] + triton.cdiv(x.numel(), block))
+    groups = multi_tensor_groups([xs], lambda i: xs[i].dtype, block, dev)
+    ranges = [0] * (2 * len(xs))  # tensor i's slots [lo, hi); empty if it has no elements
+    offsets, slots = [], 0
+    for _, idx, _, _, num_blocks in groups:
+        offsets.append(slots)
+        first = 0
+        for i in idx:
+            ranges[2 * i] = slots + first
+            first += triton.cdiv(xs[i].numel(), block)
+            ranges[2 * i + 1] = slots + first
+        slots += num_blocks
     n = len(xs)
-    partials = torch.empty(max(bases[-1], 1), dtype=torch.float64, device=dev)
+    partials = torch.empty(max(slots, 1), dtype=torch.float64, device=dev)
     raws = torch.empty(n, dtype=torch.float64, device=dev)
     norms = torch.empty(n, dtype=torch.float32, device=dev)
     total = torch.empty((), dtype=torch.float32, device=dev)
     small = 1024 if interpreted() else 256
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for i, x in enumerate(xs):
-            if x.numel():
-                _partials_kernel[(bases[i + 1] - bases[i],)](
-                    x, partials[bases[i]:], x.numel(), p, KIND=kind, BLOCK=block,
-                    num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
-        max_count = max(b - a for a, b in zip(bases, bases[1:]))
-        _finish_kernel[(n,)](partials, _device_tensor(bases, dev), raws, norms, p, KIND=kind,
-                             BLOCK=small, ITERS=loop_iters(max_count, small), **LAUNCH_OPTIONS)
+        for (dtype, _, table, block_map, num_blocks), offset in zip(groups, offsets):
+            _partials_kernel[(num_blocks,)](
+                table, block_map, partials[offset:], p, KIND=kind, X_DT=TORCH_TO_TL[dtype],
+                NCOL=4, BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
+        widest = max(hi - lo for lo, hi in zip(ranges[0::2], ranges[1::2]))
+        _finish_kernel[(n,)](partials, _device_tensor(ranges, dev), raws, norms, p, KIND=kind,
+                             BLOCK=small, ITERS=loop_iters(widest, small), **LAUNCH_OPTIONS)
         _total_kernel[(1,)](raws, n, total, p, KIND=kind, BLOCK=small,
                             ITERS=loop_iters(n, small), **LAUNCH_OPTIONS)
     return norms, total

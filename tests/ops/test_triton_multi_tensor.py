@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import device_backends
-from tolerances import tol
+from tolerances import NORM_TOL, NORM_TOL_P, tol
 
 pytestmark = pytest.mark.skipif(
     not any(b == "triton" for _, b in device_backends()), reason="triton backend unavailable")
@@ -99,3 +99,17 @@ def test_lamb_trust_ratio_per_tensor_across_groups(device):
     for key in ("params", "m", "v", "steps"):
         for a, b in zip(got[key], want[key]):
             torch.testing.assert_close(a, b, **tol(a.dtype))
+
+
+@pytest.mark.parametrize("ord", [2.0, float("inf"), 0.0, 3.0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_per_tensor_across_groups(device, ord):
+    """multi_tensor_norm's per-tensor norms come from each tensor's own slots with dtype
+    groups and zero-size tensors interleaved (the groups' slots side by side)."""
+    xs = [torch.randn(3000, device=device).bfloat16(), torch.empty(0, device=device),
+          torch.randn(70001, device=device), torch.randn(40, 9, device=device).half(),
+          torch.randn(5, device=device).double(), torch.randn(2500, device=device).bfloat16()]
+    got = torch.ops.dlopt.multi_tensor_norm(xs, ord, "triton")
+    want = torch.ops.dlopt.multi_tensor_norm(xs, ord, "reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **(NORM_TOL_P if ord == 3.0 else NORM_TOL))
