@@ -259,3 +259,34 @@ def test_call_compiled_refuses_bad_arguments(bad, exc, match):
     with pytest.raises(exc, match=match):
         _C.call_compiled(*bad(args))
     assert all(torch.equal(x, y) for x, y in zip(before, [t for lst in args[:5] for t in lst]))
+
+
+@pytest.mark.parametrize("breaker, named", [
+    (lambda a: a[1].__setitem__(0, a[1][0].double()), "grads"),  # a grad of another dtype
+    (lambda a: a[2].__setitem__(1, torch.zeros(4)), "exp_avgs"),  # a state of another shape
+    (lambda a: a.__setitem__(1, a[1][:1]), "grads"),  # a list one tensor short
+    (lambda a: a[0].__setitem__(0, a[0][0].to(torch.int32)), "param"),  # integer param
+], ids=["grad_dtype", "state_shape", "grads_length", "int_param"])
+def test_call_compiled_passes_kernel_refusals_on(breaker, named):
+    """A refusal raised inside the kernel comes back as the kernel's RuntimeError naming
+    the argument, nothing is changed, and no reference is left behind (the borrowed
+    tensors are given back on the way out)."""
+    import gc
+    import weakref
+    from dlopt_kernels import _C
+    args = _lion_args(9)
+    breaker(args)
+    before = [t.clone() for lst in args[:5] for t in lst]
+    with pytest.raises(RuntimeError, match=named):
+        _C.call_compiled("lion_step", *args)
+    assert all(torch.equal(x, y) for x, y in zip(before, [t for lst in args[:5] for t in lst]))
+    refs = [weakref.ref(t) for lst in args[:5] for t in lst]
+    del args, before
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_call_compiled_empty_lists_do_nothing():
+    from dlopt_kernels import _C
+    _C.call_compiled("lion_step", [], [], [], [], [], torch.tensor(1e-3, dtype=torch.float64),
+                     0.9, 0.99, 0.0, False, None, None, None)
