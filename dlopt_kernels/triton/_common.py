@@ -356,3 +356,23 @@ def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
             kernel[(num_blocks,)](table, block_map, *args, **flags, **consts_of(key),
                                   NCOL=3 + len(lists), BLOCK=block,
                                   num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
+
+
+def slot_ranges(groups, numels, block, device):
+    """For kernels that write one slot per program of `multi_tensor_groups`' launches
+    (LAMB's and the norm's partial sums), with every group's slots side by side: each
+    group's first slot, the slot count, tensor i's slots [ranges[2i], ranges[2i + 1])
+    as a device tensor (empty for a tensor without elements; cached by content), and
+    the widest range."""
+    ranges = [0] * (2 * len(numels))
+    offsets, total = [], 0
+    for _, idx, _, _, _ in groups:
+        offsets.append(total)
+        for i in idx:
+            ranges[2 * i] = total
+            total += triton.cdiv(numels[i], block)
+            ranges[2 * i + 1] = total
+    widest = max((hi - lo for lo, hi in zip(ranges[0::2], ranges[1::2])), default=0)
+    ranges_t = _cached(("ranges", device, tuple(ranges)),
+                       lambda: torch.tensor(ranges, dtype=torch.int64).to(device))
+    return offsets, total, ranges_t, widest

@@ -27,6 +27,7 @@ from dlopt_kernels.triton._common import (
     interpreted,
     is_dense,
     multi_tensor_groups,
+    slot_ranges,
     table_row,
     tensor_ptr,
 )
@@ -156,14 +157,6 @@ def loop_iters(count: int, block: int) -> int:
     return triton.next_power_of_2(max(1, triton.cdiv(count, block)))
 
 
-def _device_tensor(values, device):
-    """A small int64 host list as a device tensor, without a host sync."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def multi_tensor_norm(tensors, norm_type):
     """Triton kernel for torch.ops.dlopt.multi_tensor_norm (see dlopt_kernels/ops/)."""
     dev = tensors[0].device
@@ -179,16 +172,7 @@ def multi_tensor_norm(tensors, norm_type):
     block = block_size()
     xs = [t if is_dense(t) else t.contiguous() for t in tensors]
     groups = multi_tensor_groups([xs], lambda i: xs[i].dtype, block, dev)
-    ranges = [0] * (2 * len(xs))  # tensor i's slots [lo, hi); empty if it has no elements
-    offsets, slots = [], 0
-    for _, idx, _, _, num_blocks in groups:
-        offsets.append(slots)
-        first = 0
-        for i in idx:
-            ranges[2 * i] = slots + first
-            first += triton.cdiv(xs[i].numel(), block)
-            ranges[2 * i + 1] = slots + first
-        slots += num_blocks
+    offsets, slots, ranges, widest = slot_ranges(groups, [x.numel() for x in xs], block, dev)
     n = len(xs)
     partials = torch.empty(max(slots, 1), dtype=torch.float64, device=dev)
     raws = torch.empty(n, dtype=torch.float64, device=dev)
@@ -200,8 +184,7 @@ def multi_tensor_norm(tensors, norm_type):
             _partials_kernel[(num_blocks,)](
                 table, block_map, partials[offset:], p, KIND=kind, X_DT=TORCH_TO_TL[dtype],
                 NCOL=4, BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
-        widest = max(hi - lo for lo, hi in zip(ranges[0::2], ranges[1::2]))
-        _finish_kernel[(n,)](partials, _device_tensor(ranges, dev), raws, norms, p, KIND=kind,
+        _finish_kernel[(n,)](partials, ranges, raws, norms, p, KIND=kind,
                              BLOCK=small, ITERS=loop_iters(widest, small), **LAUNCH_OPTIONS)
         _total_kernel[(1,)](raws, n, total, p, KIND=kind, BLOCK=small,
                             ITERS=loop_iters(n, small), **LAUNCH_OPTIONS)

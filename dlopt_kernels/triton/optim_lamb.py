@@ -37,12 +37,13 @@ from dlopt_kernels.triton._common import (
     multi_tensor_groups,
     on_device,
     round_to_storage,
+    slot_ranges,
     store_f32,
     table_row,
     tensor_ptr,
     write_param,
 )
-from dlopt_kernels.triton.multi_tensor_norm import _device_tensor, loop_iters
+from dlopt_kernels.triton.multi_tensor_norm import loop_iters
 
 
 @triton.jit
@@ -189,17 +190,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
     block = block_size()
     groups = multi_tensor_groups([P, G, M, V, MP, steps],
                                  lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype), block, dev)
-    # The slots of all groups side by side; tensor i's range [lo, hi), empty if numel 0.
-    ranges = [0] * (2 * len(P))
-    offsets, total = [], 0
-    for _, idx, _, _, num_blocks in groups:
-        offsets.append(total)
-        first = 0
-        for i in idx:
-            ranges[2 * i] = total + first
-            first += triton.cdiv(P[i].numel(), block)
-            ranges[2 * i + 1] = total + first
-        total += num_blocks
+    offsets, total, ranges, widest = slot_ranges(groups, [p.numel() for p in P], block, dev)
     n = len(P)
     partials = torch.empty(2 * max(total, 1), dtype=torch.float64, device=dev)
     scales = torch.empty(n, dtype=torch.float32, device=dev)
@@ -223,8 +214,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
                 1.0 - b2, wd, eps, float(max_grad_norm), HAS_GS=grad_scale is not None,
                 CLIP=clip, **flags, **dtypes(key), **LAUNCH_OPTIONS)
         small = 1024 if interpreted() else 256
-        widest = max(hi - lo for lo, hi in zip(ranges[0::2], ranges[1::2]))
-        _lamb_trust_kernel[(n,)](partials, _device_tensor(ranges, dev), lr, scales, BLOCK=small,
+        _lamb_trust_kernel[(n,)](partials, ranges, lr, scales, BLOCK=small,
                                  ITERS=loop_iters(widest, small), **LAUNCH_OPTIONS)
         for key, _, table, block_map, num_blocks in groups:
             _lamb_apply_kernel[(num_blocks,)](
