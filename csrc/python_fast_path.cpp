@@ -2,8 +2,9 @@
 // (FusedOptimizer._collect in dlopt_kernels/optim/_base.py) done in C.
 //
 // Why: for 1,000 small params the Python loop over a param group (read .grad, look
-// up the state dict, append to six lists) costs ~0.7 ms, more than the fused kernel
-// moving their 70 MB. This does the same walk at C speed for the common case and
+// up the state dict, append to six lists) cost about as much as the fused kernel
+// moving their 70 MB (benchmarks/bench_optim_adam.py, tiny_1000: the `dlopt[cpu]` row
+// against `kernel only`). This does the same walk at C speed for the common case and
 // answers None for anything else (a param with no state yet, mixed devices or
 // dtypes, sparse or mismatched grads, tensor subclasses such as DTensor or
 // FakeTensor, a missing state key), and the Python path then does the work, with
@@ -131,7 +132,8 @@ PyObject* collect_group(PyObject*, PyObject* args) {
 // Python arguments as the C++ types of a kernel's signature, the tensors *borrowed*
 // from their Python objects (no refcount change). Why borrowed: a C++ reference to a
 // tensor that Python owns costs a Py_INCREF/Py_DECREF pair under the GIL (torch's
-// PyObject preservation), ~0.3 us per tensor and list; the boxed op call makes two.
+// PyObject preservation; perf showed the GIL and refcount calls), and the boxed op
+// call makes two such references per tensor.
 using Borrow = c10::MaybeOwnedTraits<at::Tensor>;
 
 struct ArgError {};  // a Python exception is set
@@ -301,8 +303,9 @@ using LambSig = void(TL, TL, TL, TL, TL, TL, T, double, double, double, double, 
 
 // call_compiled(name, *args) -> None: `torch.ops.dlopt_C.<name>(*args)` for the
 // optimizer steps, without the Python op call's per-tensor argument conversion and
-// refcounting (~0.7 us per tensor: ~0.7 ms a step for 1,000 params, most of what a step
-// of small params costs). Wrong argument types raise TypeError.
+// refcounting, which for many small params was most of a step's cost outside the
+// kernel (benchmarks/bench_optim_adam.py, tiny_1000 rows). Wrong argument types raise
+// TypeError.
 PyObject* call_compiled(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   if (PyTuple_GET_SIZE(args) < 1 || !PyUnicode_Check(PyTuple_GET_ITEM(args, 0))) {

@@ -297,8 +297,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _run(self, op: Any, *args: Any) -> Any:
         """Call the fused `op` with `args` (params first, backend last). On a bucket of
-        the C fast path, call the kernel the op would pick directly: the op layer's
-        Python (argument conversion, routing) costs ~0.4 ms per 1,000 tensors. A
+        the C fast path, call the kernel the op would pick directly, skipping the op
+        layer's Python (argument conversion, routing; compare the `op only` and
+        `dlopt[cpu]` rows of benchmarks/bench_optim_adam.py's tiny_1000 case). A
         compiled kernel goes through `_C.call_compiled`, which also skips the Python
         op call's per-tensor argument conversion."""
         params = args[0]
