@@ -43,18 +43,21 @@ void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
   const AdamCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int32_t i = 0; i < ck.len; ++i) {
-    float pf = (STORE == Store::kMaster) ? master[i] : P::load(p[i]);
-    float mf = S::load(m[i]);
-    float vf = S::load(v[i]);
-    float vmf = AMSGRAD ? S::load(vmax[i]) : 0.f;
-    adam_update<WD == WeightDecay::kDecoupled, AMSGRAD, WD != WeightDecay::kNone>(
-        pf, P::load(g[i]) * grad_mul, mf, vf, vmf, c);
-    m[i] = S::store(mf);
-    v[i] = S::store(vf);
-    if (AMSGRAD) vmax[i] = S::store(vmf);
-    if (STORE == Store::kMaster) master[i] = pf;
-    p[i] = store_param<P, STORE>(pf, key, ck.base + static_cast<uint32_t>(i));
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, g, m, v, vmax, master);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = (STORE == Store::kMaster) ? master[i] : P::load(p[i]);
+      float mf = S::load(m[i]);
+      float vf = S::load(v[i]);
+      float vmf = AMSGRAD ? S::load(vmax[i]) : 0.f;
+      adam_update<WD == WeightDecay::kDecoupled, AMSGRAD, WD != WeightDecay::kNone>(
+          pf, P::load(g[i]) * grad_mul, mf, vf, vmf, c);
+      m[i] = S::store(mf);
+      v[i] = S::store(vf);
+      if (AMSGRAD) vmax[i] = S::store(vmf);
+      if (STORE == Store::kMaster) master[i] = pf;
+      p[i] = store_param<P, STORE>(pf, key, ck.base + static_cast<uint32_t>(i));
+    }
   }
 }
 
