@@ -8,6 +8,7 @@ Environment:
 """
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -60,6 +61,12 @@ def shared_libstdcxx() -> list:
 
 cxx_flags = ["-O3", "-std=c++17", f"-march={os.environ.get('DLOPT_CPU_ARCH', 'native')}",
              "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # gcc's -march=native keeps 256-bit vectors even where AVX-512 exists. The step
+    # loops carry a sqrt and a divide per element, and with 512-bit vectors they kept
+    # up with memory where 256-bit ones did not (bf16 SR Adam, Adagrad): the CPU
+    # rows of benchmarks/results/ are measured with this flag. No effect without AVX-512.
+    cxx_flags.append("-mprefer-vector-width=512")
 use_cuda = want_cuda()
 LINK_STDCXX = shared_libstdcxx()
 archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")

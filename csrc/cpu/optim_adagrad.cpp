@@ -36,12 +36,15 @@ void adagrad_chunk(const AdagradTensorArgs& a, int64_t begin, int64_t end) {
   const AdagradCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int32_t i = 0; i < ck.len; ++i) {
-    float pf = load_param<P, STORE>(p, master, i);
-    float sf = S::load(sum[i]);
-    adagrad_update<WD>(pf, P::load(g[i]) * grad_mul, sf, c);
-    sum[i] = S::store(sf);
-    write_param<P, STORE>(p, master, pf, key, i, ck.base);
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, g, sum, master);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = load_param<P, STORE>(p, master, i);
+      float sf = S::load(sum[i]);
+      adagrad_update<WD>(pf, P::load(g[i]) * grad_mul, sf, c);
+      sum[i] = S::store(sf);
+      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+    }
   }
 }
 

@@ -142,12 +142,15 @@ void lamb_apply_chunk(const LambTensorArgs& a, float scale, int64_t begin, int64
   const float* __restrict__ u_in = ck.offset(a.u);
   const AdamCoeffs c = a.c;
   const uint32_t key = a.sr_key;
-  for (int32_t i = 0; i < ck.len; ++i) {
-    float pf = load_param<P, STORE>(p, master, i);
-    // the same value pass 1 stored: both compute it from the stored m, v
-    const float u = u_in ? u_in[i] : lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
-    pf = pf - scale * u;
-    write_param<P, STORE>(p, master, pf, key, i, ck.base);
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, u_in ? nullptr : m, u_in ? nullptr : v, master, u_in);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = load_param<P, STORE>(p, master, i);
+      // the same value pass 1 stored: both compute it from the stored m, v
+      const float u = u_in ? u_in[i] : lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
+      pf = pf - scale * u;
+      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+    }
   }
 }
 

@@ -35,12 +35,15 @@ void lion_chunk(const LionTensorArgs& a, int64_t begin, int64_t end) {
   const LionCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int32_t i = 0; i < ck.len; ++i) {
-    float pf = load_param<P, STORE>(p, master, i);
-    float mf = S::load(m[i]);
-    lion_update<WEIGHT_DECAY>(pf, P::load(g[i]) * grad_mul, mf, c);
-    m[i] = S::store(mf);
-    write_param<P, STORE>(p, master, pf, key, i, ck.base);
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, g, m, master);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = load_param<P, STORE>(p, master, i);
+      float mf = S::load(m[i]);
+      lion_update<WEIGHT_DECAY>(pf, P::load(g[i]) * grad_mul, mf, c);
+      m[i] = S::store(mf);
+      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+    }
   }
 }
 

@@ -41,16 +41,19 @@ void rmsprop_chunk(const RmspropTensorArgs& a, int64_t begin, int64_t end) {
   const RmspropCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int32_t i = 0; i < ck.len; ++i) {
-    float pf = load_param<P, STORE>(p, master, i);
-    float vf = S::load(v[i]);
-    float gaf = CENTERED ? S::load(ga[i]) : 0.f;
-    float bf = MOMENTUM ? S::load(buf[i]) : 0.f;
-    rmsprop_update<WD, CENTERED, MOMENTUM>(pf, P::load(g[i]) * grad_mul, vf, gaf, bf, c);
-    v[i] = S::store(vf);
-    if (CENTERED) ga[i] = S::store(gaf);
-    if (MOMENTUM) buf[i] = S::store(bf);
-    write_param<P, STORE>(p, master, pf, key, i, ck.base);
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, g, v, CENTERED ? ga : nullptr, MOMENTUM ? buf : nullptr, master);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = load_param<P, STORE>(p, master, i);
+      float vf = S::load(v[i]);
+      float gaf = CENTERED ? S::load(ga[i]) : 0.f;
+      float bf = MOMENTUM ? S::load(buf[i]) : 0.f;
+      rmsprop_update<WD, CENTERED, MOMENTUM>(pf, P::load(g[i]) * grad_mul, vf, gaf, bf, c);
+      v[i] = S::store(vf);
+      if (CENTERED) ga[i] = S::store(gaf);
+      if (MOMENTUM) buf[i] = S::store(bf);
+      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+    }
   }
 }
 

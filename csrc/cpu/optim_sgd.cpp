@@ -37,12 +37,15 @@ void sgd_chunk(const SgdTensorArgs& a, int64_t begin, int64_t end) {
   const SgdCoeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  for (int32_t i = 0; i < ck.len; ++i) {
-    float pf = load_param<P, STORE>(p, master, i);
-    float bf = (MOMENTUM != 0 && !FIRST) ? S::load(buf[i]) : 0.f;
-    sgd_update<WD, MOMENTUM != 0, MOMENTUM == 2>(pf, P::load(g[i]) * grad_mul, bf, FIRST, c);
-    if (MOMENTUM != 0) buf[i] = S::store(bf);
-    write_param<P, STORE>(p, master, pf, key, i, ck.base);
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, g, MOMENTUM != 0 ? buf : nullptr, master);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = load_param<P, STORE>(p, master, i);
+      float bf = (MOMENTUM != 0 && !FIRST) ? S::load(buf[i]) : 0.f;
+      sgd_update<WD, MOMENTUM != 0, MOMENTUM == 2>(pf, P::load(g[i]) * grad_mul, bf, FIRST, c);
+      if (MOMENTUM != 0) buf[i] = S::store(bf);
+      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+    }
   }
 }
 

@@ -219,12 +219,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A GradScaler tensor (grad_scale, found_inf) on the bucket's device, no sync."""
         return None if t is None else t.to(device, non_blocking=True)
 
-    @staticmethod
-    def _lr_tensor(lr: Any, device: torch.device) -> Tensor:
+    def _lr_tensor(self, lr: Any, device: torch.device) -> Tensor:
+        """lr as the 1-element tensor the kernels take (float64 on the CPU, where the
+        kernel reads it on the host; float32 on a GPU). A float lr's tensor is kept
+        between eager steps while the value stays the same: building it is a torch op
+        call per step (and a host-to-device copy on a GPU). The kernels never write it."""
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
         if isinstance(lr, Tensor):
-            return lr.to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
-        return torch.tensor(lr, dtype=torch.float64 if device.type == "cpu" else torch.float32,
-                            device=device)
+            return lr.to(device=device, dtype=dtype)
+        if torch.compiler.is_compiling():
+            return torch.tensor(lr, dtype=dtype, device=device)
+        cache = self.__dict__.setdefault("_lr_cache", {})  # device -> (value, tensor)
+        hit = cache.get(device)
+        if hit is None or hit[0] != lr or type(hit[0]) is not type(lr):
+            hit = cache[device] = (lr, torch.tensor(lr, dtype=dtype, device=device))
+        return hit[1]
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

@@ -73,8 +73,7 @@ DLOPT_HD double adafactor_step_size(double sum_p2, double sum_u2, double numel, 
 // The final update of one element (p already loaded in fp32, u its direction).
 template <bool WEIGHT_DECAY>
 DLOPT_HD float adafactor_apply(float p, float u, float decay_factor, float step_size) {
-  if (WEIGHT_DECAY) p = p * decay_factor;
-  return p - step_size * u;
+  return WEIGHT_DECAY ? decayed_minus(p, decay_factor, step_size * u) : p - step_size * u;
 }
 
 }  // namespace dlopt

@@ -42,7 +42,7 @@ DLOPT_HD AdamCoeffs adam_coeffs(double lr, double step, double beta1, double bet
 // The moment updates, shared with LAMB (lamb_math.h).
 DLOPT_HD void adam_moments(float g, float& m, float& v, const AdamCoeffs& c) {
   m = m + c.one_minus_beta1 * (g - m);  // lerp(m, g, 1 - beta1), as torch
-  v = c.beta2 * v + c.one_minus_beta2 * (g * g);
+  v = fmadd(c.beta2, v, c.one_minus_beta2 * (g * g));
 }
 
 // The bias-corrected step direction step_size * m / (sqrt(v_hat / bc2) + eps); with
@@ -57,20 +57,15 @@ DLOPT_HD float adam_direction(float m, float v_hat, const AdamCoeffs& c) {
 template <bool ADAMW, bool AMSGRAD, bool WEIGHT_DECAY>
 DLOPT_HD void adam_update(float& p, float g, float& m, float& v, float& vmax,
                           const AdamCoeffs& c) {
-  if (WEIGHT_DECAY) {
-    if (ADAMW) {
-      p = p * c.decay_factor;
-    } else {
-      g = l2_decayed_grad(g, p, c.weight_decay);
-    }
-  }
+  if (WEIGHT_DECAY && !ADAMW) g = l2_decayed_grad(g, p, c.weight_decay);
   adam_moments(g, m, v, c);
   float v_hat = v;
   if (AMSGRAD) {
     vmax = vmax > v ? vmax : v;
     v_hat = vmax;
   }
-  p = p - adam_direction(m, v_hat, c);
+  const float step = adam_direction(m, v_hat, c);
+  p = (WEIGHT_DECAY && ADAMW) ? decayed_minus(p, c.decay_factor, step) : p - step;
 }
 
 }  // namespace dlopt

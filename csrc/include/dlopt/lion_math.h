@@ -44,10 +44,10 @@ DLOPT_HD float sign_of(float x) {
 // for maximize. The template flag keeps the loop body branch-free.
 template <bool WEIGHT_DECAY>
 DLOPT_HD void lion_update(float& p, float g, float& m, const LionCoeffs& c) {
-  if (WEIGHT_DECAY) p = p * c.decay_factor;
-  const float u = c.beta1 * m + c.one_minus_beta1 * g;
-  p = p - c.lr * sign_of(u);
-  m = c.beta2 * m + c.one_minus_beta2 * g;
+  const float u = fmadd(c.beta1, m, c.one_minus_beta1 * g);
+  const float step = c.lr * sign_of(u);
+  p = WEIGHT_DECAY ? decayed_minus(p, c.decay_factor, step) : p - step;
+  m = fmadd(c.beta2, m, c.one_minus_beta2 * g);
 }
 
 }  // namespace dlopt

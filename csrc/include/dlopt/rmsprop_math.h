@@ -46,7 +46,7 @@ template <bool WEIGHT_DECAY, bool CENTERED, bool MOMENTUM>
 DLOPT_HD void rmsprop_update(float& p, float g, float& v, float& ga, float& buf,
                              const RmspropCoeffs& c) {
   if (WEIGHT_DECAY) g = l2_decayed_grad(g, p, c.weight_decay);
-  v = c.alpha * v + c.one_minus_alpha * (g * g);
+  v = fmadd(c.alpha, v, c.one_minus_alpha * (g * g));
   float avg;
   if (CENTERED) {
     ga = ga + c.one_minus_alpha * (g - ga);

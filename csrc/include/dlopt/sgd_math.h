@@ -40,7 +40,7 @@ template <bool WEIGHT_DECAY, bool MOMENTUM, bool NESTEROV>
 DLOPT_HD void sgd_update(float& p, float g, float& buf, bool first, const SgdCoeffs& c) {
   if (WEIGHT_DECAY) g = l2_decayed_grad(g, p, c.weight_decay);
   if (MOMENTUM) {
-    buf = first ? g : c.momentum * buf + c.one_minus_dampening * g;
+    buf = first ? g : fmadd(c.momentum, buf, c.one_minus_dampening * g);
     g = NESTEROV ? g + c.momentum * buf : buf;
   }
   p = p - c.lr * g;

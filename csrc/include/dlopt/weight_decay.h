@@ -1,15 +1,37 @@
 // Weight decay, shared by every optimizer's maths header (one copy per layer; the
 // Triton and reference twins are `decoupled_decay_factor` in their _common.py).
 #pragma once
+#include <cmath>
 #include "dlopt/macros.h"
 
 namespace dlopt {
+
+// a * b + c rounded once, written out wherever an expression sums two products
+// (a*b + c*d). Left to the compiler, the contraction of such a sum into an FMA may
+// fuse one product in a loop's vector body and the other in its scalar remainder, so
+// an element's result depended on where it fell in its tensor (a transposed param
+// stepped differently from a contiguous copy). Without FMA hardware gcc contracts
+// nothing, and neither does this.
+DLOPT_HD float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#elif defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // Decoupled weight decay (AdamW, Lion, Adafactor): p <- p * (1 - lr * weight_decay),
 // the factor computed in double from the host-side values and rounded once to fp32,
 // as torch does (`param.mul_(1 - lr * weight_decay)`).
 DLOPT_HD float decoupled_decay_factor(double lr, double weight_decay) {
   return static_cast<float>(1.0 - lr * weight_decay);
+}
+
+// p * decay_factor - delta: the decayed param minus the step, one rounding (fmadd).
+DLOPT_HD float decayed_minus(float p, float decay_factor, float delta) {
+  return fmadd(p, decay_factor, -delta);
 }
 
 // L2 weight decay (Adam, SGD, RMSprop, Adagrad): the penalty's gradient added to g.
