@@ -72,6 +72,7 @@ double reduce_chunk(const void* data, int64_t begin, int64_t end, double p) {
       double wide[kLanes] = {};
       int64_t i = begin;
       for (; i + kLanes * kRows <= end; i += kLanes * kRows) {
+        prefetch_block<kLanes * kRows>(x, i);  // one read stream: see prefetch_ahead
         float part[kLanes] = {};
         for (int r = 0; r < kRows; ++r)
 #pragma omp simd

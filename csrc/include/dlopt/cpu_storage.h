@@ -80,11 +80,11 @@ DLOPT_HD void prefetch_lines(const char* q, std::index_sequence<LINE...>) {
   (__builtin_prefetch(q + 64 * LINE, WRITE ? 1 : 0, 3), ...);
 }
 
-template <class T>
-DLOPT_HD void prefetch_block(T* ptr, int32_t lo) {
+template <int32_t BLOCK = kPrefetchBlock, class T>
+DLOPT_HD void prefetch_block(T* ptr, int64_t lo) {
   if (ptr == nullptr) return;
   const char* q = reinterpret_cast<const char*>(ptr) + static_cast<size_t>(lo + kPrefetchAhead) * sizeof(T);
-  prefetch_lines<!std::is_const_v<T>>(q, std::make_index_sequence<kPrefetchBlock * sizeof(T) / 64>());
+  prefetch_lines<!std::is_const_v<T>>(q, std::make_index_sequence<BLOCK * sizeof(T) / 64>());
 }
 
 // Prefetches the block after `lo` + kPrefetchAhead of every stream (nullptr: unused).

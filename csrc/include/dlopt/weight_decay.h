@@ -7,11 +7,13 @@
 namespace dlopt {
 
 // a * b + c rounded once, written out wherever an expression sums two products
-// (a*b + c*d). Left to the compiler, the contraction of such a sum into an FMA may
-// fuse one product in a loop's vector body and the other in its scalar remainder, so
-// an element's result depended on where it fell in its tensor (a transposed param
-// stepped differently from a contiguous copy). Without FMA hardware gcc contracts
-// nothing, and neither does this.
+// (a*b + c*d). Left to the compiler, which product such a sum fuses into an FMA is its
+// choice, and it may choose differently in the code paths of one loop (vector body,
+// masked or scalar remainder): an element's result could then depend on where it falls
+// in its tensor. Named here, every path and every element computes the same. (One full
+// test run with 512-bit vectors saw a transposed param step differently from a
+// contiguous copy in Lion; it did not recur, before or after this change.) Without
+// FMA hardware gcc contracts nothing, and neither does this.
 DLOPT_HD float fmadd(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);
