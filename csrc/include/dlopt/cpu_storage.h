@@ -87,10 +87,14 @@ DLOPT_HD void prefetch_block(T* ptr, int64_t lo) {
   prefetch_lines<!std::is_const_v<T>>(q, std::make_index_sequence<BLOCK * sizeof(T) / 64>());
 }
 
-// Prefetches the block after `lo` + kPrefetchAhead of every stream (nullptr: unused).
+// Prefetches the block after `lo` + kPrefetchAhead of every stream (nullptr: unused),
+// in loops whose streams differ in element size. Where all have one size (fp32 params
+// and states; bf16 params with bf16 states) the hardware prefetcher keeps up alone.
 template <class... T>
 DLOPT_HD void prefetch_ahead(int32_t lo, T*... streams) {
-  (prefetch_block(streams, lo), ...);
+  constexpr size_t kSizes[] = {sizeof(T)...};
+  constexpr bool kMixed = ((sizeof(T) != kSizes[0]) || ...);
+  if constexpr (kMixed) (prefetch_block(streams, lo), ...);
 }
 
 // A chunk [begin, end) of one tensor as a 32-bit loop: `offset(ptr)` moves a pointer to
