@@ -10,10 +10,15 @@ sr_seed stay tensors the kernels read):
     _stats_kernel    row sums of g^2 (stored), column sums (fp64 atomics), sum(p^2)
     _factors_kernel  one program per matrix: row_var / col_var lerp towards the means,
                      den = max(mean(row_var), eps1)
-  _direction_kernel  sum(u^2) (fp64 atomics); 0-/1-D tensors also update their
-                     variance here and add sum(p^2)
+  _direction_kernel  sum(u^2) (fp64 atomics)
   _apply_kernel      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u
 
+  unfactored (0-/1-D: biases, norms' weights; most tensors of a transformer by count),
+  one launch for all of them per dtype group (triton/_common.py launch_multi_tensor):
+    _vector_direction_kernel  the variance lerp, sum(u^2) and sum(p^2)
+    _vector_apply_kernel      the update, as _apply_kernel
+
+Factored tensors are still launched one by one (four kernels each).
 Non-contiguous tensors get contiguous stand-ins (copied back when written).
 """
 from __future__ import annotations
@@ -27,15 +32,19 @@ import triton.language as tl
 from dlopt_kernels.backends.checks import check_factored_lists
 from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
+    TORCH_TO_TL,
     bump_steps,
     decoupled_decay_factor,
     f64,
     grad_multiplier,
     interpreted,
+    launch_multi_tensor,
     load_param,
     on_device,
     round_to_storage,
     store_f32,
+    table_row,
+    tensor_ptr,
     write_param,
 )
 
@@ -136,96 +145,132 @@ def _direction(g, v, eps1_sq):
     return g * tl.math.div_rn(1.0, tl.sqrt_rn(v))
 
 
-@triton.jit(do_not_specialize=["tensor_index", "n", "R", "C"])
-def _direction_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_ptr, den_ptr,
-                      sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, tensor_index,
-                      n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
-                      eps1: tl.float64, FACTORED: tl.constexpr, MAXIMIZE: tl.constexpr,
-                      HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
-                      BR: tl.constexpr, BC: tl.constexpr):
+@triton.jit(do_not_specialize=["tensor_index", "R", "C"])
+def _direction_kernel(g_ptr, row_var_ptr, col_var_ptr, den_ptr, sum_u2_ptr, gs_ptr,
+                      tensor_index, R, C, eps1: tl.float64, MAXIMIZE: tl.constexpr,
+                      HAS_GS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
-    eps1_f = f64(eps1).to(tl.float32)
     eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
-    if FACTORED:
-        pid_r = tl.program_id(0)
-        b = tl.program_id(1)
-        den = tl.load(den_ptr + b)
-        us = tl.zeros((BR,), tl.float64)
-        for c0 in range(0, C, BC):
-            rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
-            rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
-                         other=0.0).to(tl.float32)
-            cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
-                         other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
-            v = tl.math.div_rn(rv[:, None] * cv[None, :], den)
-            u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
-            us += tl.sum(u * u, axis=1)
-        tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(us, axis=0))
-    else:
-        w, _, _ = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
-        offs = tl.program_id(0).to(tl.int64) * (BR * BC) + tl.arange(0, BR * BC)
-        mask = offs < n
+    pid_r = tl.program_id(0)
+    b = tl.program_id(1)
+    den = tl.load(den_ptr + b)
+    us = tl.zeros((BR,), tl.float64)
+    for c0 in range(0, C, BC):
+        rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
+        rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
+                     other=0.0).to(tl.float32)
+        cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
+                     other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
-        old = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g2 = g * g
-        v = tl.where(w < 0.5, old + w * (g2 - old), g2 - (g2 - old) * (1.0 - w))
-        v = round_to_storage(v, var_ptr)
-        store_f32(var_ptr + offs, v, offs < _limit(fi_ptr, n, HAS_FI))
+        v = tl.math.div_rn(rv[:, None] * cv[None, :], den)
         u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
-        p = tl.where(mask, load_param(p_ptr, master_ptr, offs, mask, MASTER), 0.0)
-        p = p.to(tl.float64)
-        tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(u * u, axis=0))
-        tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(p * p, axis=0))
+        us += tl.sum(u * u, axis=1)
+    tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(us, axis=0))
+
+
+@triton.jit
+def _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, n, rho, eps2: tl.float64,
+               d: tl.float64):
+    """adafactor_math.h adafactor_step_size, in fp32 (Python's max(x, nan) is x)."""
+    sqrt_n = tl.sqrt(n.to(tl.float64))
+    rms_p = tl.sqrt(tl.load(sum_p2_ptr + tensor_index)) / sqrt_n
+    rms_u = tl.sqrt(tl.load(sum_u2_ptr + tensor_index)) / (sqrt_n * f64(d))
+    alpha = tl.where(rms_p > f64(eps2), rms_p, f64(eps2)) * rho
+    return (alpha / tl.where(rms_u > 1.0, rms_u, 1.0)).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["tensor_index", "n", "R", "C"])
-def _apply_kernel(p_ptr, g_ptr, master_ptr, var_ptr, row_var_ptr, col_var_ptr, den_ptr,
+def _apply_kernel(p_ptr, g_ptr, master_ptr, row_var_ptr, col_var_ptr, den_ptr,
                   sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                   tensor_index, n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
                   eps1: tl.float64, eps2: tl.float64, d: tl.float64,
-                  FACTORED: tl.constexpr, WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                   HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                   SR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
     eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
     _, rho, decay = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
-    # adafactor_math.h adafactor_step_size (Python's max(x, nan) is x)
-    sqrt_n = tl.sqrt(n.to(tl.float64))
-    rms_p = tl.sqrt(tl.load(sum_p2_ptr + tensor_index)) / sqrt_n
-    rms_u = tl.sqrt(tl.load(sum_u2_ptr + tensor_index)) / (sqrt_n * f64(d))
-    alpha = tl.where(rms_p > f64(eps2), rms_p, f64(eps2)) * rho
-    step = (alpha / tl.where(rms_u > 1.0, rms_u, 1.0)).to(tl.float32)
-    if FACTORED:
-        pid_r = tl.program_id(0)
-        b = tl.program_id(1)
-        den = tl.load(den_ptr + b)
-        for c0 in range(0, C, BC):
-            rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
-            rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
-                         other=0.0).to(tl.float32)
-            cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
-                         other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
-            u = _direction(g, tl.math.div_rn(rv[:, None] * cv[None, :], den), eps1_sq)
-            p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
-            if WD:
-                p = p * decay
-            p = p - step * u
-            store = (rows[:, None] < _limit(fi_ptr, R, HAS_FI)) & (cols[None, :] < C)
-            write_param(p_ptr, master_ptr, p, offs, store, seed_ptr, tensor_index, MASTER, SR)
-    else:
-        offs = tl.program_id(0).to(tl.int64) * (BR * BC) + tl.arange(0, BR * BC)
-        mask = offs < n
+    step = _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, n, rho, eps2, d)
+    pid_r = tl.program_id(0)
+    b = tl.program_id(1)
+    den = tl.load(den_ptr + b)
+    for c0 in range(0, C, BC):
+        rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
+        rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
+                     other=0.0).to(tl.float32)
+        cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
+                     other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
-        v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = _direction(g, v, eps1_sq)
+        u = _direction(g, tl.math.div_rn(rv[:, None] * cv[None, :], den), eps1_sq)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
         if WD:
             p = p * decay
         p = p - step * u
-        write_param(p_ptr, master_ptr, p, offs, offs < _limit(fi_ptr, n, HAS_FI), seed_ptr,
-                    tensor_index, MASTER, SR)
+        store = (rows[:, None] < _limit(fi_ptr, R, HAS_FI)) & (cols[None, :] < C)
+        write_param(p_ptr, master_ptr, p, offs, store, seed_ptr, tensor_index, MASTER, SR)
+
+
+@triton.jit
+def _vector_row(table_ptr, map_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
+                P_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr):
+    """One block of one 0-/1-D tensor: (numel, index, offsets, param, grad, variance,
+    master and step pointers); lists: params, grads, variances, masters, steps."""
+    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    return (n, tensor_index, offs, tensor_ptr(rec, 0, P_DT), tensor_ptr(rec, 1, P_DT),
+            tensor_ptr(rec, 2, S_DT), tensor_ptr(rec, 3, tl.float32),
+            tensor_ptr(rec, 4, STEP_DT))
+
+
+@triton.jit
+def _vector_direction_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_ptr,
+                             fi_ptr, beta2_decay: tl.float64, weight_decay: tl.float64,
+                             eps1: tl.float64, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
+                             HAS_FI: tl.constexpr, MASTER: tl.constexpr, P_DT: tl.constexpr,
+                             S_DT: tl.constexpr, STEP_DT: tl.constexpr, NCOL: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    n, tensor_index, offs, p_ptr, g_ptr, var_ptr, master_ptr, step_ptr = _vector_row(
+        table_ptr, map_ptr, NCOL, BLOCK, P_DT, S_DT, STEP_DT)
+    mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
+    w, _, _ = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+    old = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g2 = g * g
+    v = tl.where(w < 0.5, old + w * (g2 - old), g2 - (g2 - old) * (1.0 - w))
+    v = round_to_storage(v, var_ptr)
+    store_f32(var_ptr + offs, v, offs < _limit(fi_ptr, n, HAS_FI))
+    u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
+    p = tl.where(mask, load_param(p_ptr, master_ptr, offs, mask, MASTER), 0.0)
+    p = p.to(tl.float64)
+    tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(u * u, axis=0))
+    tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(p * p, axis=0))
+
+
+@triton.jit
+def _vector_apply_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_ptr, fi_ptr,
+                         seed_ptr, beta2_decay: tl.float64, weight_decay: tl.float64,
+                         eps1: tl.float64, eps2: tl.float64, d: tl.float64, WD: tl.constexpr,
+                         MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
+                         MASTER: tl.constexpr, SR: tl.constexpr, P_DT: tl.constexpr,
+                         S_DT: tl.constexpr, STEP_DT: tl.constexpr, NCOL: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    n, tensor_index, offs, p_ptr, g_ptr, var_ptr, master_ptr, step_ptr = _vector_row(
+        table_ptr, map_ptr, NCOL, BLOCK, P_DT, S_DT, STEP_DT)
+    mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
+    _, rho, decay = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
+    step = _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, n, rho, eps2, d)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+    v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = _direction(g, v, eps1_sq)
+    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+    if WD:
+        p = p * decay
+    p = p - step * u
+    write_param(p_ptr, master_ptr, p, offs, offs < _limit(fi_ptr, n, HAS_FI), seed_ptr,
+                tensor_index, MASTER, SR)
 
 
 def _tiles():
@@ -265,53 +310,69 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
     br, bc = _tiles()
     warps = 4 if interpreted() else 8
     gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    kf = kv = 0
+    sr_of = (lambda dtype: sr_seed is not None and not master_params
+             and dtype == torch.bfloat16)
+    # Unfactored (0-/1-D) tensors, by their index in the op's lists: one launch per
+    # dtype group for each of their two kernels. The others' rows hold an empty stand-in,
+    # which multi_tensor_groups skips.
+    vector = [i for i, p0 in enumerate(params) if p0.dim() < 2 and p0.numel()]
+    if vector:
+        empty = params[0].new_empty(0)
+        P, G, V, MP = ([empty] * n for _ in range(4))
+        var_of = dict(zip((i for i, p0 in enumerate(params) if p0.dim() < 2), variances))
+        for i in vector:
+            P[i] = contiguous(params[i], True)
+            G[i] = contiguous(grads[i], False)
+            V[i] = contiguous(var_of[i], True)
+            MP[i] = contiguous(master_params[i], True) if master_params else P[i]
+        lists = [P, G, V, MP, list(steps)]
+        key_of = (lambda i: (P[i].dtype, V[i].dtype, steps[i].dtype))
+        consts_of = (lambda key: dict(P_DT=TORCH_TO_TL[key[0]], S_DT=TORCH_TO_TL[key[1]],
+                                      STEP_DT=TORCH_TO_TL[key[2]]))
+        launch_multi_tensor(_vector_direction_kernel, lists, key_of, consts_of,
+                            (sums[0], sums[1], lr, gs, fi, *floats.values()), flags, dev)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        kf = 0
         for i, p0 in enumerate(params):
-            factored = p0.dim() >= 2
-            if factored:
-                rv0, cv0 = row_vars[kf], col_vars[kf]
-                kf += 1
-            else:
-                v0 = variances[kv]
-                kv += 1
+            if p0.dim() < 2:
+                continue
+            rv0, cv0 = row_vars[kf], col_vars[kf]
+            kf += 1
             numel = p0.numel()
             if numel == 0:  # its step was still counted above
                 continue
             p = contiguous(p0, True)
             g = contiguous(grads[i], False)
             mp = contiguous(master_params[i], True) if master_params else p
-            sr = sr_seed is not None and not master_params and p.dtype == torch.bfloat16
-            common = dict(step_ptr=steps[i], lr_ptr=lr, gs_ptr=gs, fi_ptr=fi,
-                          tensor_index=i, n=numel)
-            if factored:
-                rows, cols = p.shape[-2], p.shape[-1]
-                batch = numel // (rows * cols)
-                rv, cv = contiguous(rv0, True), contiguous(cv0, True)
-                row_sum = torch.empty(batch * rows, dtype=torch.float64, device=dev)
-                col_sum = torch.zeros(batch * cols, dtype=torch.float64, device=dev)
-                den = torch.empty(batch, dtype=torch.float32, device=dev)
-                grid = (triton.cdiv(rows, br), batch)
-                _stats_kernel[grid](p, g, mp, row_sum, col_sum, sums[0], gs, i, rows, cols,
-                                    MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
-                                    MASTER=flags["MASTER"], BR=br, BC=bc, num_warps=warps, **LAUNCH_OPTIONS)
-                _factors_kernel[(batch,)](rv, cv, row_sum, col_sum, den, steps[i], lr, fi, rows,
-                                          cols, **floats, HAS_FI=flags["HAS_FI"],
-                                          BLOCK=br * bc, num_warps=warps, **LAUNCH_OPTIONS)
-                var = p  # stand-in, not read
-            else:
-                rows = cols = 1
-                rv = cv = den = p  # stand-ins, not read
-                var = contiguous(v0, True)
-                grid = (triton.cdiv(numel, br * bc),)
-            tensors = dict(p_ptr=p, g_ptr=g, master_ptr=mp, var_ptr=var, row_var_ptr=rv,
-                           col_var_ptr=cv, den_ptr=den, sum_p2_ptr=sums[0], sum_u2_ptr=sums[1])
-            _direction_kernel[grid](**tensors, **common, R=rows, C=cols, **floats,
-                                    FACTORED=factored, **flags, BR=br, BC=bc, num_warps=warps, **LAUNCH_OPTIONS)
-            _apply_kernel[grid](**tensors, **common, seed_ptr=seed, R=rows, C=cols, **floats,
-                                eps2=float(eps2), d=float(d), FACTORED=factored,
-                                WD=weight_decay != 0.0, **flags, SR=sr, BR=br, BC=bc,
-                                num_warps=warps, **LAUNCH_OPTIONS)
+            rows, cols = p.shape[-2], p.shape[-1]
+            batch = numel // (rows * cols)
+            rv, cv = contiguous(rv0, True), contiguous(cv0, True)
+            row_sum = torch.empty(batch * rows, dtype=torch.float64, device=dev)
+            col_sum = torch.zeros(batch * cols, dtype=torch.float64, device=dev)
+            den = torch.empty(batch, dtype=torch.float32, device=dev)
+            grid = (triton.cdiv(rows, br), batch)
+            _stats_kernel[grid](p, g, mp, row_sum, col_sum, sums[0], gs, i, rows, cols,
+                                MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
+                                MASTER=flags["MASTER"], BR=br, BC=bc, num_warps=warps,
+                                **LAUNCH_OPTIONS)
+            _factors_kernel[(batch,)](rv, cv, row_sum, col_sum, den, steps[i], lr, fi, rows,
+                                      cols, **floats, HAS_FI=flags["HAS_FI"],
+                                      BLOCK=br * bc, num_warps=warps, **LAUNCH_OPTIONS)
+            _direction_kernel[grid](g, rv, cv, den, sums[1], gs, i, rows, cols,
+                                    eps1=float(eps1), MAXIMIZE=flags["MAXIMIZE"],
+                                    HAS_GS=flags["HAS_GS"], BR=br, BC=bc, num_warps=warps,
+                                    **LAUNCH_OPTIONS)
+            _apply_kernel[grid](p, g, mp, rv, cv, den, sums[0], sums[1], steps[i], lr, gs, fi,
+                                seed, i, numel, rows, cols, **floats, eps2=float(eps2),
+                                d=float(d), WD=weight_decay != 0.0, **flags,
+                                SR=sr_of(p.dtype), BR=br, BC=bc, num_warps=warps,
+                                **LAUNCH_OPTIONS)
+    if vector:  # after the direction kernel above: stream order
+        launch_multi_tensor(
+            _vector_apply_kernel, lists, key_of,
+            lambda key: dict(consts_of(key), SR=sr_of(key[0])),
+            (sums[0], sums[1], lr, gs, fi, seed, *floats.values(), float(eps2), float(d)),
+            dict(flags, WD=weight_decay != 0.0), dev)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

@@ -113,3 +113,39 @@ def test_norm_per_tensor_across_groups(device, ord):
     want = torch.ops.dlopt.multi_tensor_norm(xs, ord, "reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **(NORM_TOL_P if ord == 3.0 else NORM_TOL))
+
+
+def _adafactor_lists(device, shapes_dtypes):
+    """Adafactor's lists: row/col variances for >= 2-D params, a variance for the rest
+    (fp32 states: what the optimizer keeps for bf16 params under stochastic rounding)."""
+    ps = [torch.randn(s, device=device).to(dt) for s, dt in shapes_dtypes]
+    factored = [p for p in ps if p.dim() >= 2]
+    return dict(params=ps, grads=[torch.randn_like(p) for p in ps],
+                row=[torch.rand(p.shape[:-1] + (1,), device=device) for p in factored],
+                col=[torch.rand(p.shape[:-2] + (1,) + p.shape[-1:], device=device)
+                     for p in factored],
+                var=[torch.rand(p.shape, device=device) for p in ps if p.dim() < 2],
+                steps=[torch.full((), 2.0, device=device) for _ in ps])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sr", [False, True])
+def test_adafactor_unfactored_tensors_in_one_launch(device, sr):
+    """Adafactor's 0-/1-D tensors go through one launch per dtype group, its matrices
+    through per-tensor launches, in one call: biases of two dtypes, zero-size tensors
+    and matrices interleaved, with weight decay (and stochastic rounding of the bf16
+    ones): each tensor updated as the reference updates it, with the same SR bits."""
+    spec = [((300,), torch.float32), ((0,), torch.bfloat16), ((17, 9), torch.float32),
+            ((), torch.float32), ((4099,), torch.bfloat16), ((3, 5, 6), torch.bfloat16),
+            ((1,), torch.bfloat16), ((70001,), torch.float32)]
+    got = _adafactor_lists(device, spec)
+    want = _clone(got)
+    seed = torch.tensor(99, dtype=torch.int64) if sr else None
+    for lists, backend in ((got, "triton"), (want, "reference")):
+        torch.ops.dlopt.adafactor_step(
+            lists["params"], lists["grads"], lists["row"], lists["col"], lists["var"], [],
+            lists["steps"], torch.tensor(1e-2, dtype=torch.float64), -0.8, 1e-30, 1e-3, 1.0,
+            0.05, False, None, None, seed, backend)
+    for key in ("params", "row", "col", "var", "steps"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol(a.dtype))
