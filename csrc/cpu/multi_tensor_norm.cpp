@@ -68,11 +68,32 @@ double reduce_chunk(const void* data, int64_t begin, int64_t end, double p) {
       // the memory bandwidth). Each partial carries at most 7 fp32 roundings (~4e-7
       // relative). A non-finite result (a square above FLT_MAX, an inf or a NaN) redoes
       // the chunk in double below, so huge finite inputs still give a finite norm.
-      constexpr int kLanes = 16, kRows = 8;
+      //
+      // The chunk is read as two streams at once (its halves, each prefetched ahead):
+      // a single read stream per core left the norm well below the bandwidth a step's
+      // several streams reach on the CI-like VM. Each 8-term partial takes 4 rows of
+      // 16 from each half, so the order of the sums is fixed by the chunk alone.
+      constexpr int kLanes = 16, kRows = 8, kHalfRows = kRows / 2;
+      constexpr int64_t kHalfStep = kLanes * kHalfRows;
       double wide[kLanes] = {};
-      int64_t i = begin;
+      const int64_t half = (end - begin) / (2 * kHalfStep) * kHalfStep;
+      for (int64_t o = 0; o < half; o += kHalfStep) {
+        const int64_t a = begin + o, b = begin + half + o;
+        prefetch_block<kHalfStep>(x, a);
+        prefetch_block<kHalfStep>(x, b);
+        float part[kLanes] = {};
+        for (int r = 0; r < kHalfRows; ++r)
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j)
+            part[j] += norm_term<float>(K, S::load(x[a + r * kLanes + j]), 0.f);
+        for (int r = 0; r < kHalfRows; ++r)
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j)
+            part[j] += norm_term<float>(K, S::load(x[b + r * kLanes + j]), 0.f);
+        for (int j = 0; j < kLanes; ++j) wide[j] += part[j];
+      }
+      int64_t i = begin + 2 * half;
       for (; i + kLanes * kRows <= end; i += kLanes * kRows) {
-        prefetch_block<kLanes * kRows>(x, i);  // one read stream: see prefetch_ahead
         float part[kLanes] = {};
         for (int r = 0; r < kRows; ++r)
 #pragma omp simd
