@@ -3,9 +3,11 @@
 `clip_grad_norm_` and `get_total_norm` take torch.nn.utils' arguments and return its
 results; the difference is how the norm is computed: `torch.ops.dlopt.multi_tensor_norm`
 once per device (every dtype in one call, one pass over the grads), instead of a norm
-per (device, dtype) group followed by more small ops. The scaling is torch's own
-`torch.nn.utils.clip_grads_with_norm_` (one `torch._foreach_mul_` per device and dtype),
-so the grads come out as torch's do.
+per (device, dtype) group followed by more small ops. The scaling computes torch's
+products, so the grads come out as torch's do: on the CPU with one multi-tensor kernel
+(`dlopt_C::multi_tensor_scale_`; torch's CPU `_foreach_mul_` runs one kernel per
+tensor), elsewhere with torch's own `torch.nn.utils.clip_grads_with_norm_` (one
+`torch._foreach_mul_` per device and dtype, already one fused launch on a GPU).
 """
 from __future__ import annotations
 
@@ -17,10 +19,34 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from dlopt_kernels import _lib
 from dlopt_kernels.backends import registry
 from dlopt_kernels.ops.multi_tensor_norm import multi_tensor_norm
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_scale_op():
+    """dlopt_C::multi_tensor_scale_ if the C++ library loaded, else None."""
+    return torch.ops.dlopt_C.multi_tensor_scale_ if _lib.LOADED["cpu"] else None
+
+
+def _clip_grads_with_norm_(parameters: list, max_norm: float, total_norm: Tensor,
+                           foreach: Optional[bool]) -> None:
+    """torch.nn.utils.clip_grads_with_norm_, the same products: grads that are all plain
+    dense CPU tensors of fp32/bf16/fp16 are scaled by one multi-tensor kernel in eager
+    mode (foreach None or True); anything else goes to torch's function."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    scale = _cpu_scale_op()
+    if (scale is None or foreach is False or torch.compiler.is_compiling() or not grads
+            or total_norm.device.type != "cpu"
+            or any(type(g) is not Tensor or g.device.type != "cpu" or g.is_sparse
+                   or g.dtype not in _SCALE_DTYPES for g in grads)):
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+        return
+    clip_coef = float(max_norm) / (total_norm + 1e-6)  # as torch: no sync, no branch
+    scale(grads, torch.clamp(clip_coef, max=1.0))
 
 
 def _check_norm_type(norm_type) -> float:
@@ -84,9 +110,10 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
     The total norm of all grads (as one vector) is computed by the fused op
     ``torch.ops.dlopt.multi_tensor_norm`` (one call per device, no Python loop over
     tensors), then every grad is multiplied by ``min(max_norm / (total + 1e-6), 1)``
-    exactly as torch does, with ``torch._foreach_mul_`` per device and dtype
-    (``foreach=False`` uses a loop of ``mul_``; ``foreach=True`` on a device without
-    foreach kernels raises, as in torch). No host sync unless ``error_if_nonfinite``.
+    exactly as torch does: on the CPU by one multi-tensor kernel, elsewhere with
+    ``torch._foreach_mul_`` per device and dtype (``foreach=False`` uses a loop of
+    ``mul_``; ``foreach=True`` on a device without foreach kernels raises, as in torch).
+    No host sync unless ``error_if_nonfinite``.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
@@ -116,5 +143,5 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
                           stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, backend=backend)
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    _clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     return total_norm

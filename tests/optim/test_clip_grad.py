@@ -256,3 +256,29 @@ def test_no_host_sync_on_cuda():
         clip_grad_norm_(params, 0.3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("total", [5.0, 0.5, math.nan], ids=["clips", "no_clip", "nan"])
+def test_scaling_matches_torch_bit_for_bit(foreach, total):
+    """Given the same total norm, the grads are scaled exactly as torch scales them (on
+    the CPU by dlopt_C::multi_tensor_scale_, unless foreach=False): fp32, bf16 and fp16
+    grads in one list, with transposed, zero-size and 0-dim ones; and a bf16 total."""
+    from dlopt_kernels.optim.clip_grad import _clip_grads_with_norm_
+    mixed = make(scale=3.0) + make(dtype=torch.bfloat16, scale=3.0) + make(dtype=torch.float16)
+    for params, t in ((mixed, torch.tensor(total)),
+                      (make(dtype=torch.bfloat16), torch.tensor(total, dtype=torch.bfloat16))):
+        ref = twin(params)
+        _clip_grads_with_norm_(params, 1.0, t, foreach)
+        torch.nn.utils.clip_grads_with_norm_(ref, 1.0, t, foreach)
+        for p, q in zip(params, ref):
+            assert p.grad.stride() == q.grad.stride()
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_scale_op_schema():
+    """The internal dlopt_C::multi_tensor_scale_ declares what it mutates (opcheck's
+    schema test: it writes only `tensors`)."""
+    ts = [torch.randn(5), torch.randn(3, 4).t(), torch.randn(()).to(torch.bfloat16)]
+    torch.library.opcheck(torch.ops.dlopt_C.multi_tensor_scale_.default,
+                          (ts, torch.tensor(0.5)), test_utils=("test_schema",))
