@@ -1,5 +1,6 @@
 """The clip_grad_norm benchmark: dlopt_kernels.optim.clip_grad_norm_ (the norm from one
-fused `multi_tensor_norm` call per device, the scaling with torch._foreach_mul_) against
+fused `multi_tensor_norm` call per device; the scaling by one multi-tensor kernel on the
+CPU, torch._foreach_mul_ elsewhere) against
 torch.nn.utils.clip_grad_norm_ with foreach=True (torch._foreach_norm per (device, dtype)
 group, then a stack and a vector_norm) and foreach=False (a norm per tensor). A diagnostic
 row times the norm op alone.
