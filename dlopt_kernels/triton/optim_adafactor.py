@@ -3,22 +3,21 @@ Adafactor; fp32 element arithmetic, sums of squares in fp64), the storage rules 
 csrc/cpu/optim_adafactor.cpp (params fp32/bf16/fp16; states fp32 or the param dtype;
 fp32 master weights; bf16 stochastic rounding with the random bits of rounding.h).
 
-Per tensor, on the device and without host syncs (lr, step, grad_scale, found_inf and
-sr_seed stay tensors the kernels read):
+On the device and without host syncs (lr, step, grad_scale, found_inf and sr_seed stay
+tensors the kernels read), one launch per kernel for each group of tensors with the same
+dtypes (addresses from tables cached by content, as triton/_common.py's):
 
-  factored (>= 2-D, walked as [batch, rows, cols] tiles of whole rows):
-    _stats_kernel    row sums of g^2 (stored), column sums (fp64 atomics), sum(p^2)
-    _factors_kernel  one program per matrix: row_var / col_var lerp towards the means,
-                     den = max(mean(row_var), eps1)
-  _direction_kernel  sum(u^2) (fp64 atomics)
-  _apply_kernel      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u
-
-  unfactored (0-/1-D: biases, norms' weights; most tensors of a transformer by count),
-  one launch for all of them per dtype group (triton/_common.py launch_multi_tensor):
+  matrices (>= 2-D, walked as [batch, rows, cols] tiles of whole rows; a table row per
+  tensor, see _matrix_row):
+    _stats_kernel      row sums of g^2 (stored), column sums (fp64 atomics), sum(p^2)
+    _factors_kernel    one program per matrix: row_var / col_var lerp towards the means,
+                       den = max(mean(row_var), eps1)
+    _direction_kernel  sum(u^2) (fp64 atomics)
+    _apply_kernel      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u
+  0-/1-D tensors (launch_multi_tensor):
     _vector_direction_kernel  the variance lerp, sum(u^2) and sum(p^2)
     _vector_apply_kernel      the update, as _apply_kernel
 
-Factored tensors are still launched one by one (four kernels each).
 Non-contiguous tensors get contiguous stand-ins (copied back when written).
 """
 from __future__ import annotations
@@ -32,6 +31,7 @@ import triton.language as tl
 from dlopt_kernels.backends.checks import check_factored_lists
 from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
+    _cached,
     TORCH_TO_TL,
     bump_steps,
     decoupled_decay_factor,
@@ -82,14 +82,56 @@ def _tile(pid_r, b, c0, R, C, BR: tl.constexpr, BC: tl.constexpr):
     return rows, cols, offs, (rows[:, None] < R) & (cols[None, :] < C)
 
 
-# do_not_specialize: Triton turns an int argument equal to 1 into a Python constant,
-# which has no .to(); these kernels convert theirs.
-@triton.jit(do_not_specialize=["tensor_index", "R", "C"])
-def _stats_kernel(p_ptr, g_ptr, master_ptr, row_sum_ptr, col_sum_ptr, sum_p2_ptr, gs_ptr,
-                  tensor_index, R, C, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
-                  MASTER: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    pid_r = tl.program_id(0)
-    b = tl.program_id(1)
+# Matrices (>= 2-D tensors) of one dtype group share one launch per kernel: a table
+# row per tensor (columns below), a map from each program to its row. Tile programs
+# (stats, direction, apply) cover (matrix b, block of BR rows); the factors kernel runs
+# one program per matrix. The row/column sums and den of all tensors sit side by side
+# in three scratch buffers, at the row's offsets.
+# Columns 0-4 (first tile program, first matrix program, R, C, row blocks per matrix)
+# are read by _matrix_row; tensor_ptr's column k is table column 3 + k.
+_F_INDEX = tl.constexpr(5)
+_F_NUMEL = tl.constexpr(6)
+_F_P = tl.constexpr(7)
+_F_G = tl.constexpr(8)
+_F_MASTER = tl.constexpr(9)
+_F_RV = tl.constexpr(10)
+_F_CV = tl.constexpr(11)
+_F_STEP = tl.constexpr(12)
+_F_ROW_SUM = tl.constexpr(13)
+_F_COL_SUM = tl.constexpr(14)
+_F_DEN = tl.constexpr(15)
+_F_NCOL = 16
+
+
+@triton.jit
+def _matrix_row(table_ptr, map_ptr, TILES: tl.constexpr):
+    """This program's table row, (R, C), matrix b and row block (0 unless TILES)."""
+    pid = tl.program_id(0)
+    rec = table_ptr + tl.load(map_ptr + pid).to(tl.int64) * 16  # _F_NCOL
+    R = tl.load(rec + 2)  # _F_R
+    C = tl.load(rec + 3)  # _F_C
+    if TILES:
+        local = pid - tl.load(rec + 0)  # _F_FIRST_TILE
+        nrb = tl.load(rec + 4)  # _F_NRB
+        b = local // nrb
+        pid_r = local % nrb
+    else:
+        b = pid - tl.load(rec + 1)  # _F_FIRST_MAT
+        pid_r = b * 0
+    return rec, R, C, b.to(tl.int64), pid_r
+
+
+@triton.jit
+def _stats_kernel(table_ptr, map_ptr, row_sum_ptr, col_sum_ptr, sum_p2_ptr, gs_ptr,
+                  MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, MASTER: tl.constexpr,
+                  P_DT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    rec, R, C, b, pid_r = _matrix_row(table_ptr, map_ptr, True)
+    p_ptr = tensor_ptr(rec, _F_P - 3, P_DT)
+    g_ptr = tensor_ptr(rec, _F_G - 3, P_DT)
+    master_ptr = tensor_ptr(rec, _F_MASTER - 3, tl.float32)
+    tensor_index = tl.load(rec + _F_INDEX)
+    row_sum_ptr += tl.load(rec + _F_ROW_SUM)
+    col_sum_ptr += tl.load(rec + _F_COL_SUM)
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
     rs = tl.zeros((BR,), tl.float64)
     ps = tl.zeros((BR,), tl.float64)
@@ -100,18 +142,24 @@ def _stats_kernel(p_ptr, g_ptr, master_ptr, row_sum_ptr, col_sum_ptr, sum_p2_ptr
         p = tl.where(mask, p, 0.0)
         rs += tl.sum(g * g, axis=1)
         ps += tl.sum(p * p, axis=1)
-        tl.atomic_add(col_sum_ptr + b.to(tl.int64) * C + cols, tl.sum(g * g, axis=0),
-                      mask=cols < C)
+        tl.atomic_add(col_sum_ptr + b * C + cols, tl.sum(g * g, axis=0), mask=cols < C)
     rows = pid_r * BR + tl.arange(0, BR)
-    tl.store(row_sum_ptr + b.to(tl.int64) * R + rows, rs, mask=rows < R)
+    tl.store(row_sum_ptr + b * R + rows, rs, mask=rows < R)
     tl.atomic_add(sum_p2_ptr + tensor_index, tl.sum(ps, axis=0))
 
 
-@triton.jit(do_not_specialize=["R", "C"])
-def _factors_kernel(row_var_ptr, col_var_ptr, row_sum_ptr, col_sum_ptr, den_ptr, step_ptr,
-                    lr_ptr, fi_ptr, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
-                    eps1: tl.float64, HAS_FI: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+@triton.jit
+def _factors_kernel(table_ptr, map_ptr, row_sum_ptr, col_sum_ptr, den_ptr, lr_ptr, fi_ptr,
+                    beta2_decay: tl.float64, weight_decay: tl.float64, eps1: tl.float64,
+                    HAS_FI: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    rec, R, C, b, _ = _matrix_row(table_ptr, map_ptr, False)
+    row_var_ptr = tensor_ptr(rec, _F_RV - 3, S_DT)
+    col_var_ptr = tensor_ptr(rec, _F_CV - 3, S_DT)
+    step_ptr = tensor_ptr(rec, _F_STEP - 3, STEP_DT)
+    row_sum_ptr += tl.load(rec + _F_ROW_SUM)
+    col_sum_ptr += tl.load(rec + _F_COL_SUM)
+    den_ptr += tl.load(rec + _F_DEN)
     r_store = _limit(fi_ptr, R, HAS_FI)
     c_store = _limit(fi_ptr, C, HAS_FI)
     w, _, _ = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
@@ -145,27 +193,38 @@ def _direction(g, v, eps1_sq):
     return g * tl.math.div_rn(1.0, tl.sqrt_rn(v))
 
 
-@triton.jit(do_not_specialize=["tensor_index", "R", "C"])
-def _direction_kernel(g_ptr, row_var_ptr, col_var_ptr, den_ptr, sum_u2_ptr, gs_ptr,
-                      tensor_index, R, C, eps1: tl.float64, MAXIMIZE: tl.constexpr,
-                      HAS_GS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+@triton.jit
+def _factored_direction(rec, g_ptr, row_var_ptr, col_var_ptr, den, b, pid_r, c0, R, C, mul,
+                        eps1_sq, BR: tl.constexpr, BC: tl.constexpr):
+    """The update direction u of one tile of matrix b, and the tile's (rows, offsets,
+    mask)."""
+    rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
+    rv = tl.load(row_var_ptr + b * R + rows, mask=rows < R, other=0.0).to(tl.float32)
+    cv = tl.load(col_var_ptr + b * C + cols, mask=cols < C, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
+    u = _direction(g, tl.math.div_rn(rv[:, None] * cv[None, :], den), eps1_sq)
+    return u, rows, cols, offs, mask
+
+
+@triton.jit
+def _direction_kernel(table_ptr, map_ptr, den_ptr, sum_u2_ptr, gs_ptr, eps1: tl.float64,
+                      MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, P_DT: tl.constexpr,
+                      S_DT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    rec, R, C, b, pid_r = _matrix_row(table_ptr, map_ptr, True)
+    g_ptr = tensor_ptr(rec, _F_G - 3, P_DT)
+    row_var_ptr = tensor_ptr(rec, _F_RV - 3, S_DT)
+    col_var_ptr = tensor_ptr(rec, _F_CV - 3, S_DT)
+    den = tl.load(den_ptr + tl.load(rec + _F_DEN) + b)
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
     eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
-    pid_r = tl.program_id(0)
-    b = tl.program_id(1)
-    den = tl.load(den_ptr + b)
     us = tl.zeros((BR,), tl.float64)
     for c0 in range(0, C, BC):
-        rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
-        rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
-                     other=0.0).to(tl.float32)
-        cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
-                     other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
-        v = tl.math.div_rn(rv[:, None] * cv[None, :], den)
-        u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
+        u, rows, cols, offs, mask = _factored_direction(rec, g_ptr, row_var_ptr, col_var_ptr,
+                                                        den, b, pid_r, c0, R, C, mul,
+                                                        eps1_sq, BR, BC)
+        u = tl.where(mask, u, 0.0).to(tl.float64)
         us += tl.sum(u * u, axis=1)
-    tl.atomic_add(sum_u2_ptr + tensor_index, tl.sum(us, axis=0))
+    tl.atomic_add(sum_u2_ptr + tl.load(rec + _F_INDEX), tl.sum(us, axis=0))
 
 
 @triton.jit
@@ -179,29 +238,32 @@ def _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, n, rho, eps2: tl.float64,
     return (alpha / tl.where(rms_u > 1.0, rms_u, 1.0)).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["tensor_index", "n", "R", "C"])
-def _apply_kernel(p_ptr, g_ptr, master_ptr, row_var_ptr, col_var_ptr, den_ptr,
-                  sum_p2_ptr, sum_u2_ptr, step_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
-                  tensor_index, n, R, C, beta2_decay: tl.float64, weight_decay: tl.float64,
-                  eps1: tl.float64, eps2: tl.float64, d: tl.float64,
-                  WD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
-                  SR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+@triton.jit
+def _apply_kernel(table_ptr, map_ptr, den_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_ptr, fi_ptr,
+                  seed_ptr, beta2_decay: tl.float64, weight_decay: tl.float64,
+                  eps1: tl.float64, eps2: tl.float64, d: tl.float64, WD: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
+                  MASTER: tl.constexpr, SR: tl.constexpr, P_DT: tl.constexpr,
+                  S_DT: tl.constexpr, STEP_DT: tl.constexpr, BR: tl.constexpr,
+                  BC: tl.constexpr):
+    rec, R, C, b, pid_r = _matrix_row(table_ptr, map_ptr, True)
+    p_ptr = tensor_ptr(rec, _F_P - 3, P_DT)
+    g_ptr = tensor_ptr(rec, _F_G - 3, P_DT)
+    master_ptr = tensor_ptr(rec, _F_MASTER - 3, tl.float32)
+    row_var_ptr = tensor_ptr(rec, _F_RV - 3, S_DT)
+    col_var_ptr = tensor_ptr(rec, _F_CV - 3, S_DT)
+    step_ptr = tensor_ptr(rec, _F_STEP - 3, STEP_DT)
+    tensor_index = tl.load(rec + _F_INDEX)
+    den = tl.load(den_ptr + tl.load(rec + _F_DEN) + b)
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
     eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
     _, rho, decay = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
-    step = _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, n, rho, eps2, d)
-    pid_r = tl.program_id(0)
-    b = tl.program_id(1)
-    den = tl.load(den_ptr + b)
+    step = _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, tl.load(rec + _F_NUMEL), rho,
+                      eps2, d)
     for c0 in range(0, C, BC):
-        rows, cols, offs, mask = _tile(pid_r, b, c0, R, C, BR, BC)
-        rv = tl.load(row_var_ptr + b.to(tl.int64) * R + rows, mask=rows < R,
-                     other=0.0).to(tl.float32)
-        cv = tl.load(col_var_ptr + b.to(tl.int64) * C + cols, mask=cols < C,
-                     other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
-        u = _direction(g, tl.math.div_rn(rv[:, None] * cv[None, :], den), eps1_sq)
+        u, rows, cols, offs, mask = _factored_direction(rec, g_ptr, row_var_ptr, col_var_ptr,
+                                                        den, b, pid_r, c0, R, C, mul,
+                                                        eps1_sq, BR, BC)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
         if WD:
             p = p * decay
@@ -278,6 +340,42 @@ def _tiles():
     return (64, 1024) if interpreted() else (8, 512)
 
 
+def _matrix_tables(idx, params, grads, master_params, rv_of, cv_of, steps, contiguous, br,
+                   device):
+    """The table (columns _F_*) and program maps of one group of matrices, cached by
+    content like triton/_common.py's, (tile programs, matrices, row-sum and col-sum
+    sizes), and the tensors the table points to (contiguous stand-ins included), which
+    the caller keeps alive until the kernels are launched."""
+    rows, tile_counts, mat_counts, keep = [], [], [], []
+    tiles = mats = n_rows = n_cols = 0
+    for i in idx:
+        p = contiguous(params[i], True)
+        g = contiguous(grads[i], False)
+        mp = contiguous(master_params[i], True) if master_params else p
+        rv, cv = contiguous(rv_of[i], True), contiguous(cv_of[i], True)
+        keep += [p, g, mp, rv, cv]
+        r, c = p.shape[-2], p.shape[-1]
+        batch, nrb = p.numel() // (r * c), triton.cdiv(r, br)
+        rows.append([tiles, mats, r, c, nrb, i, p.numel(), p.data_ptr(), g.data_ptr(),
+                     mp.data_ptr(), rv.data_ptr(), cv.data_ptr(), steps[i].data_ptr(),
+                     n_rows, n_cols, mats])
+        tile_counts.append(batch * nrb)
+        mat_counts.append(batch)
+        tiles, mats = tiles + batch * nrb, mats + batch
+        n_rows, n_cols = n_rows + batch * r, n_cols + batch * c
+    flat = tuple(v for row in rows for v in row)
+    table = _cached(("adafactor", device, flat),
+                    lambda: torch.tensor(flat, dtype=torch.int64).to(device))
+
+    def program_map(counts):
+        return _cached(("adafactor_map", device, tuple(counts)), lambda: torch.repeat_interleave(
+            torch.arange(len(counts), dtype=torch.int32),
+            torch.tensor(counts, dtype=torch.int64)).to(device))
+
+    return (table, program_map(tile_counts), program_map(mat_counts),
+            (tiles, mats, n_rows, n_cols), keep)
+
+
 def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, state_steps,
                    lr, beta2_decay, eps1, eps2, d, weight_decay, maximize, grad_scale,
                    found_inf, sr_seed) -> None:
@@ -331,42 +429,38 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
                                       STEP_DT=TORCH_TO_TL[key[2]]))
         launch_multi_tensor(_vector_direction_kernel, lists, key_of, consts_of,
                             (sums[0], sums[1], lr, gs, fi, *floats.values()), flags, dev)
+    factored = [i for i, p0 in enumerate(params) if p0.dim() >= 2]
+    rv_of, cv_of = dict(zip(factored, row_vars)), dict(zip(factored, col_vars))
+    groups: dict = {}
+    for i in factored:
+        if params[i].numel():  # a zero-size one: its step was still counted above
+            groups.setdefault((params[i].dtype, rv_of[i].dtype, steps[i].dtype), []).append(i)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        kf = 0
-        for i, p0 in enumerate(params):
-            if p0.dim() < 2:
-                continue
-            rv0, cv0 = row_vars[kf], col_vars[kf]
-            kf += 1
-            numel = p0.numel()
-            if numel == 0:  # its step was still counted above
-                continue
-            p = contiguous(p0, True)
-            g = contiguous(grads[i], False)
-            mp = contiguous(master_params[i], True) if master_params else p
-            rows, cols = p.shape[-2], p.shape[-1]
-            batch = numel // (rows * cols)
-            rv, cv = contiguous(rv0, True), contiguous(cv0, True)
-            row_sum = torch.empty(batch * rows, dtype=torch.float64, device=dev)
-            col_sum = torch.zeros(batch * cols, dtype=torch.float64, device=dev)
-            den = torch.empty(batch, dtype=torch.float32, device=dev)
-            grid = (triton.cdiv(rows, br), batch)
-            _stats_kernel[grid](p, g, mp, row_sum, col_sum, sums[0], gs, i, rows, cols,
-                                MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
-                                MASTER=flags["MASTER"], BR=br, BC=bc, num_warps=warps,
-                                **LAUNCH_OPTIONS)
-            _factors_kernel[(batch,)](rv, cv, row_sum, col_sum, den, steps[i], lr, fi, rows,
-                                      cols, **floats, HAS_FI=flags["HAS_FI"],
-                                      BLOCK=br * bc, num_warps=warps, **LAUNCH_OPTIONS)
-            _direction_kernel[grid](g, rv, cv, den, sums[1], gs, i, rows, cols,
-                                    eps1=float(eps1), MAXIMIZE=flags["MAXIMIZE"],
-                                    HAS_GS=flags["HAS_GS"], BR=br, BC=bc, num_warps=warps,
-                                    **LAUNCH_OPTIONS)
-            _apply_kernel[grid](p, g, mp, rv, cv, den, sums[0], sums[1], steps[i], lr, gs, fi,
-                                seed, i, numel, rows, cols, **floats, eps2=float(eps2),
-                                d=float(d), WD=weight_decay != 0.0, **flags,
-                                SR=sr_of(p.dtype), BR=br, BC=bc, num_warps=warps,
-                                **LAUNCH_OPTIONS)
+        for key, idx in groups.items():
+            table, tile_map, mat_map, sizes, _keep = _matrix_tables(
+                idx, params, grads, master_params, rv_of, cv_of, steps, contiguous, br, dev)
+            tiles, mats, n_rows, n_cols = sizes
+            row_sum = torch.empty(n_rows, dtype=torch.float64, device=dev)
+            col_sum = torch.zeros(n_cols, dtype=torch.float64, device=dev)
+            den = torch.empty(mats, dtype=torch.float32, device=dev)
+            dts = dict(P_DT=TORCH_TO_TL[key[0]], S_DT=TORCH_TO_TL[key[1]])
+            _stats_kernel[(tiles,)](table, tile_map, row_sum, col_sum, sums[0], gs,
+                                    MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
+                                    MASTER=flags["MASTER"], P_DT=dts["P_DT"], BR=br, BC=bc,
+                                    num_warps=warps, **LAUNCH_OPTIONS)
+            _factors_kernel[(mats,)](table, mat_map, row_sum, col_sum, den, lr, fi, **floats,
+                                     HAS_FI=flags["HAS_FI"], S_DT=dts["S_DT"],
+                                     STEP_DT=TORCH_TO_TL[key[2]], BLOCK=br * bc,
+                                     num_warps=warps, **LAUNCH_OPTIONS)
+            _direction_kernel[(tiles,)](table, tile_map, den, sums[1], gs, eps1=float(eps1),
+                                        MAXIMIZE=flags["MAXIMIZE"], HAS_GS=flags["HAS_GS"],
+                                        **dts, BR=br, BC=bc, num_warps=warps,
+                                        **LAUNCH_OPTIONS)
+            _apply_kernel[(tiles,)](table, tile_map, den, sums[0], sums[1], lr, gs, fi, seed,
+                                    **floats, eps2=float(eps2), d=float(d),
+                                    WD=weight_decay != 0.0, **flags, SR=sr_of(key[0]), **dts,
+                                    STEP_DT=TORCH_TO_TL[key[2]], BR=br, BC=bc,
+                                    num_warps=warps, **LAUNCH_OPTIONS)
     if vector:  # after the direction kernel above: stream order
         launch_multi_tensor(
             _vector_apply_kernel, lists, key_of,

@@ -130,14 +130,15 @@ def _adafactor_lists(device, shapes_dtypes):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sr", [False, True])
-def test_adafactor_unfactored_tensors_in_one_launch(device, sr):
-    """Adafactor's 0-/1-D tensors go through one launch per dtype group, its matrices
-    through per-tensor launches, in one call: biases of two dtypes, zero-size tensors
-    and matrices interleaved, with weight decay (and stochastic rounding of the bf16
-    ones): each tensor updated as the reference updates it, with the same SR bits."""
+def test_adafactor_groups_in_one_launch(device, sr):
+    """Adafactor's 0-/1-D tensors and its matrices each go through one launch per dtype
+    group and kernel, in one call: biases and matrices (3-D ones too) of two dtypes and
+    zero-size tensors interleaved, with weight decay (and stochastic rounding of the
+    bf16 ones): each tensor updated as the reference updates it, with the same SR bits."""
     spec = [((300,), torch.float32), ((0,), torch.bfloat16), ((17, 9), torch.float32),
             ((), torch.float32), ((4099,), torch.bfloat16), ((3, 5, 6), torch.bfloat16),
-            ((1,), torch.bfloat16), ((70001,), torch.float32)]
+            ((1,), torch.bfloat16), ((70001,), torch.float32), ((2, 70, 33), torch.float32),
+            ((0, 4), torch.float32), ((1, 1), torch.float32), ((40, 3), torch.bfloat16)]
     got = _adafactor_lists(device, spec)
     want = _clone(got)
     seed = torch.tensor(99, dtype=torch.int64) if sr else None
