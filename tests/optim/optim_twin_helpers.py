@@ -575,48 +575,51 @@ def check_grad_scaler_matches_torch(ours, ref, model, twin, n_iters, overflow_at
                              normwise=normwise, ps_oracle=ps_oracle)
 
 
-def _fp32_twin(cls, twin_cls, params, kwargs, **ours_kwargs):
-    """Ours on (low-precision) params, and torch's fp32 twin on fp32 copies of them."""
-    ref_ps = [nn.Parameter(p.detach().float().clone()) for p in params]
+def _fp32_twin(cls, twin_cls, params, kwargs, twin_dtype=torch.float32, **ours_kwargs):
+    """Ours on (low-precision) params, and torch's twin on fp32 (or twin_dtype) copies."""
+    ref_ps = [nn.Parameter(p.detach().to(twin_dtype).clone()) for p in params]
     return (cls(params, **kwargs, **ours_kwargs), twin_cls(ref_ps, **kwargs, foreach=False),
             ref_ps)
 
 
 def _step_upcast(ours, params, ref, ref_ps):
-    """One step of both on the same grads (upcast to fp32 for the twin)."""
+    """One step of both on the same grads (upcast to the twin's dtype)."""
     grads = rand_grads(params)
     set_grads(params, grads)
-    set_grads(ref_ps, [g.float() for g in grads])
+    set_grads(ref_ps, [g.to(q.dtype) for g, q in zip(grads, ref_ps)])
     ours.step()
     ref.step()
 
 
 def check_master_weights_match_twin(cls, twin_cls, kwargs, dtype, backend, state_keys, *,
-                                    n_steps=3, shapes=SHAPES, optional_keys=False):
+                                    n_steps=3, shapes=SHAPES, optional_keys=False,
+                                    twin_dtype=torch.float32):
     """Low-precision params (and one fp32 param) with master_weights=True: after every
     step each low-precision param equals its fp32 master rounded, and the masters and
     the states in state_keys follow torch's fp32 twin on the same (upcast) grads; the
     fp32 param gets no master and trains like torch. optional_keys: compare only the
-    state_keys torch keeps for that param."""
+    state_keys torch keeps for that param. twin_dtype=torch.float64 judges against a
+    float64 run of torch's twin instead, for maths whose fp32 rounding torch's own fp32
+    run amplifies (then torch's fp32 twin, not ours, strays from the float64 run)."""
     params = make_params(shapes, dtype=dtype) + [nn.Parameter(torch.randn(9))]
-    ours, ref, ref_ps = _fp32_twin(cls, twin_cls, params, kwargs, master_weights=True,
-                                   backend=backend)
+    ours, ref, ref_ps = _fp32_twin(cls, twin_cls, params, kwargs, twin_dtype,
+                                   master_weights=True, backend=backend)
     for _ in range(n_steps):
         _step_upcast(ours, params, ref, ref_ps)
         for p, q in zip(params, ref_ps):
             st = ours.state[p]
             if p.dtype == torch.float32:
                 assert "master_param" not in st
-                torch.testing.assert_close(p.detach(), q.detach(), **FP32)
+                torch.testing.assert_close(p.detach(), q.detach().float(), **FP32)
                 continue
             master = st["master_param"]
             assert master.dtype == torch.float32
             assert torch.equal(p.detach(), master.to(dtype))
-            torch.testing.assert_close(master, q.detach(), **FP32)
+            torch.testing.assert_close(master, q.detach().float(), **FP32)
             for key in state_keys:
                 if optional_keys and key not in ref.state[q]:
                     continue
-                torch.testing.assert_close(st[key], ref.state[q][key], **FP32)
+                torch.testing.assert_close(st[key], ref.state[q][key].float(), **FP32)
     assert "master_param" in ours.state_dict()["state"][0]
 
 

@@ -167,9 +167,12 @@ def test_grad_scaler_matches_torch(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_master_weights(backend, dtype):
+    # Against a float64 run: on rare draws torch's fp32 RMSprop itself strays from it
+    # beyond the fp32 tolerance (an element whose decayed grad nearly cancels), where
+    # ours, and the pure-torch reference backend, stay close to it.
     check_master_weights_match_twin(RMSprop, TWIN,
                                     dict(lr=0.01, momentum=0.9, weight_decay=0.1), dtype,
-                                    backend, ("square_avg",))
+                                    backend, ("square_avg",), twin_dtype=torch.float64)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
