@@ -27,18 +27,19 @@ _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cpu_scale_op():
-    """dlopt_C::multi_tensor_scale_ if the C++ library loaded, else None."""
-    return torch.ops.dlopt_C.multi_tensor_scale_ if _lib.LOADED["cpu"] else None
+# dlopt_C::multi_tensor_scale_, if the C++ library loaded
+_CPU_SCALE = torch.ops.dlopt_C.multi_tensor_scale_ if _lib.LOADED["cpu"] else None
 
 
 def _clip_grads_with_norm_(parameters: list, max_norm: float, total_norm: Tensor,
-                           foreach: Optional[bool]) -> None:
+                           foreach: Optional[bool], grads: Optional[list] = None) -> None:
     """torch.nn.utils.clip_grads_with_norm_, the same products: grads that are all plain
     dense CPU tensors of fp32/bf16/fp16 are scaled by one multi-tensor kernel in eager
-    mode (foreach None or True); anything else goes to torch's function."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    scale = _cpu_scale_op()
+    mode (foreach None or True); anything else goes to torch's function. `grads`: the
+    params' grads, when the caller has already collected them."""
+    if grads is None:
+        grads = [p.grad for p in parameters if p.grad is not None]
+    scale = _CPU_SCALE
     if (scale is None or foreach is False or torch.compiler.is_compiling() or not grads
             or total_norm.device.type != "cpu"
             or any(type(g) is not Tensor or g.device.type != "cpu" or g.is_sparse
@@ -143,5 +144,5 @@ def clip_grad_norm_(parameters: _TensorOrTensors, max_norm: float, norm_type: fl
                           stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, backend=backend)
-    _clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    _clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, grads)
     return total_norm

@@ -282,3 +282,21 @@ def test_scale_op_schema():
     ts = [torch.randn(5), torch.randn(3, 4).t(), torch.randn(()).to(torch.bfloat16)]
     torch.library.opcheck(torch.ops.dlopt_C.multi_tensor_scale_.default,
                           (ts, torch.tensor(0.5)), test_utils=("test_schema",))
+
+
+def test_scale_op_refuses_bad_input():
+    """dlopt_C::multi_tensor_scale_ refuses an integer or float64 tensor and a scale that
+    is not one element with an error naming the argument, and changes nothing; an empty
+    list is a no-op."""
+    op = torch.ops.dlopt_C.multi_tensor_scale_
+    good = torch.randn(7)
+    before = good.clone()
+    for bad, scale, name in (([good, torch.ones(3, dtype=torch.int32)], torch.tensor(0.5),
+                              "tensors\\[1\\]"),
+                             ([good, torch.ones(3, dtype=torch.float64)], torch.tensor(0.5),
+                              "tensors\\[1\\]"),
+                             ([good], torch.ones(2), "scale")):
+        with pytest.raises(RuntimeError, match=name):
+            op(bad, scale)
+        assert torch.equal(good, before)
+    op([], torch.tensor(0.5))
