@@ -62,39 +62,47 @@ inline void write_param(typename P::T* p, float* master, float x, uint32_t key, 
   p[i] = store_param<P, STORE>(x, key, base + static_cast<uint32_t>(i));
 }
 
-// Software prefetch for the chunk loops. Why: on the CI-like Xeon the hardware
-// prefetcher keeps one core's fp32 loops at bandwidth but not loops whose streams move
-// at different rates (bf16 params and grads beside fp32 states): there the bf16 SR Adam
-// step ran no faster than fp32's although it moves 22 bytes per param against 28. So
-// the loops run in blocks of kPrefetchBlock elements, and before each block every
-// stream is prefetched kPrefetchAhead elements ahead (write intent where the loop
-// stores). Addresses past a tensor's end are only prefetched, never read: a prefetch
-// does not fault.
-constexpr int32_t kPrefetchBlock = 256;
-constexpr int32_t kPrefetchAhead = 1024;
+// Software prefetch. Why: on the CI-like Xeon (a 2-vCPU VM) one core's hardware
+// prefetcher does not keep enough lines in flight for a step's several streams. Paired
+// kernel-level runs of fp32 Adam and Adagrad loops went faster with one read prefetch
+// per stream per cache line, about 2 KB ahead, than with none, and faster than with a
+// block of lines fetched at once further ahead with write intent (the scheme before:
+// it slowed fp32 loops and helped only loops whose streams differ in element size).
+// So the step loops run in blocks of kPrefetchBlock elements (one fp32 cache line)
+// and each block prefetches the line kPrefetchAhead elements further on in every
+// stream. Counting in elements keeps streams of different element sizes in step.
+// Addresses past a tensor's end are only prefetched, never read: a prefetch does not
+// fault.
+constexpr int32_t kPrefetchBlock = 16;
+constexpr int32_t kPrefetchAhead = 512;
 
-// always_inline on all three: gcc's pure/const discovery counts __builtin_prefetch
-// as no side effect, so a call to an out-of-line prefetch helper is deleted as dead.
+// always_inline (DLOPT_HD) on all of these: gcc's pure/const discovery counts
+// __builtin_prefetch as no side effect, so a call to an out-of-line prefetch helper is
+// deleted as dead.
+template <class T>
+DLOPT_HD void prefetch_line(T* ptr, int64_t i) {
+  if (ptr != nullptr) __builtin_prefetch(ptr + i, 0, 3);
+}
+
+// Before the block of a step loop that starts at `lo`: every stream (nullptr: unused).
+template <class... T>
+DLOPT_HD void prefetch_ahead(int32_t lo, T*... streams) {
+  (prefetch_line(streams, static_cast<int64_t>(lo) + kPrefetchAhead), ...);
+}
+
+// Reduction loops (the norm, the grad scaling) read one or two streams: there a whole
+// block of lines, kStreamAhead elements ahead, measured best.
+constexpr int64_t kStreamAhead = 1024;
+
 template <bool WRITE, size_t... LINE>
 DLOPT_HD void prefetch_lines(const char* q, std::index_sequence<LINE...>) {
   (__builtin_prefetch(q + 64 * LINE, WRITE ? 1 : 0, 3), ...);
 }
 
-template <int32_t BLOCK = kPrefetchBlock, class T>
+template <int32_t BLOCK, class T>
 DLOPT_HD void prefetch_block(T* ptr, int64_t lo) {
-  if (ptr == nullptr) return;
-  const char* q = reinterpret_cast<const char*>(ptr) + static_cast<size_t>(lo + kPrefetchAhead) * sizeof(T);
+  const char* q = reinterpret_cast<const char*>(ptr) + static_cast<size_t>(lo + kStreamAhead) * sizeof(T);
   prefetch_lines<!std::is_const_v<T>>(q, std::make_index_sequence<BLOCK * sizeof(T) / 64>());
-}
-
-// Prefetches the block after `lo` + kPrefetchAhead of every stream (nullptr: unused),
-// in loops whose streams differ in element size. Where all have one size (fp32 params
-// and states; bf16 params with bf16 states) the hardware prefetcher keeps up alone.
-template <class... T>
-DLOPT_HD void prefetch_ahead(int32_t lo, T*... streams) {
-  constexpr size_t kSizes[] = {sizeof(T)...};
-  constexpr bool kMixed = ((sizeof(T) != kSizes[0]) || ...);
-  if constexpr (kMixed) (prefetch_block(streams, lo), ...);
 }
 
 // A chunk [begin, end) of one tensor as a 32-bit loop: `offset(ptr)` moves a pointer to
