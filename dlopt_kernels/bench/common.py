@@ -652,7 +652,9 @@ def git_info() -> dict[str, Any]:
         run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True,  # noqa: E731
                                         text=True, timeout=10, check=True).stdout.strip()
         info["commit"] = run("rev-parse", "HEAD")
-        info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
+        # results/ itself is left out: a run of several benchmarks rewrites it between them
+        info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)benchmarks/results"))
     except (OSError, subprocess.SubprocessError):
         pass
     return info
