@@ -62,9 +62,13 @@ def assert_params_near_oracle(ps_ours, ps_ref, ps_oracle, tolerance=FP32):
     """For trajectories that amplify fp32 rounding (RMSprop centered: v - grad_avg^2
     cancels), ours need not match torch element by element: per param, our largest error
     against a float64 run of the same training is at most FP32_ORACLE_RATIO times torch's
-    own fp32 error (or the fp32 absolute tolerance, if larger)."""
+    own fp32 error, or times the fp32 tolerance at the param's scale if that is larger
+    (atol + rtol * max |param|: on rare draws both errors sit at that level, and ours,
+    rounded differently from torch's, was 2-3x torch's there, on the pure-torch
+    reference backend too)."""
     for a, b, o in zip(ps_ours, ps_ref, ps_oracle):
-        assert_near_oracle(a, b, o, tolerance["atol"])
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        assert_near_oracle(a, b, o, tolerance["atol"] + tolerance["rtol"] * scale)
 
 
 def assert_same_training(ours, ps_ours, ref, ps_ref, tolerance=FP32, normwise=True,

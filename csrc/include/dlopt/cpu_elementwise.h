@@ -1,0 +1,122 @@
+// The CPU frame every element-wise optimizer step shares (Adam, SGD, Adagrad, RMSprop,
+// Lion): per-tensor arguments, the chunk loop, and the host half after the checks. An
+// optimizer brings only its Op (which state streams it reads and writes, and the
+// per-element maths of its *_math.h) and its per-tensor coefficients; the CUDA twin of
+// this file is multi_tensor_apply.cuh.
+//
+// An Op provides:
+//   using Coeffs = ...;                  // per tensor (lr, betas, bias corrections, ...)
+//   static constexpr unsigned kReads;    // bit k: state stream k is loaded
+//   static constexpr unsigned kWrites;   // bit k: state stream k is stored
+//   static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c);
+// `g` comes unscaled (divided by the grad scale) and negated for maximize; `p` is the
+// fp32 value (master copy or param) and is written back as the store mode says.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "dlopt/cpu_multi_tensor.h"
+#include "dlopt/cpu_storage.h"
+#include "dlopt/rounding.h"
+#include "dlopt/tensor_lists.h"
+
+namespace dlopt {
+
+constexpr int kMaxStates = 3;
+
+template <class Coeffs>
+struct StepArgs {
+  void* p;
+  const void* g;
+  void* s[kMaxStates];  // state streams (nullptr: unused)
+  float* master;
+  Coeffs c;
+  float grad_mul;  // (maximize ? -1 : 1) / grad_scale
+  uint32_t sr_key;
+};
+
+template <class Coeffs>
+using StepChunkFn = void (*)(const StepArgs<Coeffs>&, int64_t, int64_t);
+
+// Stream k of a chunk, typed, or nullptr where the Op never touches it (a constant the
+// compiler folds, so the unused stream costs neither a load nor a prefetch).
+template <class Op, class S, int K>
+typename S::T* state_stream(const StepArgs<typename Op::Coeffs>& a, const ChunkLoop& ck) {
+  constexpr bool kUsed = ((Op::kReads | Op::kWrites) >> K) & 1u;
+  return kUsed ? ck.offset(static_cast<typename S::T*>(a.s[K])) : nullptr;
+}
+
+// One chunk [begin, end) of one tensor: P param storage, S state storage, STORE how the
+// param is written. Named __restrict__ pointers (not an array of them, whose restrict
+// gcc ignores) keep the loop free of runtime alias checks, so it vectorizes as written.
+template <class Op, class P, class S, Store STORE>
+void step_chunk(const StepArgs<typename Op::Coeffs>& a, int64_t begin, int64_t end) {
+  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
+  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* __restrict__ s0 = state_stream<Op, S, 0>(a, ck);
+  auto* __restrict__ s1 = state_stream<Op, S, 1>(a, ck);
+  auto* __restrict__ s2 = state_stream<Op, S, 2>(a, ck);
+  float* __restrict__ master = ck.offset(a.master);
+  const typename Op::Coeffs c = a.c;
+  const float grad_mul = a.grad_mul;
+  const uint32_t key = a.sr_key;
+  constexpr unsigned R = Op::kReads, W = Op::kWrites;
+  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+    prefetch_ahead(lo, p, g, s0, s1, s2, master);
+    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
+      float pf = load_param<P, STORE>(p, master, i);
+      float s[kMaxStates] = {(R & 1u) ? S::load(s0[i]) : 0.f, (R & 2u) ? S::load(s1[i]) : 0.f,
+                             (R & 4u) ? S::load(s2[i]) : 0.f};
+      Op::update(pf, P::load(g[i]) * grad_mul, s, c);
+      if (W & 1u) s0[i] = S::store(s[0]);
+      if (W & 2u) s1[i] = S::store(s[1]);
+      if (W & 4u) s2[i] = S::store(s[2]);
+      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+    }
+  }
+}
+
+inline Store store_mode(bool use_master, bool use_sr) {
+  return use_master ? Store::kMaster : (use_sr ? Store::kStochastic : Store::kNearest);
+}
+
+inline uint32_t sr_seed_value(const std::optional<at::Tensor>& sr_seed) {
+  return sr_seed.has_value() ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
+}
+
+// The host half after an op's checks. `L` holds params, grads, `num_states` state lists
+// (an empty one: unused) and the master list, in that order. per_tensor(i, args) fills
+// args.c (counting the tensor's step first where the op has steps) and returns the
+// chunk function for tensor i; it is called for every tensor, zero-size ones included,
+// so their steps are counted as torch counts them. Then one parallel region runs every
+// chunk of every tensor, and scratch copies go back into the caller's tensors.
+template <class Coeffs, class PerTensor>
+void run_step(AlignedLists& L, int num_states, bool use_master, uint32_t seed, float grad_mul,
+              const PerTensor& per_tensor) {
+  const size_t n = L[0].size();
+  std::vector<StepArgs<Coeffs>> args(n);
+  std::vector<StepChunkFn<Coeffs>> fns(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    StepArgs<Coeffs>& a = args[i];
+    fns[i] = per_tensor(i, a);
+    numels[i] = L[0][i].numel();
+    if (numels[i] == 0) continue;
+    a.p = L[0][i].data_ptr();
+    a.g = L[1][i].data_ptr();
+    for (int k = 0; k < kMaxStates; ++k) {
+      const bool present = k < num_states && !L[2 + k].empty();
+      a.s[k] = present ? L[2 + k][i].data_ptr() : nullptr;
+    }
+    a.master = use_master ? L[2 + num_states][i].data_ptr<float>() : nullptr;
+    a.grad_mul = grad_mul;
+    a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
+  }
+  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) { fns[t](args[t], b, e); });
+  L.finish();
+}
+
+}  // namespace dlopt
