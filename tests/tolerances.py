@@ -18,8 +18,14 @@ TOL = {
 
 # fp32 trajectories that amplify rounding (RMSprop centered: v - grad_avg^2 cancels) are
 # judged against a float64 run: our largest error per param at most this many times
-# torch's own fp32 error (or the fp32 atol above, if larger).
+# torch's own fp32 error (or the fp32 tolerance at the tensor's scale, if larger).
 FP32_ORACLE_RATIO = 2.0
+# The same for a state that missed torch's beyond the fp32 tolerance: a state fed by the
+# cancelling division (centered RMSprop's momentum buffer) carries the amplified
+# rounding of every earlier step. Seen: one draw in 1,500 of the GradScaler test had the
+# pure-torch reference backend (unfused fp32 ops in another order than torch's) at 3.4x
+# torch's error; a state off by 1e-4 relative is still caught (ratios in the tens).
+FP32_ORACLE_STATE_RATIO = 4.0
 
 # the states (exp_avg, exp_avg_sq) stay fp32 in most tests; when they are stored in
 # a low-precision dtype they use the same row as the params.

@@ -1,83 +1,45 @@
-// Multi-tensor Adam / AdamW step on the CPU: one parallel region over 32K-element
-// chunks of every tensor in the list, each chunk one vectorizable loop calling
-// the shared per-element maths in dlopt/adam_math.h.
+// Multi-tensor Adam / AdamW step on the CPU: the shared element-wise frame
+// (dlopt/cpu_elementwise.h) around the per-element maths in dlopt/adam_math.h.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "dlopt/adam_math.h"
-#include "dlopt/cpu_multi_tensor.h"
-#include "dlopt/cpu_storage.h"
-#include "dlopt/rounding.h"
-#include "dlopt/tensor_lists.h"
+#include "dlopt/cpu_elementwise.h"
 
 namespace dlopt {
 namespace {
 
-struct AdamTensorArgs {
-  void* p;
-  const void* g;
-  void* m;
-  void* v;
-  void* vmax;
-  float* master;
-  AdamCoeffs c;
-  float grad_mul;  // (maximize ? -1 : 1) / grad_scale
-  uint32_t sr_key;
-};
-
-using ChunkFn = void (*)(const AdamTensorArgs&, int64_t, int64_t);
-
 enum class WeightDecay { kNone, kL2, kDecoupled };
 
-template <class P, class S, Store STORE, WeightDecay WD, bool AMSGRAD>
-void adam_chunk(const AdamTensorArgs& a, int64_t begin, int64_t end) {
-  const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
-  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
-  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
-  auto* __restrict__ m = ck.offset(static_cast<typename S::T*>(a.m));
-  auto* __restrict__ v = ck.offset(static_cast<typename S::T*>(a.v));
-  auto* __restrict__ vmax = ck.offset(static_cast<typename S::T*>(a.vmax));
-  float* __restrict__ master = ck.offset(a.master);
-  const AdamCoeffs c = a.c;
-  const float grad_mul = a.grad_mul;
-  const uint32_t key = a.sr_key;
-  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
-    prefetch_ahead(lo, p, g, m, v, vmax, master);
-    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
-      float pf = (STORE == Store::kMaster) ? master[i] : P::load(p[i]);
-      float mf = S::load(m[i]);
-      float vf = S::load(v[i]);
-      float vmf = AMSGRAD ? S::load(vmax[i]) : 0.f;
-      adam_update<WD == WeightDecay::kDecoupled, AMSGRAD, WD != WeightDecay::kNone>(
-          pf, P::load(g[i]) * grad_mul, mf, vf, vmf, c);
-      m[i] = S::store(mf);
-      v[i] = S::store(vf);
-      if (AMSGRAD) vmax[i] = S::store(vmf);
-      if (STORE == Store::kMaster) master[i] = pf;
-      p[i] = store_param<P, STORE>(pf, key, ck.base + static_cast<uint32_t>(i));
-    }
+// State streams: 0 exp_avg, 1 exp_avg_sq, 2 max_exp_avg_sq (AMSGRAD).
+template <WeightDecay WD, bool AMSGRAD>
+struct AdamOp {
+  using Coeffs = AdamCoeffs;
+  static constexpr unsigned kReads = 3u | (AMSGRAD ? 4u : 0u);
+  static constexpr unsigned kWrites = kReads;
+  static DLOPT_HD void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c) {
+    adam_update<WD == WeightDecay::kDecoupled, AMSGRAD, WD != WeightDecay::kNone>(p, g, s[0], s[1],
+                                                                                   s[2], c);
   }
+};
+
+template <class P, class S, Store STORE, WeightDecay WD>
+StepChunkFn<AdamCoeffs> pick_amsgrad(bool amsgrad) {
+  return amsgrad ? &step_chunk<AdamOp<WD, true>, P, S, STORE>
+                 : &step_chunk<AdamOp<WD, false>, P, S, STORE>;
 }
 
 template <class P, class S, Store STORE>
 struct PickAdam {
-  static ChunkFn get(WeightDecay wd, bool amsgrad) {
+  static StepChunkFn<AdamCoeffs> get(WeightDecay wd, bool amsgrad) {
     switch (wd) {
-      case WeightDecay::kNone:
-        return amsgrad ? &adam_chunk<P, S, STORE, WeightDecay::kNone, true>
-                       : &adam_chunk<P, S, STORE, WeightDecay::kNone, false>;
-      case WeightDecay::kL2:
-        return amsgrad ? &adam_chunk<P, S, STORE, WeightDecay::kL2, true>
-                       : &adam_chunk<P, S, STORE, WeightDecay::kL2, false>;
-      default:
-        return amsgrad ? &adam_chunk<P, S, STORE, WeightDecay::kDecoupled, true>
-                       : &adam_chunk<P, S, STORE, WeightDecay::kDecoupled, false>;
+      case WeightDecay::kNone: return pick_amsgrad<P, S, STORE, WeightDecay::kNone>(amsgrad);
+      case WeightDecay::kL2: return pick_amsgrad<P, S, STORE, WeightDecay::kL2>(amsgrad);
+      default: return pick_amsgrad<P, S, STORE, WeightDecay::kDecoupled>(amsgrad);
     }
   }
 };
-
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -102,10 +64,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (skip_step(found_inf)) return;
   const bool use_master = !master_params.empty();
   const bool use_sr = sr_seed.has_value();
-  const Store store = use_master ? Store::kMaster : (use_sr ? Store::kStochastic : Store::kNearest);
+  const Store store = store_mode(use_master, use_sr);
   const double lr_v = scalar_value(lr, "lr");
-  const double grad_mul = grad_multiplier(maximize, grad_scale);
-  const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
                          : decoupled_weight_decay ? WeightDecay::kDecoupled
                                                   : WeightDecay::kL2;
@@ -137,28 +97,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   AlignedLists L({P, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
                  {true, false, true, true, true, true});
 
-  std::vector<AdamTensorArgs> args(n);
-  std::vector<ChunkFn> fns(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    const double step = increment_step(state_steps[i]);
-    numels[i] = L[0][i].numel();
-    if (numels[i] == 0) continue;
-    AdamTensorArgs& a = args[i];
-    a.p = L[0][i].data_ptr();
-    a.g = L[1][i].data_ptr();
-    a.m = L[2][i].data_ptr();
-    a.v = L[3][i].data_ptr();
-    a.vmax = amsgrad ? L[4][i].data_ptr() : nullptr;
-    a.master = use_master ? L[5][i].data_ptr<float>() : nullptr;
-    a.c = adam_coeffs(lr_v, step, beta1, beta2, weight_decay, eps);
-    a.grad_mul = static_cast<float>(grad_mul);
-    a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
-    fns[i] = pick_storage<PickAdam>(L[0][i].scalar_type(), L[2][i].scalar_type(), store, wd,
-                                    amsgrad);
-  }
-  for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) { fns[t](args[t], b, e); });
-  L.finish();
+  run_step<AdamCoeffs>(L, 3, use_master, sr_seed_value(sr_seed),
+                       static_cast<float>(grad_multiplier(maximize, grad_scale)),
+                       [&](size_t i, StepArgs<AdamCoeffs>& a) {
+                         const double step = increment_step(state_steps[i]);
+                         a.c = adam_coeffs(lr_v, step, beta1, beta2, weight_decay, eps);
+                         return pick_storage<PickAdam>(L[0][i].scalar_type(),
+                                                       L[2][i].scalar_type(), store, wd, amsgrad);
+                       });
   for (auto list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps})
     bump_versions(list);
 }

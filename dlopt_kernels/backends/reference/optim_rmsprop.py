@@ -1,4 +1,5 @@
-"""Pure-torch RMSprop step (the maths of csrc/include/dlopt/rmsprop_math.h)."""
+"""Pure-torch RMSprop step (the maths of csrc/include/dlopt/rmsprop_math.h, in the op
+order of torch.optim.RMSprop's for-loop path)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -26,21 +27,27 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
             master = master_params[i] if master_params else None
             pf = master.clone() if master is not None else p.float()
             g = grads[i].float() * grad_mul
+            # torch.optim.RMSprop's own op sequence (for-loop path), so that on any
+            # device this backend rounds as torch does: centered RMSprop's v - ga^2
+            # cancels and amplifies any other order's rounding along the trajectory.
             if weight_decay != 0.0:
-                g = g + weight_decay * pf
-            v = alpha * square_avgs[i].float() + (1.0 - alpha) * (g * g)
+                g = g.add(pf, alpha=weight_decay)
+            v = square_avgs[i].float()
+            v.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
             square_avgs[i].copy_(v)
             if centered:
                 ga = grad_avgs[i].float()
-                ga = ga + (1.0 - alpha) * (g - ga)
+                ga.lerp_(g, 1.0 - alpha)
                 grad_avgs[i].copy_(ga)
-                avg = (v - ga * ga).sqrt() + eps
+                avg = v.addcmul(ga, ga, value=-1).sqrt_()
             else:
-                avg = v.sqrt() + eps
+                avg = v.sqrt()
+            avg.add_(eps)
             if momentum > 0.0:
-                b = momentum * momentum_buffers[i].float() + g / avg
+                b = momentum_buffers[i].float()
+                b.mul_(momentum).addcdiv_(g, avg)
                 momentum_buffers[i].copy_(b)
-                pf = pf - lr_v * b
+                pf.add_(b, alpha=-lr_v)
             else:
-                pf = pf - lr_v * g / avg
+                pf.addcdiv_(g, avg, value=-lr_v)
             store_param(p, pf, master, seed, i)
