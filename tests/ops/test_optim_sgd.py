@@ -220,8 +220,10 @@ def test_sr_within_one_ulp_of_fp32_update(device, backend):
     assert not torch.equal(out.bufs[0], out.bufs[0].bfloat16().float())
 
 
+# momentum 0: the CPU kernel walks plain SGD's two streams as two halves of each chunk
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("backend_a,backend_b", cpu_backend_pairs())
-def test_sr_bits_agree_across_backends(backend_a, backend_b):
+def test_sr_bits_agree_across_backends(backend_a, backend_b, momentum):
     shapes = [(4097,), (0,), (300, 7), (), (70001,)]
     params0 = rand_params(shapes, "cpu", torch.bfloat16)
     bufs = [0.1 * torch.randn(s) for s in shapes]
@@ -229,7 +231,7 @@ def test_sr_bits_agree_across_backends(backend_a, backend_b):
     seed = sr_seed("cpu")
     check_sr_bits_agree(lambda be, sr: run_op(
         params0, grads, be, state=SimpleNamespace(bufs=[b.clone() for b in bufs]),
-        sr_seed=seed if sr else None, momentum=0.9, weight_decay=0.1, lr=1e-3).params,
+        sr_seed=seed if sr else None, momentum=momentum, weight_decay=0.1, lr=1e-3).params,
         backend_a, backend_b)
 
 

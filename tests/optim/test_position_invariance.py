@@ -23,6 +23,8 @@ from dlopt_kernels import optim
 CASES = {
     "SGD": (optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
     "SGD_nesterov": (optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    # no momentum: two streams, walked as two halves of each chunk (cpu_elementwise.h)
+    "SGD_plain": (optim.SGD, dict(lr=0.1, weight_decay=0.01)),
     "Adam": (optim.Adam, dict(lr=0.01, weight_decay=0.01, amsgrad=True)),
     "AdamW": (optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
     "Adagrad": (optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),

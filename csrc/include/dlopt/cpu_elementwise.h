@@ -48,33 +48,67 @@ typename S::T* state_stream(const StepArgs<typename Op::Coeffs>& a, const ChunkL
   return kUsed ? ck.offset(static_cast<typename S::T*>(a.s[K])) : nullptr;
 }
 
+// Elements [lo, hi) of a chunk (all pointers at the chunk's first element; `base` is its
+// index in the tensor, the stochastic-rounding counter). Pointer parameters, not an
+// array of pointers, whose __restrict__ gcc ignores: the loop vectorizes as written,
+// free of runtime alias checks.
+template <class Op, class P, class S, Store STORE>
+DLOPT_HD void step_elements(int32_t lo, int32_t hi, typename P::T* __restrict__ p,
+                            const typename P::T* __restrict__ g, typename S::T* __restrict__ s0,
+                            typename S::T* __restrict__ s1, typename S::T* __restrict__ s2,
+                            float* __restrict__ master, const typename Op::Coeffs& c,
+                            float grad_mul, uint32_t key, uint32_t base) {
+  constexpr unsigned R = Op::kReads, W = Op::kWrites;
+  for (int32_t i = lo; i < hi; ++i) {
+    float pf = load_param<P, STORE>(p, master, i);
+    float s[kMaxStates] = {(R & 1u) ? S::load(s0[i]) : 0.f, (R & 2u) ? S::load(s1[i]) : 0.f,
+                           (R & 4u) ? S::load(s2[i]) : 0.f};
+    Op::update(pf, P::load(g[i]) * grad_mul, s, c);
+    if (W & 1u) s0[i] = S::store(s[0]);
+    if (W & 2u) s1[i] = S::store(s[1]);
+    if (W & 4u) s2[i] = S::store(s[2]);
+    write_param<P, STORE>(p, master, pf, key, i, base);
+  }
+}
+
+// How many memory streams a chunk of Op walks: param, grad, used states, master.
+template <class Op, Store STORE>
+constexpr int num_streams() {
+  return 2 + __builtin_popcount(Op::kReads | Op::kWrites) + (STORE == Store::kMaster ? 1 : 0);
+}
+
 // One chunk [begin, end) of one tensor: P param storage, S state storage, STORE how the
-// param is written. Named __restrict__ pointers (not an array of them, whose restrict
-// gcc ignores) keep the loop free of runtime alias checks, so it vectorizes as written.
+// param is written. Loops of three or more streams run in prefetching blocks
+// (prefetch_ahead). A two-stream loop (plain SGD: p -= lr * g) walks the chunk's two
+// halves side by side instead, four streams in flight: paired runs of a standalone copy
+// had that faster than one prefetched walk, with or without prefetch, as the norm's
+// single stream gained from the same split (multi_tensor_norm.cpp).
 template <class Op, class P, class S, Store STORE>
 void step_chunk(const StepArgs<typename Op::Coeffs>& a, int64_t begin, int64_t end) {
   const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
-  auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
-  const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
-  auto* __restrict__ s0 = state_stream<Op, S, 0>(a, ck);
-  auto* __restrict__ s1 = state_stream<Op, S, 1>(a, ck);
-  auto* __restrict__ s2 = state_stream<Op, S, 2>(a, ck);
-  float* __restrict__ master = ck.offset(a.master);
+  auto* p = ck.offset(static_cast<typename P::T*>(a.p));
+  const auto* g = ck.offset(static_cast<const typename P::T*>(a.g));
+  auto* s0 = state_stream<Op, S, 0>(a, ck);
+  auto* s1 = state_stream<Op, S, 1>(a, ck);
+  auto* s2 = state_stream<Op, S, 2>(a, ck);
+  float* master = ck.offset(a.master);
   const typename Op::Coeffs c = a.c;
   const float grad_mul = a.grad_mul;
   const uint32_t key = a.sr_key;
-  constexpr unsigned R = Op::kReads, W = Op::kWrites;
-  for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
-    prefetch_ahead(lo, p, g, s0, s1, s2, master);
-    for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
-      float pf = load_param<P, STORE>(p, master, i);
-      float s[kMaxStates] = {(R & 1u) ? S::load(s0[i]) : 0.f, (R & 2u) ? S::load(s1[i]) : 0.f,
-                             (R & 4u) ? S::load(s2[i]) : 0.f};
-      Op::update(pf, P::load(g[i]) * grad_mul, s, c);
-      if (W & 1u) s0[i] = S::store(s[0]);
-      if (W & 2u) s1[i] = S::store(s[1]);
-      if (W & 4u) s2[i] = S::store(s[2]);
-      write_param<P, STORE>(p, master, pf, key, i, ck.base);
+  const auto run = [&](int32_t lo, int32_t hi) {
+    step_elements<Op, P, S, STORE>(lo, hi, p, g, s0, s1, s2, master, c, grad_mul, key, ck.base);
+  };
+  if constexpr (num_streams<Op, STORE>() <= 2) {
+    const int32_t half = ck.len / (2 * kPrefetchBlock) * kPrefetchBlock;
+    for (int32_t lo = 0; lo < half; lo += kPrefetchBlock) {
+      run(lo, lo + kPrefetchBlock);
+      run(half + lo, half + lo + kPrefetchBlock);
+    }
+    run(2 * half, ck.len);
+  } else {
+    for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
+      prefetch_ahead(lo, p, g, s0, s1, s2, master);
+      run(lo, ck.block_end(lo));
     }
   }
 }
