@@ -306,6 +306,21 @@ def evaluate_targets(section: dict[str, Any], targets: Sequence[tuple], auto: st
     return out
 
 
+def fp32_case(name: str, title: str, shapes: Sequence[Sequence[int]],
+              ours: Callable[[str], Callable[[list], torch.optim.Optimizer]],
+              baselines: dict[str, Callable[[list], torch.optim.Optimizer]],
+              device: torch.device, backends: Sequence[str], auto: str,
+              info: Optional[dict[str, Any]] = None) -> Case:
+    """A case of fp32 params of `shapes`: ours on each of `backends` (`ours(backend)`
+    makes a factory), then each torch baseline (label -> factory)."""
+    impls = [optimizer_impl(f"dlopt[{b}]", "ours", ours(b), shapes, torch.float32, device,
+                            note="backend='auto' picks this" if b == auto else "")
+             for b in backends]
+    impls += [optimizer_impl(label, "baseline", make, shapes, torch.float32, device)
+              for label, make in baselines.items()]
+    return Case(name, title, numel_of(shapes), len(shapes), impls, info=dict(info or {}))
+
+
 def standard_optimizer_cases(ours: Callable[..., Callable[[list], torch.optim.Optimizer]],
                              baselines: dict[str, Callable[[list], torch.optim.Optimizer]],
                              device: torch.device, quick: bool, backends: Sequence[str],
@@ -322,28 +337,23 @@ def standard_optimizer_cases(ours: Callable[..., Callable[[list], torch.optim.Op
     cuda = device.type == "cuda"
     f32, bf16 = torch.float32, torch.bfloat16
 
-    def fp32_impls(shapes):
-        impls = [optimizer_impl(f"dlopt[{b}]", "ours", ours(b), shapes, f32, device,
-                                note="backend='auto' picks this" if b == auto else "")
-                 for b in backends]
-        return impls + [optimizer_impl(label, "baseline", make, shapes, f32, device)
-                        for label, make in baselines.items()]
+    def case(name, title, shapes, info=None):
+        return fp32_case(name, title, shapes, ours, baselines, device, backends, auto, info)
 
     cases = []
     n = 50_000 if quick else 10_000_000
-    cases.append(Case("fp32_10m", f"one {n:,}-element fp32 tensor", n, 1, fp32_impls([(n,)])))
+    cases.append(case("fp32_10m", f"one {n:,}-element fp32 tensor", [(n,)]))
     width = (1 / 48) if quick else (1.0 if cuda else 1 / 3)
     shapes = gpt2_small_shapes(width)
     title = ("GPT-2 small shapes (124M)" if width == 1.0 else
              f"GPT-2 small shapes, every dimension x {width:.4g} (d_model {shapes[2][0]}, "
              f"vocab {shapes[0][0]}, positions {shapes[1][0]})")
-    cases.append(Case("gpt2_small", title, numel_of(shapes), len(shapes), fp32_impls(shapes),
+    cases.append(case("gpt2_small", title, shapes,
                       info={"width": width, "shapes": [list(s) for s in shapes]}))
     count = 30 if quick else 1000
     shapes = random_sizes(count, 1024, 4096, seed=1234)
-    cases.append(Case("tiny_1000", f"{count} fp32 tensors of 1,024-4,096 elements (random)",
-                      numel_of(shapes), count, fp32_impls(shapes),
-                      info={"sizes": [s[0] for s in shapes]}))
+    cases.append(case("tiny_1000", f"{count} fp32 tensors of 1,024-4,096 elements (random)",
+                      shapes, info={"sizes": [s[0] for s in shapes]}))
     impls = []
     for b in backends:
         impls.append(optimizer_impl(f"dlopt[{b}] bf16 SR", "ours",

@@ -59,14 +59,9 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
     cases = common.standard_optimizer_cases(_ours, _baselines(), device, quick, backends, auto,
                                             fastest="torch foreach")
     rows, cols = (100, 500) if quick else (2500, 4000)
-    shapes = [(rows, cols)]
-    impls = [common.optimizer_impl(f"dlopt[{b}]", "ours", _ours(b), shapes, torch.float32,
-                                   device, note="backend='auto' picks this" if b == auto else "")
-             for b in backends]
-    impls += [common.optimizer_impl(label, "baseline", make, shapes, torch.float32, device)
-              for label, make in _baselines().items()]
-    cases.insert(1, Case("matrix_10m", f"one {rows} x {cols} fp32 matrix (factored)",
-                         rows * cols, 1, impls))
+    cases.insert(1, common.fp32_case("matrix_10m", f"one {rows} x {cols} fp32 matrix (factored)",
+                                     [(rows, cols)], _ours, _baselines(), device, backends,
+                                     auto))
     return cases, backends, auto
 
 

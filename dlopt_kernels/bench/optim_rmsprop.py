@@ -49,12 +49,9 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
                                             fastest="torch foreach")
     n = 50_000 if quick else 10_000_000
     centered = dict(HPARAMS, centered=True)
-    impls = [common.optimizer_impl(f"dlopt[{b}]", "ours", _ours(b, centered), [(n,)],
-                                   torch.float32, device) for b in backends]
-    impls += [common.optimizer_impl(label, "baseline", make, [(n,)], torch.float32, device)
-              for label, make in _baselines(centered).items()]
-    cases.insert(1, Case("fp32_10m_centered", f"one {n:,}-element fp32 tensor, centered", n, 1,
-                         impls))
+    cases.insert(1, common.fp32_case("fp32_10m_centered", f"one {n:,}-element fp32 tensor, "
+                                     "centered", [(n,)], lambda b: _ours(b, centered),
+                                     _baselines(centered), device, backends, auto))
     return cases, backends, auto
 
 

@@ -48,12 +48,9 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
                                             fastest="torch fused")
     n = 50_000 if quick else 10_000_000
     plain = dict(lr=1e-3)
-    impls = [common.optimizer_impl(f"dlopt[{b}]", "ours", _ours(b, plain), [(n,)],
-                                   torch.float32, device) for b in backends]
-    impls += [common.optimizer_impl(label, "baseline", make, [(n,)], torch.float32, device)
-              for label, make in _baselines(plain).items()]
-    cases.insert(1, Case("fp32_10m_plain", f"one {n:,}-element fp32 tensor, no momentum", n, 1,
-                         impls))
+    cases.insert(1, common.fp32_case("fp32_10m_plain", f"one {n:,}-element fp32 tensor, no "
+                                     "momentum", [(n,)], lambda b: _ours(b, plain),
+                                     _baselines(plain), device, backends, auto))
     return cases, backends, auto
 
 
