@@ -71,7 +71,9 @@ inline void write_param(typename P::T* p, float* master, float x, uint32_t key, 
 // 64 / 512 over blocks of 16, 32, 128 and distances of 256 and 1,024, and over the
 // scheme before (256 / 1,024 with write intent, only where element sizes differ, which
 // had slowed fp32 loops). Blocks of 16 without prefetch made plain SGD clearly slower:
-// a short inner loop's overhead shows when the maths is one FMA.
+// a short inner loop's overhead shows when the maths is one FMA. Two-stream loops (plain
+// SGD) have since moved to a walk over two halves of each chunk (step_chunk in
+// cpu_elementwise.h); every other step loop prefetches as here.
 // Addresses past a tensor's end are only prefetched, never read: a prefetch does not
 // fault.
 constexpr int32_t kPrefetchBlock = 64;
