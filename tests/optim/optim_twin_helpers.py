@@ -64,7 +64,7 @@ def assert_params_near_oracle(ps_ours, ps_ref, ps_oracle, tolerance=FP32):
     against a float64 run of the same training is at most FP32_ORACLE_RATIO times torch's
     own fp32 error, or times the fp32 tolerance at the param's scale if that is larger
     (atol + rtol * max |param|: on rare draws both errors sit at that level, and ours,
-    rounded differently from torch's, was 2-3x torch's there, on the pure-torch
+    rounded differently from torch's, was over twice torch's there, on the pure-torch
     reference backend too)."""
     for a, b, o in zip(ps_ours, ps_ref, ps_oracle):
         scale = float(b.detach().abs().max()) if b.numel() else 0.0

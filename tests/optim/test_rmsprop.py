@@ -161,6 +161,31 @@ def test_grad_scaler_matches_torch(backend):
     check_grad_scaler_matches_torch(ours, ref, model, twin, 5, (2,), oracle=oracle)
 
 
+def test_grad_scaler_oracle_judge_catches_a_wrong_state():
+    """The float64-oracle judge above is loose by design (FP32_ORACLE_STATE_RATIO): a
+    momentum buffer off by 1e-4 relative after every step must still fail it."""
+    model = mlp()
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.01, momentum=0.9, centered=True)
+    ours = RMSprop(model.parameters(), **kw, backend="reference")
+    step = ours.step
+
+    def off_step(*a, **k):
+        found_inf = getattr(ours, "found_inf", None)
+        out = step(*a, **k)
+        if found_inf is None or float(found_inf) == 0:  # a skipped step stays untouched
+            for st in ours.state.values():
+                st["momentum_buffer"].mul_(1 + 1e-4)
+        return out
+
+    ours.step = off_step
+    ref = TWIN(twin.parameters(), **kw, foreach=False)
+    model64 = copy.deepcopy(twin).double()
+    oracle = (model64, TWIN(model64.parameters(), **kw, foreach=False))
+    with pytest.raises(AssertionError):
+        check_grad_scaler_matches_torch(ours, ref, model, twin, 2, (), oracle=oracle)
+
+
 # --------------------------------------------------- master weights, stochastic rounding
 
 
