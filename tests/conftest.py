@@ -8,6 +8,13 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__
 
 import pytest  # noqa: E402
 
+if os.environ.get("DLOPT_TRITON_LAUNCH_LOG"):
+    # tools/check_triton.py compiles for a GPU every Triton launch this run makes
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from check_triton import record_launches
+    record_launches(os.environ["DLOPT_TRITON_LAUNCH_LOG"])
+
 # the shared test helpers' plain asserts explain their failures like the tests' own
 # (before anything imports them)
 pytest.register_assert_rewrite("optim_twin_helpers", "optim_op_helpers")

@@ -34,9 +34,16 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def gpu_sizes() -> bool:
+    """Whether launches take a GPU's sizes (blocks, tiles, warps). Not in the
+    interpreter, which pays ~0.9 ms per program instance and so gets few, huge
+    programs; except when tools/check_triton.py records the launches a GPU would
+    compile (DLOPT_TRITON_GPU_SIZES=1)."""
+    return not interpreted() or os.environ.get("DLOPT_TRITON_GPU_SIZES", "0") == "1"
+
+
 def block_size() -> int:
-    # The interpreter pays ~0.9 ms per program instance: few, huge programs there.
-    return 65536 if interpreted() else 4096
+    return 4096 if gpu_sizes() else 65536
 
 
 # ---------------------------------------------------------------- device side

@@ -24,7 +24,7 @@ from dlopt_kernels.triton._common import (
     TORCH_TO_TL,
     block_size,
     f64,
-    interpreted,
+    gpu_sizes,
     is_dense,
     multi_tensor_groups,
     slot_ranges,
@@ -178,7 +178,7 @@ def multi_tensor_norm(tensors, norm_type):
     raws = torch.empty(n, dtype=torch.float64, device=dev)
     norms = torch.empty(n, dtype=torch.float32, device=dev)
     total = torch.empty((), dtype=torch.float32, device=dev)
-    small = 1024 if interpreted() else 256
+    small = 256 if gpu_sizes() else 1024
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for (dtype, _, table, block_map, num_blocks), offset in zip(groups, offsets):
             _partials_kernel[(num_blocks,)](

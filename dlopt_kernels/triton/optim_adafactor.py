@@ -37,7 +37,7 @@ from dlopt_kernels.triton._common import (
     decoupled_decay_factor,
     f64,
     grad_multiplier,
-    interpreted,
+    gpu_sizes,
     launch_multi_tensor,
     load_param,
     on_device,
@@ -337,7 +337,7 @@ def _vector_apply_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_
 
 def _tiles():
     """(rows, cols) per program: few, huge programs for the interpreter (~0.9 ms each)."""
-    return (64, 1024) if interpreted() else (8, 512)
+    return (8, 512) if gpu_sizes() else (64, 1024)
 
 
 def _matrix_tables(idx, params, grads, master_params, rv_of, cv_of, steps, contiguous, br,
@@ -406,7 +406,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
     flags = dict(MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
                  HAS_FI=found_inf is not None, MASTER=bool(master_params))
     br, bc = _tiles()
-    warps = 4 if interpreted() else 8
+    warps = 8 if gpu_sizes() else 4
     gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
     sr_of = (lambda dtype: sr_seed is not None and not master_params
              and dtype == torch.bfloat16)

@@ -32,7 +32,7 @@ from dlopt_kernels.triton._common import (
     block_size,
     bump_steps,
     f64,
-    interpreted,
+    gpu_sizes,
     load_param,
     multi_tensor_groups,
     on_device,
@@ -213,7 +213,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
                 table, block_map, gs, gn, fi, partials[2 * offset:], b1, b2, 1.0 - b1,
                 1.0 - b2, wd, eps, float(max_grad_norm), HAS_GS=grad_scale is not None,
                 CLIP=clip, **flags, **dtypes(key), **LAUNCH_OPTIONS)
-        small = 1024 if interpreted() else 256
+        small = 256 if gpu_sizes() else 1024
         _lamb_trust_kernel[(n,)](partials, ranges, lr, scales, BLOCK=small,
                                  ITERS=loop_iters(widest, small), **LAUNCH_OPTIONS)
         for key, _, table, block_map, num_blocks in groups:
