@@ -242,13 +242,54 @@ std::map<std::pair<cuda::DType, cuda::DType>, std::vector<TensorEntry<N, Meta>>>
 // The Meta of ops that need only the tensor's index.
 inline int32_t tensor_index(const cuda::ParamEntry& e) { return e.index; }
 
-// Packs the non-empty entries into tables and calls fn(table, number_of_blocks) ->
-// cudaError_t for each, stopping at the first error; host-only and CUDA-free
-// (multi_tensor_apply launches from fn).
+// Blocks per launch: as many whole waves of `resident` blocks (the kernel's blocks
+// per SM times the SMs) as a table of `cap` blocks holds, or the whole table when
+// it holds less than a wave (or `resident` is unknown, 0).
+//
+// Why: every block of a launch has the same work (one chunk), so a launch of 320
+// blocks on a GPU that holds 264 at once (132 SMs x 2 blocks of 512 threads) runs a
+// full wave and then a wave of 56 blocks with most of the GPU idle. That tail is a
+// suspected cause (not yet measured on its own) of the 52% of D2D copy bandwidth the
+// H200 run got on the GPT-2 list (torch's fused Adam, with 320-block launches too:
+// 51%). Launches of whole waves leave no such tail.
+inline int wave_blocks(int resident, int cap) {
+  if (resident <= 0 || resident >= cap) return cap;
+  return cap / resident * resident;
+}
+
+// wave_blocks for `kernel` launched with `threads` threads per block on the current
+// device; the occupancy query runs once per (kernel, device). A failed query
+// falls back to `cap` (and clears its error, which is not sticky).
+template <class Kernel>
+int launch_wave_blocks(Kernel* kernel, int threads, int cap) {
+  constexpr int kMaxDevices = 64;
+  static int resident[kMaxDevices] = {};  // per instantiation: 0 = not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return cap;
+  }
+  if (resident[dev] == 0) {
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return cap;
+    }
+    resident[dev] = per_sm * sms > 0 ? per_sm * sms : -1;  // -1: asked, unknown
+  }
+  return wave_blocks(resident[dev], cap);
+}
+
+// Packs the non-empty entries into tables of at most max_blocks blocks (and the
+// table's capacity) and calls fn(table, number_of_blocks) -> cudaError_t for each,
+// stopping at the first error; host-only and CUDA-free (multi_tensor_apply launches
+// from fn).
 template <class Op, class Fn>
 cudaError_t for_each_table(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
-    Fn&& fn) {
+    int max_blocks, Fn&& fn) {
   using Tab = Table<Op>;
   using Cap = typename Tab::Cap;
   static_assert(sizeof(Tab) <= 4096, "multi_tensor_apply: kernel argument over 4 KB");
@@ -256,6 +297,7 @@ cudaError_t for_each_table(
   constexpr int N = Op::kLists;
   using Entry = TensorEntry<N, typename Op::Meta>;
 
+  const int limit = std::max(1, std::min<int>(Cap::kBlocks, max_blocks));
   std::vector<const Entry*> todo;
   for (const auto& e : entries)
     if (e.numel > 0) todo.push_back(&e);
@@ -277,7 +319,7 @@ cudaError_t for_each_table(
       tab.block_chunk[nb] = static_cast<int32_t>(c);
       ++nb;
       const bool last_chunk = c == chunks - 1;
-      if (nb == Cap::kBlocks || (last_chunk && (nt == Cap::kTensors || t + 1 == todo.size()))) {
+      if (nb == limit || (last_chunk && (nt == Cap::kTensors || t + 1 == todo.size()))) {
         DLOPT_CUDA_TRY(fn(static_cast<const Tab&>(tab), nb));
         nb = 0;
         nt = 0;
@@ -294,7 +336,9 @@ template <class Op>
 cudaError_t multi_tensor_apply(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     cudaStream_t stream) {
-  return for_each_table(entries, op, [&](const Table<Op>& tab, int blocks) {
+  const int max_blocks =
+      launch_wave_blocks(multi_tensor_kernel<Op>, kBlockSize, Table<Op>::Cap::kBlocks);
+  return for_each_table(entries, op, max_blocks, [&](const Table<Op>& tab, int blocks) {
     multi_tensor_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
     return cudaGetLastError();
   });

@@ -1,0 +1,159 @@
+// Runs multi-tensor apply's host packing (mta::for_each_table) and its per-thread
+// device code (mta::run_thread) on the CPU: every (block, thread) of every table is
+// emulated in a loop, which is exact because the threads of a block never talk to
+// each other. Built by nvcc as a host-only program (no GPU, no CUDA call) by
+// tests/test_cuda_emulation.py, which runs it and expects "ok" on the last line.
+//
+// Checks, for odd tensor sizes, misaligned pointers (the scalar path) and every table
+// size limit from 1 block up: each element is visited exactly once with its own index
+// and its tensor's Meta; nothing outside a tensor is touched; no table exceeds the
+// block limit or its tensor slots; and mta::wave_blocks picks whole waves.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "dlopt/multi_tensor_apply.cuh"
+
+using namespace dlopt;
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond, ...)                                    \
+  do {                                                       \
+    if (!(cond)) {                                           \
+      if (++failures <= 20) {                                \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
+        std::printf(__VA_ARGS__);                            \
+        std::printf("\n");                                   \
+      }                                                      \
+    }                                                        \
+  } while (0)
+
+// List 0 (read): the tensor's id; list 1 (read-write): a visit counter; list 2 (write):
+// 2 * index + list 0 + 1000 * meta, so a wrong index or a wrong tensor's meta shows.
+struct ProbeOp {
+  static constexpr int kLists = 3;
+  template <int K>
+  using List = std::tuple_element_t<K, std::tuple<mta::Access<cuda::F32, mta::kRead>,
+                                                  mta::Access<cuda::F32, mta::kReadWrite>,
+                                                  mta::Access<cuda::F32, mta::kWrite>>>;
+  using Meta = int32_t;
+  struct Block {
+    int32_t meta;
+  };
+  DLOPT_HD bool begin(const Meta& m, Block& b) const {
+    b.meta = m;
+    return true;
+  }
+  DLOPT_HD void operator()(float (&x)[kLists], const Block& b, int64_t index) const {
+    x[1] += 1.f;
+    x[2] = 2.f * static_cast<float>(index) + x[0] + 1000.f * static_cast<float>(b.meta);
+  }
+};
+
+constexpr int kPad = 8;           // guard floats on each side of a tensor
+constexpr float kGuard = -7.25f;  // what the guards and untouched outputs hold
+
+struct Buffers {
+  std::vector<std::vector<float>> lists[3];
+  std::vector<int> offset;  // 0, or 1 float: a pointer off the 16-byte vector alignment
+};
+
+void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit) {
+  using Entry = mta::TensorEntry<3, int32_t>;
+  using Cap = mta::Table<ProbeOp>::Cap;
+  Buffers buf;
+  std::vector<Entry> entries;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    const int64_t n = sizes[t];
+    const int off = misalign_some && t % 3 == 1 ? 1 : 0;
+    buf.offset.push_back(off);
+    for (int k = 0; k < 3; ++k) {
+      buf.lists[k].emplace_back(static_cast<size_t>(n + 2 * kPad + 4), kGuard);
+      float* base = buf.lists[k].back().data() + kPad + off;
+      for (int64_t i = 0; i < n; ++i) base[i] = k == 0 ? static_cast<float>(t) : k == 1 ? 0.f : kGuard;
+    }
+    Entry e;
+    for (int k = 0; k < 3; ++k) e.ptr[k] = buf.lists[k].back().data() + kPad + off;
+    e.numel = n;
+    e.meta = static_cast<int32_t>(t % 5);
+    entries.push_back(e);
+  }
+  int tables = 0;
+  const cudaError_t err = mta::for_each_table(
+      entries, ProbeOp{}, limit, [&](const mta::Table<ProbeOp>& tab, int blocks) {
+        ++tables;
+        EXPECT(blocks >= 1 && blocks <= limit && blocks <= Cap::kBlocks,
+               "table of %d blocks, limit %d", blocks, limit);
+        for (int b = 0; b < blocks; ++b) {
+          EXPECT(tab.block_tensor[b] < Cap::kTensors, "slot %d", int(tab.block_tensor[b]));
+          for (int th = 0; th < mta::kBlockSize; ++th)
+            mta::run_thread(tab, b, th, mta::kBlockSize);
+        }
+        return cudaSuccess;
+      });
+  EXPECT(err == cudaSuccess, "for_each_table returned %d", int(err));
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    const int64_t n = sizes[t];
+    const auto& cnt = buf.lists[1][t];
+    const auto& out = buf.lists[2][t];
+    const int lo = kPad + buf.offset[t];
+    for (int64_t i = 0; i < static_cast<int64_t>(cnt.size()); ++i) {
+      const bool inside = i >= lo && i < lo + n;
+      const int64_t j = i - lo;
+      if (inside) {
+        const float want = 2.f * j + t + 1000.f * (t % 5);
+        EXPECT(cnt[i] == 1.f, "tensor %zu (numel %lld) element %lld visited %g times, limit %d",
+               t, (long long)n, (long long)j, cnt[i], limit);
+        EXPECT(out[i] == want, "tensor %zu element %lld: %g, want %g", t, (long long)j, out[i],
+               want);
+      } else {
+        EXPECT(cnt[i] == kGuard && out[i] == kGuard, "tensor %zu: guard %lld touched", t,
+               (long long)i);
+      }
+    }
+  }
+  int64_t chunks = 0;
+  for (int64_t n : sizes) chunks += (n + mta::kChunk - 1) / mta::kChunk;
+  EXPECT(chunks == 0 ? tables == 0 : tables >= (chunks + limit - 1) / limit,
+         "%d tables for %lld chunks at limit %d", tables, (long long)chunks, limit);
+}
+
+}  // namespace
+
+int main() {
+  // wave_blocks: whole waves of resident blocks, or the whole table
+  EXPECT(mta::wave_blocks(264, 320) == 264, "264 resident, 320 per table");
+  EXPECT(mta::wave_blocks(100, 320) == 300, "100 resident");
+  EXPECT(mta::wave_blocks(320, 320) == 320, "a table holds one wave exactly");
+  EXPECT(mta::wave_blocks(400, 320) == 320, "more resident than a table holds");
+  EXPECT(mta::wave_blocks(0, 320) == 320, "unknown occupancy");
+  EXPECT(mta::wave_blocks(-1, 320) == 320, "failed query");
+
+  std::mt19937_64 rng(12345);
+  std::uniform_int_distribution<int64_t> small(0, 5000), big(0, 300000);
+  const std::vector<std::vector<int64_t>> lists = {
+      {1},
+      {0, 1, 3, 4, 4097, 65536, 65537, 131077, 278011, 0, 2},
+      std::vector<int64_t>(70, 1025),  // more tensors than a table's slots
+  };
+  std::vector<std::vector<int64_t>> all = lists;
+  for (int r = 0; r < 3; ++r) {
+    std::vector<int64_t> s;
+    for (int i = 0; i < 40; ++i) s.push_back(i % 4 == 0 ? big(rng) : small(rng));
+    all.push_back(s);
+  }
+  for (const auto& sizes : all)
+    for (bool mis : {false, true})
+      for (int limit : {1, 2, 3, 264, 1 << 20}) check_one(sizes, mis, limit);
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}
