@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One GPU session in one command (GPU time is scarce): build the CUDA library for
-# sm_90, run every benchmark on the GPU (each in its own process, so one crash costs
-# one benchmark), then the test suite's CUDA cases.
-#   DLOPT_GIT_COMMIT=<sha> bash tools/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS]
+# sm_90, run the benchmarks on the GPU (each in its own process, so one crash costs
+# one benchmark), an A/B of the CUDA launch sizes, then the test suite's CUDA cases.
+#   DLOPT_GIT_COMMIT=<sha> bash tools/gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS] [bench...]
 # (the lease's copy of .git was seen to be stale: name the commit sent, for the JSON)
-# Writes env.txt, build.log, bench.log, tests.log and the benchmark JSON into OUTDIR.
+# bench...: benchmark names (adam lamb ...; default all eight). DLOPT_GPU_CRASH_LOG=1 also
+# records a native backtrace of tools/repro_malformed.py (no gdb there) in crash.log.
+# Writes env.txt, build.log, bench.log, ab.log, tests.log and the benchmark JSON into OUTDIR.
 set -uo pipefail
-OUT=${1:?usage: gpu_check.sh OUTDIR}
+OUT=${1:?usage: gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS] [bench...]}
 : "${DLOPT_GIT_COMMIT:?set DLOPT_GIT_COMMIT to the commit sent (git rev-parse HEAD here)}"
 TEST_S=${2:-170}
 BENCH_S=${3:-240}  # the eight took about 200 s on an H200 at 2.5 s a case
 export DLOPT_BENCH_BUDGET_S=${4:-2.5}
+shift $(( $# < 4 ? $# : 4 ))
+BENCHES=${*:-adam lamb lion sgd adagrad rmsprop adafactor multi_tensor_norm}  # issue 3's first
 mkdir -p "$OUT"
 # TRITON_INTERPRET=0: Triton compiles for the GPU (tests/conftest.py sets 1 by default,
 # which would run even CUDA tensors through the interpreter).
@@ -18,6 +22,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=16 DLOPT_BUILD_CUDA=1 DLOPT_CUDA_ARCH=90 TRIT
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 t0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - $2) )); }
+bench_file() { f=benchmarks/bench_optim_$1.py; [ -f "$f" ] || f=benchmarks/bench_$1.py; echo "$f"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import sys,torch,triton;print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
   nvcc --version | tail -1; echo "commit $DLOPT_GIT_COMMIT"; } | tee "$OUT/env.txt"
@@ -26,16 +31,31 @@ if ! python3 -m pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m dlopt_kernels.cli info 2>&1 | tee -a "$OUT/env.txt"
+if [ "${DLOPT_GPU_CRASH_LOG:-0}" = 1 ]; then
+  { gcc -shared -fPIC -O1 -o /tmp/segv.so tools/segv_backtrace.c
+    for d in cpu cuda; do
+      LD_PRELOAD=/tmp/segv.so timeout 60 python3 tools/repro_malformed.py $d 2>&1 | python3 tools/symbolize.py
+      echo "repro $d: exit ${PIPESTATUS[0]}"
+    done; } >"$OUT/crash.log" 2>&1
+  head -c 5000 "$OUT/crash.log"
+fi
 tb=$(date +%s)
-# issue 3's target first; each benchmark merges its section into OUT/<device>-<date>.json
-for b in adam lamb lion sgd adagrad rmsprop adafactor multi_tensor_norm; do
+# each benchmark merges its section into OUT/<device>-<date>.json
+for b in $BENCHES; do
   rem=$(left "$BENCH_S" "$tb")
   [ "$rem" -gt 10 ] || { echo "BENCH $b SKIPPED: bench time used up"; continue; }
-  f=benchmarks/bench_optim_$b.py; [ -f "$f" ] || f=benchmarks/bench_$b.py
-  timeout "$rem" python3 "$f" --device cuda --out "$OUT" --no-progress >>"$OUT/bench.log" 2>&1
+  timeout "$rem" python3 "$(bench_file "$b")" --device cuda --out "$OUT" --no-progress >>"$OUT/bench.log" 2>&1
   echo "bench $b: exit $? at $(( $(date +%s) - t0 )) s"
 done
 grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
+# A/B of multi_tensor_apply's whole-wave launches: Adam again with full 4 KB tables
+# (DLOPT_CUDA_FULL_TABLES=1, the launch sizes before the change), its own JSON in OUT/ab.
+if [ "$(left "$BENCH_S" "$tb")" -gt 25 ]; then
+  DLOPT_CUDA_FULL_TABLES=1 timeout 60 python3 "$(bench_file adam)" --device cuda --out "$OUT/ab" \
+    --no-progress >"$OUT/ab.log" 2>&1
+  echo "A/B full tables: exit $? at $(( $(date +%s) - t0 )) s"
+  grep -E "^\[|^  dlopt\[cuda\] |^  torch fused" "$OUT/ab.log" | cut -c1-100 | head -12
+fi
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -n 12 --timeout 120 -rfE \
   --tb=short --durations=10 -k "cuda or test_build" \
   >"$OUT/tests.log" 2>&1
