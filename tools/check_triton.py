@@ -20,6 +20,9 @@ closes that gap without a GPU:
    cache on the same specialization as a real launch, so a launch that would reuse a
    compiled kernel on the GPU is not compiled twice here either.
 
+It also fails when a kernel specialization launched with ALIGNED=True (16-byte aligned
+tensors, numel a multiple of 8: `_common.vector_ready`) has no vector loads in its PTX.
+
 What it cannot check: anything at run time (numerics, bit-equality between
 specializations, out-of-bounds accesses). Those need the GPU run (tools/gpu_check.sh).
 
@@ -137,11 +140,13 @@ def _kernel(module: str, name: str):
 
 def _compile_group(arch: int, lines: list[str]):
     """Compile one group of launch lines for sm_<arch> in this process; returns
-    ({kernel label: specializations compiled}, [failure reports])."""
+    ({kernel label: specializations compiled}, [failure reports],
+    {(kernel label, ALIGNED): [vector loads in each specialization's PTX]})."""
     # Real JIT functions: this must hold before any @triton.jit function is defined.
     os.environ["TRITON_INTERPRET"] = "0"
     _install_target_driver(arch)
     per_kernel, failures, seen = collections.Counter(), [], set()
+    vectors = collections.defaultdict(list)
     for line in lines:
         rec = json.loads(line)
         fn = _kernel(rec["module"], rec["name"])
@@ -150,7 +155,7 @@ def _compile_group(arch: int, lines: list[str]):
         kwargs = {k: _decode(v) for k, v in rec["kwargs"].items()}
         before = sum(len(c[0]) for c in fn.device_caches.values())
         try:
-            fn.warmup(*args, grid=(1,), **kwargs)
+            compiled = fn.warmup(*args, grid=(1,), **kwargs)
         except Exception as exc:  # noqa: BLE001 (report every kind, then fail)
             key = (label, type(exc).__name__, str(exc)[:200])
             if key not in seen:  # one report per distinct error of a kernel
@@ -159,8 +164,12 @@ def _compile_group(arch: int, lines: list[str]):
                                 f"{type(exc).__name__}: {str(exc).strip()[:3000]}\n")
             continue
         # Triton's cache skips a launch whose specialization was compiled already
-        per_kernel[label] += sum(len(c[0]) for c in fn.device_caches.values()) - before
-    return per_kernel, failures
+        new = sum(len(c[0]) for c in fn.device_caches.values()) - before
+        per_kernel[label] += new
+        if new and "ALIGNED" in kwargs:
+            vectors[(label, kwargs["ALIGNED"])].append(
+                compiled.asm["ptx"].count("ld.global.v"))
+    return per_kernel, failures, vectors
 
 
 def compile_launches(log: str, arches: list[int], jobs: int) -> int:
@@ -182,9 +191,13 @@ def compile_launches(log: str, arches: list[int], jobs: int) -> int:
     for arch in arches:
         t0 = time.time()
         per_kernel = collections.Counter()
+        vectors = collections.defaultdict(list)
         with ProcessPoolExecutor(len(buckets), mp_context=ctx) as pool:
-            for counts, reports in pool.map(_compile_group, [arch] * len(buckets), buckets):
+            for counts, reports, vecs in pool.map(_compile_group, [arch] * len(buckets),
+                                                  buckets):
                 per_kernel.update(counts)
+                for k, v in vecs.items():
+                    vectors[k] += v
                 for r in reports:
                     print(r, flush=True)
                 failures += len(reports)
@@ -193,6 +206,14 @@ def compile_launches(log: str, arches: list[int], jobs: int) -> int:
               f"{time.time() - t0:.0f} s ({len(buckets)} processes)", flush=True)
         for label, n in sorted(per_kernel.items()):
             print(f"  {label}: {n}")
+        # launch_multi_tensor's ALIGNED specializations must move 16-byte vectors (the
+        # point of ALIGNED); one that does not fails the check
+        for (label, aligned), loads in sorted(vectors.items()):
+            print(f"  vector loads, {label} ALIGNED={aligned}: in {sum(v > 0 for v in loads)} "
+                  f"of {len(loads)} specializations")
+            if aligned and not all(loads):
+                print(f"FAILED sm_{arch} {label}: an ALIGNED specialization without vector loads")
+                failures += 1
     return failures
 
 

@@ -306,9 +306,24 @@ def table_row(table_ptr, map_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tensor_ptr(rec, k, DTYPE: tl.constexpr):
-    """The k-th list's tensor of this row, as a pointer to DTYPE."""
-    return tl.load(rec + 3 + k).to(tl.pointer_type(DTYPE))
+def tensor_ptr(rec, k, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """The k-th list's tensor of this row, as a pointer to DTYPE; 16-byte aligned
+    under ALIGNED (see `vector_ready`)."""
+    ptr = tl.load(rec + 3 + k).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def block_mask(offs, n, ALIGNED: tl.constexpr = False):
+    """offs < n; under ALIGNED, n is a multiple of 8 (or 0) and offs starts at one, so
+    the mask is uniform over each 8 elements: the hint that, with 16-byte aligned
+    pointers, lets Triton load and store 16-byte vectors."""
+    mask = offs < n
+    if ALIGNED:
+        mask = tl.max_constancy(mask, 8)
+    return mask
 
 
 def _cached(key, build):
@@ -349,19 +364,31 @@ def multi_tensor_groups(lists, key_of, block, device):
     return out
 
 
+def vector_ready(lists, i) -> bool:
+    """Whether tensor i of every list it is element-wise in (numel of the param's) is
+    16-byte aligned and its numel a multiple of 8: the kernels' ALIGNED (`tensor_ptr`,
+    `block_mask`), under which compiled Triton moves 16-byte vectors instead of single
+    elements (a table's addresses are opaque to it otherwise). Views at odd offsets and
+    odd sizes take the unhinted kernel."""
+    n = lists[0][i].numel()
+    return n % 8 == 0 and all(lst[i].data_ptr() % 16 == 0
+                              for lst in lists if lst and lst[i].numel() == n)
+
+
 def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
     """Run an element-wise multi-tensor kernel over `lists` (params first): one launch
-    per group of params with the same key_of(i), as
-    kernel[(blocks,)](table, block_map, *args, **flags, **consts_of(key), NCOL, BLOCK),
-    on the params' device. The kernel starts with `table_row` and reads its tensors
-    with `tensor_ptr` (list k of `lists` is column k)."""
+    per group of params with the same key_of(i) and `vector_ready`, as
+    kernel[(blocks,)](table, block_map, *args, **flags, **consts_of(key), ALIGNED, NCOL,
+    BLOCK), on the params' device. The kernel starts with `table_row`, reads its tensors
+    with `tensor_ptr` (list k of `lists` is column k) and masks with `block_mask`."""
     block = block_size()
-    groups = multi_tensor_groups(lists, key_of, block, device)
+    groups = multi_tensor_groups(lists, lambda i: (key_of(i), vector_ready(lists, i)), block,
+                                 device)
     # Triton launches on the current CUDA device: make it the params' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for key, _, table, block_map, num_blocks in groups:
+        for (key, aligned), _, table, block_map, num_blocks in groups:
             kernel[(num_blocks,)](table, block_map, *args, **flags, **consts_of(key),
-                                  NCOL=3 + len(lists), BLOCK=block,
+                                  ALIGNED=aligned, NCOL=3 + len(lists), BLOCK=block,
                                   num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
 
 

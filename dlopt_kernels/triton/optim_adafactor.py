@@ -33,6 +33,7 @@ from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
     _cached,
     TORCH_TO_TL,
+    block_mask,
     bump_steps,
     decoupled_decay_factor,
     f64,
@@ -274,13 +275,14 @@ def _apply_kernel(table_ptr, map_ptr, den_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, g
 
 @triton.jit
 def _vector_row(table_ptr, map_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
-                P_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr):
+                P_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """One block of one 0-/1-D tensor: (numel, index, offsets, param, grad, variance,
     master and step pointers); lists: params, grads, variances, masters, steps."""
     rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
-    return (n, tensor_index, offs, tensor_ptr(rec, 0, P_DT), tensor_ptr(rec, 1, P_DT),
-            tensor_ptr(rec, 2, S_DT), tensor_ptr(rec, 3, tl.float32),
-            tensor_ptr(rec, 4, STEP_DT))
+    return (n, tensor_index, offs, tensor_ptr(rec, 0, P_DT, ALIGNED),
+            tensor_ptr(rec, 1, P_DT, ALIGNED), tensor_ptr(rec, 2, S_DT, ALIGNED),
+            tensor_ptr(rec, 3, tl.float32, ALIGNED), tensor_ptr(rec, 4, STEP_DT))
 
 
 @triton.jit
@@ -288,20 +290,20 @@ def _vector_direction_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr,
                              fi_ptr, beta2_decay: tl.float64, weight_decay: tl.float64,
                              eps1: tl.float64, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
                              HAS_FI: tl.constexpr, MASTER: tl.constexpr, P_DT: tl.constexpr,
-                             S_DT: tl.constexpr, STEP_DT: tl.constexpr, NCOL: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             S_DT: tl.constexpr, STEP_DT: tl.constexpr, ALIGNED: tl.constexpr,
+                             NCOL: tl.constexpr, BLOCK: tl.constexpr):
     n, tensor_index, offs, p_ptr, g_ptr, var_ptr, master_ptr, step_ptr = _vector_row(
-        table_ptr, map_ptr, NCOL, BLOCK, P_DT, S_DT, STEP_DT)
+        table_ptr, map_ptr, NCOL, BLOCK, P_DT, S_DT, STEP_DT, ALIGNED)
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
     eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
     w, _, _ = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
     old = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g2 = g * g
     v = tl.where(w < 0.5, old + w * (g2 - old), g2 - (g2 - old) * (1.0 - w))
     v = round_to_storage(v, var_ptr)
-    store_f32(var_ptr + offs, v, offs < _limit(fi_ptr, n, HAS_FI))
+    store_f32(var_ptr + offs, v, block_mask(offs, _limit(fi_ptr, n, HAS_FI), ALIGNED))
     u = tl.where(mask, _direction(g, v, eps1_sq), 0.0).to(tl.float64)
     p = tl.where(mask, load_param(p_ptr, master_ptr, offs, mask, MASTER), 0.0)
     p = p.to(tl.float64)
@@ -315,15 +317,15 @@ def _vector_apply_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_
                          eps1: tl.float64, eps2: tl.float64, d: tl.float64, WD: tl.constexpr,
                          MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
                          MASTER: tl.constexpr, SR: tl.constexpr, P_DT: tl.constexpr,
-                         S_DT: tl.constexpr, STEP_DT: tl.constexpr, NCOL: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         S_DT: tl.constexpr, STEP_DT: tl.constexpr, ALIGNED: tl.constexpr,
+                         NCOL: tl.constexpr, BLOCK: tl.constexpr):
     n, tensor_index, offs, p_ptr, g_ptr, var_ptr, master_ptr, step_ptr = _vector_row(
-        table_ptr, map_ptr, NCOL, BLOCK, P_DT, S_DT, STEP_DT)
+        table_ptr, map_ptr, NCOL, BLOCK, P_DT, S_DT, STEP_DT, ALIGNED)
     mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
     eps1_sq = (f64(eps1) * f64(eps1)).to(tl.float32)
     _, rho, decay = _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay)
     step = _step_size(sum_p2_ptr, sum_u2_ptr, tensor_index, n, rho, eps2, d)
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mul
     v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = _direction(g, v, eps1_sq)
@@ -331,8 +333,8 @@ def _vector_apply_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_
     if WD:
         p = p * decay
     p = p - step * u
-    write_param(p_ptr, master_ptr, p, offs, offs < _limit(fi_ptr, n, HAS_FI), seed_ptr,
-                tensor_index, MASTER, SR)
+    store = block_mask(offs, _limit(fi_ptr, n, HAS_FI), ALIGNED)
+    write_param(p_ptr, master_ptr, p, offs, store, seed_ptr, tensor_index, MASTER, SR)
 
 
 def _tiles():

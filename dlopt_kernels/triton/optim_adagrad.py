@@ -17,6 +17,7 @@ import triton.language as tl
 from dlopt_kernels.triton._common import (
     TORCH_TO_TL,
     align_to_params,
+    block_mask,
     bump_steps,
     check_elementwise_lists,
     f64,
@@ -37,17 +38,18 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                     eps: tl.float64, WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                     HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                     SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
-                    STEP_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                    STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
+                    BLOCK: tl.constexpr):
     # One block of one tensor (lists: params, grads, state sums, masters, steps).
     rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
-    p_ptr = tensor_ptr(rec, 0, P_DT)
-    g_ptr = tensor_ptr(rec, 1, P_DT)
-    sum_ptr = tensor_ptr(rec, 2, S_DT)
-    master_ptr = tensor_ptr(rec, 3, tl.float32)
+    p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
+    g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
+    sum_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
+    master_ptr = tensor_ptr(rec, 3, tl.float32, ALIGNED)
     step_ptr = tensor_ptr(rec, 4, STEP_DT)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
 
     # adagrad_coeffs(): the per-tensor learning rate in fp64, rounded once to fp32.
     step = tl.load(step_ptr).to(tl.float64)

@@ -26,6 +26,7 @@ from dlopt_kernels.triton._common import (
     adam_moments,
     align_to_params,
     bf16_stochastic,
+    block_mask,
     bump_steps,
     f64,
     launch_multi_tensor,
@@ -46,22 +47,23 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                  WD: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
-                 STEP_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                 STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
+                 BLOCK: tl.constexpr):
     # One block of one tensor of the group (multi_tensor_groups' table); the lists'
     # order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps.
     rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
-    p_ptr = tensor_ptr(rec, 0, P_DT)
-    g_ptr = tensor_ptr(rec, 1, P_DT)
-    m_ptr = tensor_ptr(rec, 2, S_DT)
-    v_ptr = tensor_ptr(rec, 3, S_DT)
-    vmax_ptr = tensor_ptr(rec, 4, S_DT)
-    master_ptr = tensor_ptr(rec, 5, tl.float32)
+    p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
+    g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
+    m_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
+    v_ptr = tensor_ptr(rec, 3, S_DT, ALIGNED)
+    vmax_ptr = tensor_ptr(rec, 4, S_DT, ALIGNED)
+    master_ptr = tensor_ptr(rec, 5, tl.float32, ALIGNED)
     step = tl.load(tensor_ptr(rec, 6, STEP_DT)).to(tl.float64)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         skip = tl.load(fi_ptr) != 0
         n = tl.where(skip, 0, n)
         step = tl.where(skip, 1.0, step)  # unused then; avoids 1/(1 - beta^0) warnings
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
 
     # Per-tensor coefficients in fp64, rounded once to fp32: adam_coeffs().
     lr = tl.load(lr_ptr).to(tl.float64)

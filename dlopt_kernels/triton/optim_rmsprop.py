@@ -16,6 +16,7 @@ import triton.language as tl
 from dlopt_kernels.triton._common import (
     TORCH_TO_TL,
     align_to_params,
+    block_mask,
     bump_steps,
     check_elementwise_lists,
     f64,
@@ -36,20 +37,20 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
                     momentum: tl.float64, WD: tl.constexpr, CENTERED: tl.constexpr,
                     MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
                     HAS_FI: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
-                    P_DT: tl.constexpr, S_DT: tl.constexpr, NCOL: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    P_DT: tl.constexpr, S_DT: tl.constexpr, ALIGNED: tl.constexpr,
+                    NCOL: tl.constexpr, BLOCK: tl.constexpr):
     # One block of one tensor (lists: params, grads, square_avgs, grad_avgs,
     # momentum buffers, masters).
     rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
-    p_ptr = tensor_ptr(rec, 0, P_DT)
-    g_ptr = tensor_ptr(rec, 1, P_DT)
-    v_ptr = tensor_ptr(rec, 2, S_DT)
-    ga_ptr = tensor_ptr(rec, 3, S_DT)
-    buf_ptr = tensor_ptr(rec, 4, S_DT)
-    master_ptr = tensor_ptr(rec, 5, tl.float32)
+    p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
+    g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
+    v_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
+    ga_ptr = tensor_ptr(rec, 3, S_DT, ALIGNED)
+    buf_ptr = tensor_ptr(rec, 4, S_DT, ALIGNED)
+    master_ptr = tensor_ptr(rec, 5, tl.float32, ALIGNED)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
 
     # rmsprop_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)

@@ -150,3 +150,36 @@ def test_adafactor_groups_in_one_launch(device, sr):
     for key in ("params", "row", "col", "var", "steps"):
         for a, b in zip(got[key], want[key]):
             torch.testing.assert_close(a, b, **tol(a.dtype))
+
+
+def test_vector_ready_needs_alignment_and_whole_vectors():
+    """ALIGNED (16-byte vector accesses when compiled) only for tensors whose every
+    element-wise list is 16-byte aligned and whose numel is a multiple of 8; a step
+    tensor (one element) does not count."""
+    from dlopt_kernels.triton._common import vector_ready
+    base = torch.zeros(64)
+    aligned, odd_size, offset = base[:16], base[:12], base[1:17]
+    step = torch.zeros(8)[1:2]  # misaligned, but one element: not element-wise
+    assert vector_ready([[aligned], [aligned.clone()], [step]], 0)
+    assert not vector_ready([[odd_size], [odd_size.clone()]], 0)
+    assert not vector_ready([[aligned], [offset]], 0)
+    assert not vector_ready([[offset], [aligned]], 0)
+    assert vector_ready([[aligned], []], 0)  # an absent list
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aligned_and_unaligned_groups_in_one_call(device):
+    """Whole-vector tensors (numel a multiple of 8, aligned), odd sizes and views at an
+    odd offset in one call: they take different launches (ALIGNED or not), and each
+    tensor is updated as on its own."""
+    store = torch.randn(4100, device=device)
+    spec = [((4096,), torch.float32), ((4097,), torch.float32), ((24, 8), torch.bfloat16),
+            ((9,), torch.bfloat16), ((16,), torch.float16)]
+    got = _lists(device, spec)
+    got["params"][1] = store[1:4098]  # an odd offset: not 16-byte aligned
+    want = _clone(got)
+    _step(got, "triton")
+    _step(want, "reference")
+    for key in ("params", "m", "v"):
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, **tol(a.dtype))
