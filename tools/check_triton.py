@@ -187,6 +187,8 @@ def compile_launches(log: str, arches: list[int], jobs: int) -> int:
     for lines in sorted(by_kernel.values(), key=len, reverse=True):
         min(buckets, key=len).extend(lines)
     failures = 0
+    # A fresh kernel cache: a hit in ~/.triton/cache would skip the compiler this checks.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="dlopt_triton_cache_")
     ctx = multiprocessing.get_context("spawn")
     for arch in arches:
         t0 = time.time()
