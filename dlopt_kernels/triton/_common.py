@@ -336,27 +336,33 @@ def _cached(key, build):
     return hit
 
 
-def multi_tensor_groups(lists, key_of, block, device):
-    """Group the params (lists[0]) that have elements by key_of(i), and build each
-    group's tables for `tensor_ptr`: list k of a row is lists[k][i], or the param where
-    lists[k] is empty (a stand-in the kernel's flags never read). Returns
+def multi_tensor_groups(lists, key_of, block, device, split_aligned=False):
+    """Group the params (lists[0]) that have elements by key_of(i) (by
+    (key_of(i), `vector_ready`) under split_aligned), and build each group's tables for
+    `tensor_ptr`: list k of a row is lists[k][i], or the param where lists[k] is empty
+    (a stand-in the kernel's flags never read). Returns
     [(key, indices, table, block_map, num_blocks)]."""
     groups: dict = {}
+    rows_of = {}  # one pass over the addresses, for both the keys and the tables
     for i, p in enumerate(lists[0]):
-        if p.numel():
-            groups.setdefault(key_of(i), []).append(i)
+        n = p.numel()
+        if n:
+            ptrs = [(lst[i] if lst else p).data_ptr() for lst in lists]
+            rows_of[i] = (n, ptrs)
+            key = (key_of(i), vector_ready(lists, i, ptrs)) if split_aligned else key_of(i)
+            groups.setdefault(key, []).append(i)
     out = []
     for key, idx in groups.items():
-        rows, first = [], 0
+        rows, counts, first = [], [], 0
         for i in idx:
-            n = lists[0][i].numel()
-            rows.append([n, i, first] + [(lst[i] if lst else lists[0][i]).data_ptr()
-                                         for lst in lists])
-            first += triton.cdiv(n, block)
+            n, ptrs = rows_of[i]
+            rows.append([n, i, first] + ptrs)
+            counts.append(triton.cdiv(n, block))
+            first += counts[-1]
         flat = tuple(v for row in rows for v in row)
         table = _cached(("table", device, flat),
                         lambda: torch.tensor(flat, dtype=torch.int64).to(device))
-        counts = tuple(triton.cdiv(lists[0][i].numel(), block) for i in idx)
+        counts = tuple(counts)
         block_map = _cached(("map", device, counts), lambda: torch.repeat_interleave(
             torch.arange(len(idx), dtype=torch.int32),
             torch.tensor(counts, dtype=torch.int64)).to(device))
@@ -364,15 +370,22 @@ def multi_tensor_groups(lists, key_of, block, device):
     return out
 
 
-def vector_ready(lists, i) -> bool:
+def vector_ready(lists, i, ptrs=None) -> bool:
     """Whether tensor i of every list it is element-wise in (numel of the param's) is
     16-byte aligned and its numel a multiple of 8: the kernels' ALIGNED (`tensor_ptr`,
     `block_mask`), under which compiled Triton moves 16-byte vectors instead of single
     elements (a table's addresses are opaque to it otherwise). Views at odd offsets and
-    odd sizes take the unhinted kernel."""
-    n = lists[0][i].numel()
-    return n % 8 == 0 and all(lst[i].data_ptr() % 16 == 0
-                              for lst in lists if lst and lst[i].numel() == n)
+    odd sizes take the unhinted kernel. `ptrs`: the row's addresses, if known (an
+    empty list's stands in as the param's)."""
+    p = lists[0][i]
+    n = p.numel()
+    if n % 8:
+        return False
+    if ptrs is None:
+        ptrs = [(lst[i] if lst else p).data_ptr() for lst in lists]
+    # only a misaligned address needs the numel call (a one-element step is exempt)
+    return all(ptr % 16 == 0 or (lst and lst[i].numel() != n)
+               for lst, ptr in zip(lists, ptrs))
 
 
 def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
@@ -382,8 +395,7 @@ def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
     BLOCK), on the params' device. The kernel starts with `table_row`, reads its tensors
     with `tensor_ptr` (list k of `lists` is column k) and masks with `block_mask`."""
     block = block_size()
-    groups = multi_tensor_groups(lists, lambda i: (key_of(i), vector_ready(lists, i)), block,
-                                 device)
+    groups = multi_tensor_groups(lists, key_of, block, device, split_aligned=True)
     # Triton launches on the current CUDA device: make it the params' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for (key, aligned), _, table, block_map, num_blocks in groups:

@@ -247,12 +247,13 @@ inline int32_t tensor_index(const cuda::ParamEntry& e) { return e.index; }
 // per SM times the SMs) as a table of `cap` blocks holds, or the whole table when
 // it holds less than a wave (or `resident` is unknown, 0).
 //
-// Why: every block of a launch has the same work (one chunk), so a launch of 320
-// blocks on a GPU that holds 264 at once (132 SMs x 2 blocks of 512 threads) runs a
-// full wave and then a wave of 56 blocks with most of the GPU idle. That tail is a
-// suspected cause (not yet measured on its own) of the 52% of D2D copy bandwidth the
-// H200 run got on the GPT-2 list (torch's fused Adam, with 320-block launches too:
-// 51%). Launches of whole waves leave no such tail.
+// Why: every block of a launch has the same work (one chunk), so a full table (328
+// blocks for fp32 Adam, at least 320 for every Op: Capacity) on a GPU that holds 264
+// at once (132 SMs x 2 blocks: ptxas gives these kernels 56-64 registers a thread,
+// `nvcc --resource-usage`) runs a full wave and then a wave of 64 blocks with most of
+// the GPU idle. That tail is a suspected cause (not yet measured on its own) of the
+// 52% of D2D copy bandwidth the H200 run got on the GPT-2 list (torch's fused Adam,
+// with 320-block launches: 51%). Launches of whole waves leave no such tail.
 inline int wave_blocks(int resident, int cap) {
   if (resident <= 0 || resident >= cap) return cap;
   return cap / resident * resident;
