@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dlopt_kernels import _lib
 from dlopt_kernels.backends import registry
+from dlopt_kernels.ops._dtensor import register_if_loaded
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,6 +99,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults.update(backend=backend, master_weights=master_weights,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+        register_if_loaded()  # DTensor params (FSDP2): their ops' rules
 
     # -- param groups -------------------------------------------------------------------
     def _check_group_hparams(self, group: dict[str, Any]) -> None:

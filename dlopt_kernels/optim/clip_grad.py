@@ -21,6 +21,7 @@ from torch import Tensor
 
 from dlopt_kernels import _lib
 from dlopt_kernels.backends import registry
+from dlopt_kernels.ops._dtensor import register_if_loaded
 from dlopt_kernels.ops.multi_tensor_norm import multi_tensor_norm
 
 _TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -79,6 +80,7 @@ def get_total_norm(tensors: _TensorOrTensors, norm_type: float = 2.0,
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     if not tensors:
         return torch.tensor(0.0)
+    register_if_loaded()  # DTensor grads (FSDP2): the norm op's rule
     first_device = tensors[0].device
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:

@@ -1,0 +1,65 @@
+"""Every optimizer and clip_grad_norm_ on DTensor params (FSDP2's fully_shard, HSDP,
+2-D sharding), on 4 CPU processes in a gloo group: each case of dtensor_worker.py
+against a plain one-process run of the same maths, or against torch.optim under
+fully_shard. The processes run once per module (spawning 4 Python processes costs
+seconds); each case is reported as its own test."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dtensor_worker
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dtensor")
+    ctx = torch.multiprocessing.start_processes(
+        dtensor_worker.run, args=(str(out), _free_port()), nprocs=dtensor_worker.WORLD,
+        join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the DTensor ranks did not finish in {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [json.loads((out / f"rank{r}.json").read_text())
+            for r in range(dtensor_worker.WORLD)]
+
+
+@pytest.mark.parametrize("name", list(dtensor_worker.CASES))
+def test_dtensor_case(results, name):
+    if all(name not in res for res in results):
+        pytest.skip("not run (DLOPT_DTENSOR_CASES)")
+    failures = [f"rank {r}:\n{res.get(name, 'not run')}" for r, res in enumerate(results)
+                if res.get(name, "not run") is not None]
+    assert not failures, "\n".join(failures)
+
+
+def test_rule_registration_is_lazy():
+    """Importing dlopt_kernels does not import torch.distributed.tensor (0.5 s)."""
+    import subprocess
+    import sys
+    code = ("import sys, dlopt_kernels, dlopt_kernels.optim; "
+            "print('torch.distributed.tensor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
