@@ -13,11 +13,14 @@ op ("does not have a sharding strategy registered"). Each op gets a rule instead
 - `multi_tensor_norm`: the norms of the local shards, combined across the mesh dims
   each tensor is sharded on (one all-reduce per mesh dim); the results are Replicate
   DTensors, as torch's norm of DTensors.
-- LAMB (per-tensor trust ratios) and Adafactor (row and column means, RMS): these need
-  whole tensors. A param sharded on some mesh dim is gathered with its grad and states
-  (`full_tensor`), stepped whole on every rank, and each rank keeps its shard of the
-  result: correct, for an all-gather of each of those tensors per step. Replicated
-  params run locally.
+- LAMB: the trust ratio ||p|| / ||u|| needs whole-tensor norms. With every param a
+  DTensor on one mesh (FSDP2), each rank runs the pure-torch reference kernel on its
+  shards, and the sums of squares behind the ratios are all-reduced between its two
+  passes: two numbers per tensor cross the network, not the tensors.
+- Adafactor (row and column means, RMS), and LAMB otherwise: a param sharded on some
+  mesh dim is gathered with its grad and states (`full_tensor`), stepped whole on every
+  rank, and each rank keeps its shard of the result: correct, for an all-gather of
+  each of those tensors per step. Replicated params run locally.
 
 Stochastic rounding: ranks that hold the same elements must round them alike, so the
 seed is broadcast along the mesh dims where params are replicated; shards of one tensor
@@ -228,6 +231,8 @@ def _whole(mode, func, types, args, kwargs):
         return [a[name][pos[name][i]] for name, _ in lists
                 if a[name] and pos[name][i] is not None]
 
+    if func.name() == "dlopt::lamb_step" and _lamb_locally(func, a):
+        return None
     # a param is stepped whole if it or any of its tensors is sharded
     gathered = [i for i in range(len(params)) if any(_sharded(t) for t in tensors_of(i))]
     rest = [i for i in range(len(params)) if i not in set(gathered)]
@@ -245,6 +250,35 @@ def _whole(mode, func, types, args, kwargs):
             sub["sr_seed"] = _index_seed(seed, idx[0]) if len(idx) == 1 else seed
         _run_gathered(func, sub, lists)
     return None
+
+
+def _lamb_locally(func, a) -> bool:
+    """LAMB on each rank's shards when every param is a DTensor on one mesh (and, for
+    stochastic rounding, placed alike): the element-wise maths locally, the sums of
+    squares behind each trust ratio all-reduced (2 numbers per tensor, not the tensors
+    themselves). It runs the pure-torch reference kernel, whose two passes leave room
+    for the all-reduce between them. False: not applicable, nothing done."""
+    from dlopt_kernels.backends.reference.optim_lamb import lamb_step
+    params = a["params"]
+    if not params or not all(_is_dt(p) for p in params):
+        return False
+    mesh = params[0].device_mesh
+    placements = {p.placements for p in params}
+    if any(p.device_mesh != mesh for p in params) or (
+            a["sr_seed"] is not None and len(placements) > 1):
+        return False
+    local = _localize(func, a)  # checks each state is placed as its param
+    if local["sr_seed"] is not None:
+        local["sr_seed"] = _shard_seed(local["sr_seed"], mesh, placements.pop())
+    shard_dims = [[d for d, pl in enumerate(p.placements) if pl.is_shard()] for p in params]
+
+    def whole_sums(sums):  # (n, 2) -> rows of quantities for _reduce_over_shards
+        return _reduce_over_shards(sums.t().contiguous(), dist.ReduceOp.SUM, mesh,
+                                   shard_dims).t()
+
+    del local["backend"]
+    lamb_step(*local.values(), whole_sums=whole_sums)
+    return True
 
 
 def _run_gathered(func, a, lists) -> None:
@@ -317,12 +351,20 @@ def _combine(norms, ord_, mesh, shard_dims):
     else:
         vals = (norms if ord_ == 0 else norms ** ord_).unsqueeze(0)
         op = dist.ReduceOp.SUM
+    vals = _reduce_over_shards(vals, op, mesh, shard_dims)
+    if math.isinf(ord_):
+        return torch.where(vals[1] > 0, math.nan, sign * vals[0])
+    return vals[0] if ord_ == 0 else vals[0] ** (1.0 / ord_)
+
+
+def _reduce_over_shards(vals, op, mesh, shard_dims):
+    """Column i of `vals` (one row per quantity) reduced by `op` over the ranks that
+    hold the shards of tensor i: one all-reduce per mesh dim, over the columns of the
+    tensors sharded along it."""
     for d in range(mesh.ndim):
         idx = [i for i, dims in enumerate(shard_dims) if d in dims]
         if idx and mesh.size(d) > 1:
             buf = vals[:, idx].contiguous()
             dist.all_reduce(buf, op, group=mesh.get_group(d))
             vals[:, idx] = buf
-    if math.isinf(ord_):
-        return torch.where(vals[1] > 0, math.nan, sign * vals[0])
-    return vals[0] if ord_ == 0 else vals[0] ** (1.0 / ord_)
+    return vals

@@ -147,9 +147,12 @@ def sr_bf16_replicas_agree():
     replicated mesh dim stay bit-identical, and the result tracks an fp32 run."""
     import dlopt_kernels.optim as O
     from tolerances import spacing
-    for cls in ("AdamW", "LAMB", "Adafactor"):
+    # LAMB twice: on shards (params placed alike) and gathered (the 0-dim param's
+    # placements differ, which rounds with per-shard seeds cannot serve)
+    for cls, shapes in (("AdamW", SHAPES), ("LAMB", SHAPES), ("LAMB", SHAPES[:-2] + SHAPES[-1:]),
+                        ("Adafactor", SHAPES)):
         layout = layouts()["hsdp"]
-        plain, dts = make(SHAPES, layout, dtype=torch.float32)
+        plain, dts = make(shapes, layout, dtype=torch.float32)
         dts = [nn.Parameter(d.detach().to(torch.bfloat16)) for d in dts]
         # Adafactor's default eps1 is the param dtype's epsilon: give both runs fp32's
         kw = dict(eps=(torch.finfo(torch.float32).eps, 1e-3)) if cls == "Adafactor" else {}
@@ -293,6 +296,36 @@ def norm_nan_in_one_shard():
         total = O.get_total_norm([d.grad for d in dts], ord_)
         if not math.isnan(float(total.full_tensor())):
             errors.append(f"ord {ord_}: {total}")
+    raise_errors(errors)
+
+
+@case
+def lamb_steps_shards_without_gathering():
+    """FSDP2's LAMB: every param a DTensor on one mesh, so the step runs on the shards
+    (no tensor is gathered) and matches the one-process step; with stochastic rounding
+    too."""
+    import dlopt_kernels.optim as O
+    from dlopt_kernels.ops import _dtensor
+    layout = layouts()["fsdp"]
+    shapes = [s for s in SHAPES if s]  # the 0-dim param would be replicated
+    gathered = []
+    real = _dtensor._run_gathered
+    _dtensor._run_gathered = lambda *args: gathered.append(args) or real(*args)
+    errors = []
+    try:
+        for kw in (dict(max_grad_norm=1.0, weight_decay=0.1), dict(bias_correction=False)):
+            plain, dts = make(shapes, layout, seed=21)
+            opt_p, opt_d = O.LAMB(plain, lr=1e-2, **kw), O.LAMB(dts, lr=1e-2, **kw)
+            for step in range(3):
+                set_grads(plain, dts, layout, seed=22 + step)
+                opt_p.step()
+                opt_d.step()
+            for i, (p, d) in enumerate(zip(plain, dts)):
+                assert_same(d, p, f"{kw} params[{i}]", False, errors=errors)
+    finally:
+        _dtensor._run_gathered = real
+    if gathered:
+        errors.append(f"{len(gathered)} params gathered")
     raise_errors(errors)
 
 

@@ -3,7 +3,7 @@ element, norms and the trust ratio in float64, no host sync beyond reading the s
 count (as the Adam reference does)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -22,7 +22,11 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
               beta1: float, beta2: float, weight_decay: float, eps: float,
               bias_correction: bool, max_grad_norm: float, global_grad_norm: Optional[Tensor],
               grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-              sr_seed: Optional[Tensor]) -> None:
+              sr_seed: Optional[Tensor], *,
+              whole_sums: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    """`whole_sums` (for sharded tensors, ops/_dtensor.py): maps the (len(params), 2)
+    float64 sums of squares of each local param and update to those of the whole
+    tensors; the trust ratios come from its result."""
     if not params:
         return
     check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
@@ -32,17 +36,17 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
         raise ValueError("dlopt::lamb_step: max_grad_norm > 0 needs global_grad_norm")
     if skip_step(found_inf):
         return
-    lr_v = float(lr)
     unscale = grad_multiplier(False, grad_scale)
     clip = (lamb_clip_factor(float(global_grad_norm) * unscale, max_grad_norm)
             if max_grad_norm > 0.0 else 1.0)
     grad_mul = unscale * clip
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
+        # pass 1: moments, update directions and their sums of squares
+        updates = []
+        sums = torch.zeros(len(params), 2, dtype=torch.float64, device=params[0].device)
         for i, p in enumerate(params):
             state_steps[i].add_(1)
-            if p.numel() == 0:
-                continue
             if bias_correction:
                 step_size, inv_bc2_sqrt, _ = adam_coeffs(1.0, float(state_steps[i]), beta1,
                                                          beta2, weight_decay)
@@ -59,8 +63,16 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
                                inv_bc2_sqrt, eps)
             if weight_decay != 0.0:
                 u = u + weight_decay * pf
-            p_norm = pf.double().square().sum().sqrt()
-            u_norm = u.double().square().sum().sqrt()
+            sums[i, 0] = pf.double().square().sum()
+            sums[i, 1] = u.double().square().sum()
+            updates.append((pf, u, master))
+        if whole_sums is not None:
+            sums = whole_sums(sums)
+        # pass 2: the trust ratios and the update
+        lr_v = float(lr)
+        for i, (p, (pf, u, master)) in enumerate(zip(params, updates)):
+            if p.numel() == 0:
+                continue
+            p_norm, u_norm = sums[i].sqrt().unbind()
             trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
-            pf = pf - (lr_v * trust).float() * u
-            store_param(p, pf, master, seed, i)
+            store_param(p, pf - (lr_v * trust).float() * u, master, seed, i)
