@@ -404,6 +404,61 @@ def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
                                   num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
 
 
+def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, found_inf,
+                     sr_seed, floats, flags, steps_in_table=False, extra_key=None):
+    """The host half every element-wise Triton step shares. `lists` is [params, grads,
+    *states, master_params] (a state list the step does not use is empty; the first one
+    that is not gives S_DT), `mutated` says which the kernel writes. In order: lr,
+    grad_scale, found_inf and sr_seed onto the params' device; the steps counted first
+    on the device, honouring found_inf (stream order makes the kernels read the new
+    step; with `steps_in_table` they are the table's last column, typed STEP_DT); a
+    scratch copy for each tensor not laid out like its param (`align_to_params`); one
+    launch per group (`launch_multi_tensor`) with args (lr, grad_scale, found_inf,
+    sr_seed, *floats), the kernel's own `flags` plus HAS_GS, HAS_FI, MASTER, and per
+    group SR, P_DT, S_DT (and `extra_key(i)` as the constexprs it returns, for params
+    that need another specialization); then the copies written back and the versions
+    bumped (writes through raw pointers bypass autograd's counters, as in the C++
+    kernels)."""
+    params, masters = lists[0], lists[-1]
+    dev = params[0].device
+    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
+                                          for t in (lr, grad_scale, found_inf, sr_seed))
+    if state_steps:
+        steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    else:
+        steps, finish_steps = [], (lambda: None)
+    aligned, writeback = align_to_params(lists, mutated)
+    P = aligned[0]
+    S = next((lst for lst in aligned[2:-1] if lst), P)
+    if steps_in_table:
+        aligned.append(steps)
+
+    def key_of(i):
+        key = (P[i].dtype, S[i].dtype, steps[i].dtype if steps_in_table else None)
+        return key + (tuple(sorted(extra_key(i).items())) if extra_key else (),)
+
+    sr = sr_seed is not None and not masters
+
+    def consts_of(key):
+        consts = dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
+                      S_DT=TORCH_TO_TL[key[1]], **dict(key[3]))
+        if steps_in_table:
+            consts["STEP_DT"] = TORCH_TO_TL[key[2]]
+        return consts
+
+    flags = dict(flags, HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
+                 MASTER=bool(masters))
+    # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
+    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
+    launch_multi_tensor(kernel, aligned, key_of, consts_of, (lr, gs, fi, seed, *floats),
+                        flags, dev)
+    for dst, src in writeback:
+        dst.copy_(src)
+    finish_steps()
+    torch.autograd.graph.increment_version(
+        [t for lst, m in zip(lists, mutated) if m for t in lst])
+
+
 def slot_ranges(groups, numels, block, device):
     """For kernels that write one slot per program of `multi_tensor_groups`' launches
     (LAMB's and the norm's partial sums), with every group's slots side by side: each

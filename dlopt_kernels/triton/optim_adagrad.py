@@ -10,21 +10,16 @@ dtype group of tensors, as the Adam kernel.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    TORCH_TO_TL,
-    align_to_params,
     block_mask,
-    bump_steps,
     check_elementwise_lists,
+    elementwise_step,
     f64,
     grad_multiplier,
-    launch_multi_tensor,
     load_param,
-    on_device,
     store_f32,
     table_row,
     tensor_ptr,
@@ -78,27 +73,8 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr, lr_d
         return
     check_elementwise_lists(params, grads, {"state_sums": state_sums}, master_params,
                             state_steps, sr_seed is not None, op="dlopt::adagrad_step")
-    dev = params[0].device
-    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
-                                          for t in (lr, grad_scale, found_inf, sr_seed))
-    # Count first (stream order makes the kernels read the new step), on device,
-    # honouring found_inf; the kernels then mask everything out if found_inf != 0.
-    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
-    (P, G, S, MP), writeback = align_to_params([params, grads, state_sums, master_params],
-                                               (True, False, True, True))
-    floats = (float(lr_decay), float(weight_decay), float(eps))
-    flags = dict(WD=weight_decay != 0.0, MAXIMIZE=bool(maximize),
-                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
-                 MASTER=bool(master_params))
-    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    sr = sr_seed is not None and not master_params
-    launch_multi_tensor(
-        _adagrad_kernel, [P, G, S, MP, steps], lambda i: (P[i].dtype, S[i].dtype, steps[i].dtype),
-        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
-                         S_DT=TORCH_TO_TL[key[1]], STEP_DT=TORCH_TO_TL[key[2]]),
-        (lr, gs, fi, seed, *floats), flags, dev)
-    for dst, src in writeback:
-        dst.copy_(src)
-    finish_steps()
-    # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).
-    torch.autograd.graph.increment_version([*params, *state_sums, *master_params])
+    elementwise_step(
+        _adagrad_kernel, [params, grads, state_sums, master_params], (True, False, True, True),
+        state_steps, lr=lr, grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed,
+        floats=(float(lr_decay), float(weight_decay), float(eps)),
+        flags=dict(WD=weight_decay != 0.0, MAXIMIZE=bool(maximize)), steps_in_table=True)

@@ -20,17 +20,13 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    TORCH_TO_TL,
     adam_bias_corrections,
     adam_direction,
     adam_moments,
-    align_to_params,
     bf16_stochastic,
     block_mask,
-    bump_steps,
+    elementwise_step,
     f64,
-    launch_multi_tensor,
-    on_device,
     sr_tensor_key,
     store_f32,
     table_row,
@@ -157,36 +153,15 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         return
     _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
            amsgrad, sr_seed is not None)
-    dev = params[0].device
-    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
-                                          for t in (lr, grad_scale, found_inf, sr_seed))
-    # Count first (stream order makes the kernels read the new step), on device,
-    # honouring found_inf; the kernels then mask everything out if found_inf != 0.
-    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
-    (P, G, M, V, VM, MP), writeback = align_to_params(
-        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
-         master_params], (True, False, True, True, True, True))
-
     # Hyperparameters go in as fp64 (`1 - beta` exact in double, as adam_coeffs()).
-    floats = (float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
-              float(weight_decay), float(eps))
-    flags = dict(WD=(_WD_NONE if weight_decay == 0.0 else
-                     _WD_DECOUPLED if decoupled_weight_decay else _WD_L2),
-                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
-                 HAS_FI=found_inf is not None, MASTER=bool(master_params))
-    sr = sr_seed is not None and not master_params
-    # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
-    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    launch_multi_tensor(
-        _adam_kernel, [P, G, M, V, VM, MP, steps],
-        lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype),
-        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
-                         S_DT=TORCH_TO_TL[key[1]], STEP_DT=TORCH_TO_TL[key[2]]),
-        (lr, gs, fi, seed, *floats), flags, dev)
-    for dst, src in writeback:
-        dst.copy_(src)
-    finish_steps()
-    # Writes through raw pointers bypass autograd's version counters (the C++
-    # kernels bump them too); the steps were counted by a torch op already.
-    torch.autograd.graph.increment_version(
-        [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *master_params])
+    elementwise_step(
+        _adam_kernel, [params, grads, exp_avgs, exp_avg_sqs,
+                       max_exp_avg_sqs if amsgrad else [], master_params],
+        (True, False, True, True, True, True), state_steps, lr=lr, grad_scale=grad_scale,
+        found_inf=found_inf, sr_seed=sr_seed,
+        floats=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+                float(weight_decay), float(eps)),
+        flags=dict(WD=(_WD_NONE if weight_decay == 0.0 else
+                       _WD_DECOUPLED if decoupled_weight_decay else _WD_L2),
+                   AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize)),
+        steps_in_table=True)

@@ -8,22 +8,17 @@ kernel reads. One launch per dtype group of tensors, as the Adam kernel.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    TORCH_TO_TL,
-    align_to_params,
     block_mask,
-    bump_steps,
     check_elementwise_lists,
     decoupled_decay_factor,
+    elementwise_step,
     f64,
     grad_multiplier,
-    launch_multi_tensor,
     load_param,
-    on_device,
     store_f32,
     table_row,
     tensor_ptr,
@@ -79,25 +74,9 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr, beta1, be
         return
     check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs}, master_params, state_steps,
                             sr_seed is not None, op="dlopt::lion_step")
-    dev = params[0].device
-    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
-                                          for t in (lr, grad_scale, found_inf, sr_seed))
-    _, finish_steps = bump_steps(state_steps, found_inf, dev)
-    (P, G, M, MP), writeback = align_to_params([params, grads, exp_avgs, master_params],
-                                               (True, False, True, True))
-    floats = (float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
-              float(weight_decay))
-    flags = dict(WD=weight_decay != 0.0, MAXIMIZE=bool(maximize),
-                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
-                 MASTER=bool(master_params))
-    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    sr = sr_seed is not None and not master_params
-    launch_multi_tensor(
-        _lion_kernel, [P, G, M, MP], lambda i: (P[i].dtype, M[i].dtype),
-        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
-                         S_DT=TORCH_TO_TL[key[1]]),
-        (lr, gs, fi, seed, *floats), flags, dev)
-    for dst, src in writeback:
-        dst.copy_(src)
-    finish_steps()
-    torch.autograd.graph.increment_version([*params, *exp_avgs, *master_params])
+    elementwise_step(
+        _lion_kernel, [params, grads, exp_avgs, master_params], (True, False, True, True),
+        state_steps, lr=lr, grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed,
+        floats=(float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
+                float(weight_decay)),
+        flags=dict(WD=weight_decay != 0.0, MAXIMIZE=bool(maximize)))

@@ -9,21 +9,16 @@ One launch per dtype group of tensors, as the Adam kernel.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    TORCH_TO_TL,
-    align_to_params,
     block_mask,
-    bump_steps,
     check_elementwise_lists,
+    elementwise_step,
     f64,
     grad_multiplier,
-    launch_multi_tensor,
     load_param,
-    on_device,
     store_f32,
     table_row,
     tensor_ptr,
@@ -99,26 +94,11 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
     states.update({"momentum_buffers": bufs} if use_momentum else {})
     check_elementwise_lists(params, grads, states, master_params, state_steps,
                             sr_seed is not None, op="dlopt::rmsprop_step")
-    dev = params[0].device
-    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
-                                          for t in (lr, grad_scale, found_inf, sr_seed))
-    _, finish_steps = bump_steps(state_steps, found_inf, dev)
-    (P, G, V, GA, B, MP), writeback = align_to_params(
-        [params, grads, square_avgs, gas, bufs, master_params], (True, False, True, True, True, True))
-    floats = (float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay), float(momentum))
-    flags = dict(WD=weight_decay != 0.0, CENTERED=bool(centered), MOMENTUM=use_momentum,
-                 MAXIMIZE=bool(maximize), HAS_GS=grad_scale is not None,
-                 HAS_FI=found_inf is not None, MASTER=bool(master_params))
-    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    sr = sr_seed is not None and not master_params
-    launch_multi_tensor(
-        _rmsprop_kernel, [P, G, V, GA if centered else [], B if use_momentum else [], MP],
-        lambda i: (P[i].dtype, V[i].dtype),
-        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
-                         S_DT=TORCH_TO_TL[key[1]]),
-        (lr, gs, fi, seed, *floats), flags, dev)
-    for dst, src in writeback:
-        dst.copy_(src)
-    finish_steps()
-    # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).
-    torch.autograd.graph.increment_version([*params, *square_avgs, *gas, *bufs, *master_params])
+    elementwise_step(
+        _rmsprop_kernel, [params, grads, square_avgs, gas, bufs, master_params],
+        (True, False, True, True, True, True), state_steps, lr=lr, grad_scale=grad_scale,
+        found_inf=found_inf, sr_seed=sr_seed,
+        floats=(float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay),
+                float(momentum)),
+        flags=dict(WD=weight_decay != 0.0, CENTERED=bool(centered), MOMENTUM=use_momentum,
+                   MAXIMIZE=bool(maximize)))

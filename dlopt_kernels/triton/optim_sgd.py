@@ -8,20 +8,16 @@ SGD keeps no step count. One launch per dtype group of tensors, as the Adam kern
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    TORCH_TO_TL,
-    align_to_params,
     block_mask,
     check_elementwise_lists,
+    elementwise_step,
     f64,
     grad_multiplier,
-    launch_multi_tensor,
     load_param,
-    on_device,
     store_f32,
     table_row,
     tensor_ptr,
@@ -87,28 +83,12 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr, weight_decay, m
                          f"{len(params)}")
     if not params:
         return
-    dev = params[0].device
-    lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
-                                          for t in (lr, grad_scale, found_inf, sr_seed))
-    (P, G, B, MP), writeback = align_to_params([params, grads, bufs, master_params],
-                                               (True, False, True, True))
-    floats = (float(weight_decay), float(momentum), 1.0 - float(dampening))
-    flags = dict(WD=weight_decay != 0.0, MOMENTUM=use_momentum,
-                 NESTEROV=bool(nesterov) and use_momentum, MAXIMIZE=bool(maximize),
-                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
-                 MASTER=bool(master_params))
-    # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
-    gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    sr = sr_seed is not None and not master_params
-    Bs = B if use_momentum else []
-    launch_multi_tensor(
-        _sgd_kernel, [P, G, Bs, MP],
-        lambda i: (P[i].dtype, Bs[i].dtype if Bs else P[i].dtype,
-                   use_momentum and bool(new_buffers) and bool(new_buffers[i])),
-        lambda key: dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
-                         S_DT=TORCH_TO_TL[key[1]], FIRST=key[2]),
-        (lr, gs, fi, seed, *floats), flags, dev)
-    for dst, src in writeback:
-        dst.copy_(src)
-    # Writes through raw pointers bypass autograd's version counters (as the C++ kernels).
-    torch.autograd.graph.increment_version([*params, *bufs, *master_params])
+    elementwise_step(
+        _sgd_kernel, [params, grads, bufs, master_params], (True, False, True, True), [],
+        lr=lr, grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed,
+        floats=(float(weight_decay), float(momentum), 1.0 - float(dampening)),
+        flags=dict(WD=weight_decay != 0.0, MOMENTUM=use_momentum,
+                   NESTEROV=bool(nesterov) and use_momentum, MAXIMIZE=bool(maximize)),
+        # a buffer with no history becomes the grad: its own specialization
+        extra_key=lambda i: dict(FIRST=use_momentum and bool(new_buffers)
+                                 and bool(new_buffers[i])))
