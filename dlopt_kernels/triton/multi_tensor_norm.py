@@ -22,6 +22,7 @@ import triton.language as tl
 from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
     TORCH_TO_TL,
+    block_mask,
     block_size,
     f64,
     gpu_sizes,
@@ -91,11 +92,12 @@ def _reduce(v, KIND: tl.constexpr):
 
 @triton.jit
 def _partials_kernel(table_ptr, map_ptr, out_ptr, p: tl.float64, KIND: tl.constexpr,
-                     X_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                     X_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
+                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)  # its slot in out_ptr (the group's part of the slots)
     rec, n, _, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
-    x_ptr = tensor_ptr(rec, 0, X_DT)
-    mask = offs < n
+    x_ptr = tensor_ptr(rec, 0, X_DT, ALIGNED)
+    mask = block_mask(offs, n, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = _term(x, f64(p).to(tl.float32), KIND)
     t = tl.where(mask, t, _identity(KIND))
@@ -171,7 +173,7 @@ def multi_tensor_norm(tensors, norm_type):
     kind = _KINDS.get(p, 5)
     block = block_size()
     xs = [t if is_dense(t) else t.contiguous() for t in tensors]
-    groups = multi_tensor_groups([xs], lambda i: xs[i].dtype, block, dev)
+    groups = multi_tensor_groups([xs], lambda i: xs[i].dtype, block, dev, split_aligned=True)
     offsets, slots, ranges, widest = slot_ranges(groups, [x.numel() for x in xs], block, dev)
     n = len(xs)
     partials = torch.empty(max(slots, 1), dtype=torch.float64, device=dev)
@@ -180,10 +182,11 @@ def multi_tensor_norm(tensors, norm_type):
     total = torch.empty((), dtype=torch.float32, device=dev)
     small = 256 if gpu_sizes() else 1024
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for (dtype, _, table, block_map, num_blocks), offset in zip(groups, offsets):
+        for ((dtype, aligned), _, table, block_map, num_blocks), offset in zip(groups, offsets):
             _partials_kernel[(num_blocks,)](
                 table, block_map, partials[offset:], p, KIND=kind, X_DT=TORCH_TO_TL[dtype],
-                NCOL=4, BLOCK=block, num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
+                ALIGNED=aligned, NCOL=4, BLOCK=block, num_warps=4 if block > 4096 else 8,
+                **LAUNCH_OPTIONS)
         _finish_kernel[(n,)](partials, ranges, raws, norms, p, KIND=kind,
                              BLOCK=small, ITERS=loop_iters(widest, small), **LAUNCH_OPTIONS)
         _total_kernel[(1,)](raws, n, total, p, KIND=kind, BLOCK=small,

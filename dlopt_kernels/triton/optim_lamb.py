@@ -29,6 +29,7 @@ from dlopt_kernels.triton._common import (
     adam_direction,
     adam_moments,
     align_to_params,
+    block_mask,
     block_size,
     bump_steps,
     f64,
@@ -75,13 +76,15 @@ def _direction(p, m, v, step_size, inv_bc2_sqrt, eps, weight_decay, WD: tl.const
 
 @triton.jit
 def _lamb_tensors(table_ptr, map_ptr, P_DT: tl.constexpr, S_DT: tl.constexpr,
-                  STEP_DT: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                  STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """This program's tensors (lists: params, grads, exp_avgs, exp_avg_sqs, masters,
     steps), numel, tensor index and offsets."""
     rec, n, index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
-    return (tensor_ptr(rec, 0, P_DT), tensor_ptr(rec, 1, P_DT), tensor_ptr(rec, 2, S_DT),
-            tensor_ptr(rec, 3, S_DT), tensor_ptr(rec, 4, tl.float32),
-            tensor_ptr(rec, 5, STEP_DT), n, index, offs)
+    return (tensor_ptr(rec, 0, P_DT, ALIGNED), tensor_ptr(rec, 1, P_DT, ALIGNED),
+            tensor_ptr(rec, 2, S_DT, ALIGNED), tensor_ptr(rec, 3, S_DT, ALIGNED),
+            tensor_ptr(rec, 4, tl.float32, ALIGNED), tensor_ptr(rec, 5, STEP_DT), n, index,
+            offs)
 
 
 @triton.jit
@@ -92,13 +95,13 @@ def _lamb_moments_kernel(table_ptr, map_ptr, gs_ptr, gn_ptr, fi_ptr, part_ptr,
                          MASTER: tl.constexpr, HAS_GS: tl.constexpr, CLIP: tl.constexpr,
                          HAS_FI: tl.constexpr, WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
                          P_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
-                         NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                         ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)  # its slot in part_ptr (the group's part of the slots)
     p_ptr, g_ptr, m_ptr, v_ptr, master_ptr, step_ptr, n, _, offs = _lamb_tensors(
-        table_ptr, map_ptr, P_DT, S_DT, STEP_DT, NCOL, BLOCK)
+        table_ptr, map_ptr, P_DT, S_DT, STEP_DT, ALIGNED, NCOL, BLOCK)
     step_size, inv_bc2_sqrt, n = _coeffs(step_ptr, fi_ptr, n, f64(beta1), f64(beta2), HAS_FI,
                                          BIAS_CORRECTION)
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
     # 1 / grad_scale times the clip factor, in fp64, rounded once (lamb_clip_factor)
     unscale = tl.full((), 1.0, tl.float64)
     if HAS_GS:
@@ -153,13 +156,13 @@ def _lamb_apply_kernel(table_ptr, map_ptr, scale_ptr, fi_ptr, seed_ptr, beta1: t
                        beta2: tl.float64, weight_decay: tl.float64, eps: tl.float64,
                        MASTER: tl.constexpr, SR: tl.constexpr, HAS_FI: tl.constexpr,
                        WD: tl.constexpr, BIAS_CORRECTION: tl.constexpr, P_DT: tl.constexpr,
-                       S_DT: tl.constexpr, STEP_DT: tl.constexpr, NCOL: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       S_DT: tl.constexpr, STEP_DT: tl.constexpr, ALIGNED: tl.constexpr,
+                       NCOL: tl.constexpr, BLOCK: tl.constexpr):
     p_ptr, _, m_ptr, v_ptr, master_ptr, step_ptr, n, tensor_index, offs = _lamb_tensors(
-        table_ptr, map_ptr, P_DT, S_DT, STEP_DT, NCOL, BLOCK)
+        table_ptr, map_ptr, P_DT, S_DT, STEP_DT, ALIGNED, NCOL, BLOCK)
     step_size, inv_bc2_sqrt, n = _coeffs(step_ptr, fi_ptr, n, f64(beta1), f64(beta2), HAS_FI,
                                          BIAS_CORRECTION)
-    mask = offs < n
+    mask = block_mask(offs, n, ALIGNED)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
@@ -189,7 +192,8 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
         [params, grads, exp_avgs, exp_avg_sqs, master_params], (True, False, True, True, True))
     block = block_size()
     groups = multi_tensor_groups([P, G, M, V, MP, steps],
-                                 lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype), block, dev)
+                                 lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype), block, dev,
+                                 split_aligned=True)
     offsets, total, ranges, widest = slot_ranges(groups, [p.numel() for p in P], block, dev)
     n = len(P)
     partials = torch.empty(2 * max(total, 1), dtype=torch.float64, device=dev)
@@ -203,9 +207,11 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
     warps = 4 if block > 4096 else 8
     sr = sr_seed is not None and not master_params
 
-    def dtypes(key):
-        return dict(P_DT=TORCH_TO_TL[key[0]], S_DT=TORCH_TO_TL[key[1]],
-                    STEP_DT=TORCH_TO_TL[key[2]], NCOL=3 + 6, BLOCK=block, num_warps=warps)
+    def dtypes(key):  # ((param, state, step dtype), vector_ready)
+        (p_dt, s_dt, step_dt), aligned = key
+        return dict(P_DT=TORCH_TO_TL[p_dt], S_DT=TORCH_TO_TL[s_dt],
+                    STEP_DT=TORCH_TO_TL[step_dt], ALIGNED=aligned, NCOL=3 + 6, BLOCK=block,
+                    num_warps=warps)
 
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for (key, _, table, block_map, num_blocks), offset in zip(groups, offsets):
@@ -219,7 +225,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
         for key, _, table, block_map, num_blocks in groups:
             _lamb_apply_kernel[(num_blocks,)](
                 table, block_map, scales, fi, seed, b1, b2, wd, eps,
-                SR=sr and key[0] == torch.bfloat16, **flags, **dtypes(key), **LAUNCH_OPTIONS)
+                SR=sr and key[0][0] == torch.bfloat16, **flags, **dtypes(key), **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()

@@ -90,11 +90,14 @@ def test_sr_bits_follow_the_tensor_index(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_lamb_trust_ratio_per_tensor_across_groups(device):
-    """LAMB's per-tensor norms come from each tensor's own slots, also when dtype groups
-    and zero-size tensors interleave (the slots of all groups sit side by side)."""
+    """LAMB's per-tensor norms come from each tensor's own slots, also when dtype groups,
+    ALIGNED and unaligned groups (whole vectors, odd sizes, an odd offset) and zero-size
+    tensors interleave (the slots of all groups sit side by side)."""
     spec = [((3000,), torch.bfloat16), ((0,), torch.float32), ((70001,), torch.float32),
-            ((40, 9), torch.bfloat16), ((5,), torch.float32)]
+            ((40, 9), torch.bfloat16), ((5,), torch.float32), ((4096,), torch.float32),
+            ((4096,), torch.float32)]
     got = _lists(device, spec)
+    got["params"][6] = torch.randn(4097, device=device)[1:]  # not 16-byte aligned
     want = _clone(got)
     for lists, backend in ((got, "triton"), (want, "reference")):
         torch.ops.dlopt.lamb_step(lists["params"], lists["grads"], lists["m"], lists["v"], [],
@@ -107,10 +110,12 @@ def test_lamb_trust_ratio_per_tensor_across_groups(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_norm_per_tensor_across_groups(device, ord):
     """multi_tensor_norm's per-tensor norms come from each tensor's own slots with dtype
-    groups and zero-size tensors interleaved (the groups' slots side by side)."""
+    groups, ALIGNED and unaligned groups and zero-size tensors interleaved (the groups'
+    slots side by side)."""
     xs = [torch.randn(3000, device=device).bfloat16(), torch.empty(0, device=device),
           torch.randn(70001, device=device), torch.randn(40, 9, device=device).half(),
-          torch.randn(5, device=device).double(), torch.randn(2500, device=device).bfloat16()]
+          torch.randn(5, device=device).double(), torch.randn(2500, device=device).bfloat16(),
+          torch.randn(4097, device=device)[1:], torch.randn(64, device=device).double()]
     got = torch.ops.dlopt.multi_tensor_norm(xs, ord, "triton")
     want = torch.ops.dlopt.multi_tensor_norm(xs, ord, "reference")
     for a, b in zip(got, want):

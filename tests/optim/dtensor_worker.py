@@ -370,7 +370,8 @@ def refusals_change_nothing():
     st = opt.state[dts[0]]
     good = st["exp_avg"]
     for bad, err, words in (
-            (good.redistribute(good.device_mesh, [Replicate()]), ValueError, "exp_avgs[0] is placed"),
+            (good.redistribute(good.device_mesh, [Replicate()]), ValueError,
+             "exp_avgs[0] is placed"),
             (good.full_tensor(), TypeError, "exp_avgs[0] is a plain tensor")):
         st["exp_avg"] = bad
         try:
