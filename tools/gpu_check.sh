@@ -6,7 +6,8 @@
 # (the lease's copy of .git was seen to be stale: name the commit sent, for the JSON)
 # bench...: benchmark names (adam lamb ...; default all eight). DLOPT_GPU_CRASH_LOG=1 also
 # records a native backtrace of tools/repro_malformed.py (no gdb there) in crash.log.
-# Writes env.txt, build.log, bench.log, ab.log, tests.log and the benchmark JSON into OUTDIR.
+# Writes env.txt, build.log, bench.log, ab.log, ab_chunk.log, tests.log and the benchmark
+# JSON into OUTDIR.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS] [bench...]}
 : "${DLOPT_GIT_COMMIT:?set DLOPT_GIT_COMMIT to the commit sent (git rev-parse HEAD here)}"
@@ -48,14 +49,18 @@ for b in $BENCHES; do
   echo "bench $b: exit $? at $(( $(date +%s) - t0 )) s"
 done
 grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
-# A/B of multi_tensor_apply's whole-wave launches: Adam again with full 4 KB tables
-# (DLOPT_CUDA_FULL_TABLES=1, the launch sizes before the change), its own JSON in OUT/ab.
-if [ "$(left "$BENCH_S" "$tb")" -gt 25 ]; then
-  DLOPT_CUDA_FULL_TABLES=1 timeout 60 python3 "$(bench_file adam)" --device cuda --out "$OUT/ab" \
-    --no-progress >"$OUT/ab.log" 2>&1
-  echo "A/B full tables: exit $? at $(( $(date +%s) - t0 )) s"
-  grep -E "^\[|^  dlopt\[cuda\] |^  torch fused" "$OUT/ab.log" | cut -c1-100 | head -12
-fi
+# A/B of multi_tensor_apply's launch shape, Adam again with each variant in its own JSON:
+#   OUT/ab: full 4 KB tables of 64K chunks (DLOPT_CUDA_FULL_TABLES=1: the shape before
+#           whole waves and chunk_for);
+#   OUT/ab_chunk: whole waves but always 64K chunks (DLOPT_CUDA_CHUNK=65536: no chunk_for).
+for v in "ab DLOPT_CUDA_FULL_TABLES=1" "ab_chunk DLOPT_CUDA_CHUNK=65536"; do
+  set -- $v
+  [ "$(left "$BENCH_S" "$tb")" -gt 25 ] || { echo "A/B $1 SKIPPED: bench time used up"; continue; }
+  env "$2" timeout 60 python3 "$(bench_file adam)" --device cuda --out "$OUT/$1" \
+    --no-progress >"$OUT/$1.log" 2>&1
+  echo "A/B $2: exit $? at $(( $(date +%s) - t0 )) s"
+  grep -E "^\[|^  dlopt\[cuda\] |^  torch fused" "$OUT/$1.log" | cut -c1-100 | head -12
+done
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -n 12 --timeout 120 -rfE \
   --tb=short --durations=10 -k "cuda or test_build" \
   >"$OUT/tests.log" 2>&1

@@ -7,7 +7,8 @@
 // Checks, for odd tensor sizes, misaligned pointers (the scalar path) and every table
 // size limit from 1 block up: each element is visited exactly once with its own index
 // and its tensor's Meta; nothing outside a tensor is touched; no table exceeds the
-// block limit or its tensor slots; and mta::wave_blocks picks whole waves.
+// block limit or its tensor slots; chunk sizes other than kChunk; mta::wave_blocks
+// picks whole waves and mta::chunk_for whole waves of equal chunks.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -63,7 +64,8 @@ struct Buffers {
   std::vector<int> offset;  // 0, or 1 float: a pointer off the 16-byte vector alignment
 };
 
-void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit) {
+void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
+               int chunk = mta::kChunk) {
   using Entry = mta::TensorEntry<3, int32_t>;
   using Cap = mta::Table<ProbeOp>::Cap;
   Buffers buf;
@@ -89,13 +91,15 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit)
         ++tables;
         EXPECT(blocks >= 1 && blocks <= limit && blocks <= Cap::kBlocks,
                "table of %d blocks, limit %d", blocks, limit);
+        EXPECT(tab.chunk == chunk, "table chunk %d, want %d", int(tab.chunk), chunk);
         for (int b = 0; b < blocks; ++b) {
           EXPECT(tab.block_tensor[b] < Cap::kTensors, "slot %d", int(tab.block_tensor[b]));
           for (int th = 0; th < mta::kBlockSize; ++th)
             mta::run_thread(tab, b, th, mta::kBlockSize);
         }
         return cudaSuccess;
-      });
+      },
+      chunk);
   EXPECT(err == cudaSuccess, "for_each_table returned %d", int(err));
   for (size_t t = 0; t < sizes.size(); ++t) {
     const int64_t n = sizes[t];
@@ -107,8 +111,9 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit)
       const int64_t j = i - lo;
       if (inside) {
         const float want = 2.f * j + t + 1000.f * (t % 5);
-        EXPECT(cnt[i] == 1.f, "tensor %zu (numel %lld) element %lld visited %g times, limit %d",
-               t, (long long)n, (long long)j, cnt[i], limit);
+        EXPECT(cnt[i] == 1.f,
+               "tensor %zu (numel %lld) element %lld visited %g times, limit %d, chunk %d", t,
+               (long long)n, (long long)j, cnt[i], limit, chunk);
         EXPECT(out[i] == want, "tensor %zu element %lld: %g, want %g", t, (long long)j, out[i],
                want);
       } else {
@@ -118,7 +123,7 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit)
     }
   }
   int64_t chunks = 0;
-  for (int64_t n : sizes) chunks += (n + mta::kChunk - 1) / mta::kChunk;
+  for (int64_t n : sizes) chunks += (n + chunk - 1) / chunk;
   EXPECT(chunks == 0 ? tables == 0 : tables >= (chunks + limit - 1) / limit,
          "%d tables for %lld chunks at limit %d", tables, (long long)chunks, limit);
 }
@@ -134,6 +139,27 @@ int main() {
   EXPECT(mta::wave_blocks(0, 320) == 320, "unknown occupancy");
   EXPECT(mta::wave_blocks(-1, 320) == 320, "failed query");
 
+  // chunk_for: whole waves of equal chunks when kChunk would leave the GPU part idle
+  EXPECT(mta::chunk_for(10000000, 264) == 38912, "10M on 264 slots: %d",
+         mta::chunk_for(10000000, 264));
+  EXPECT(mta::chunk_for(20000000, 264) == 38912, "20M: two waves");
+  EXPECT(mta::chunk_for(1, 264) == mta::kMinChunk, "one element");
+  EXPECT(mta::chunk_for(10000000, 0) == mta::kChunk, "unknown occupancy");
+  EXPECT(mta::chunk_for(int64_t(264) * mta::kChunk, 264) == mta::kChunk, "a full wave");
+  for (int64_t total : {int64_t(1), int64_t(5000), int64_t(1) << 20, int64_t(10000000),
+                        int64_t(124000000), int64_t(1) << 36}) {
+    for (int resident : {1, 108, 264, 2000}) {
+      const int c = mta::chunk_for(total, resident);
+      EXPECT(c % mta::kMinChunk == 0 && c >= mta::kMinChunk && c <= mta::kChunk,
+             "chunk_for(%lld, %d) = %d", (long long)total, resident, c);
+      // never more waves than kChunk chunks would take
+      const int64_t wave = int64_t(resident) * mta::kChunk;
+      const int64_t blocks = (total + c - 1) / c;
+      EXPECT((blocks + resident - 1) / resident <= (total + wave - 1) / wave,
+             "chunk_for(%lld, %d) = %d takes more waves", (long long)total, resident, c);
+    }
+  }
+
   std::mt19937_64 rng(12345);
   std::uniform_int_distribution<int64_t> small(0, 5000), big(0, 300000);
   const std::vector<std::vector<int64_t>> lists = {
@@ -148,8 +174,14 @@ int main() {
     all.push_back(s);
   }
   for (const auto& sizes : all)
-    for (bool mis : {false, true})
+    for (bool mis : {false, true}) {
       for (int limit : {1, 2, 3, 264, 1 << 20}) check_one(sizes, mis, limit);
+      for (int chunk : {mta::kMinChunk, 38912}) check_one(sizes, mis, 264, chunk);
+    }
+  // chunks below one vector per thread (DLOPT_CUDA_CHUNK), on the small lists
+  for (int chunk : {4, 12, 2044})
+    for (bool mis : {false, true})
+      for (int limit : {1, 264}) check_one(all[1], mis, limit, chunk);
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

@@ -7,8 +7,9 @@
 // pointers + numel + per-tensor metadata), one per dtype group. They are packed
 // into a table that travels by value as the kernel argument (under the classic
 // 4 KB parameter limit: no device-side buffer, no host->device copy, nothing
-// that breaks CUDA graph capture). Each tensor is cut into kChunk-element
-// chunks, one thread block per chunk. When the table runs out of tensor slots
+// that breaks CUDA graph capture). Each tensor is cut into chunks of the table's
+// `chunk` elements (kChunk, or less when a call is too small to fill the GPU:
+// chunk_for), one thread block per chunk. When the table runs out of tensor slots
 // or block slots it is launched and refilled; a tensor whose chunks straddle
 // two launches is carried over into slot 0 of the next table. Indices are
 // 64-bit (numel, chunk start), so tensors over 2^31 elements are fine.
@@ -51,8 +52,9 @@ namespace dlopt {
 namespace mta {
 
 constexpr int kILP = 4;
-constexpr int kChunk = 65536;  // elements per block; multiple of kILP
+constexpr int kChunk = 65536;  // elements per block at most; multiple of kILP
 constexpr int kBlockSize = 512;
+constexpr int kMinChunk = kBlockSize * kILP;  // one vector per thread
 constexpr int kArgBudget = 4000;  // bytes of kernel argument we allow ourselves (< 4096)
 
 enum : int { kRead = 1, kWrite = 2, kReadWrite = 3 };
@@ -88,7 +90,8 @@ template <int N, class Meta, class Op>
 struct Capacity {
   static constexpr int kPerTensor = N * 8 + 8 + static_cast<int>(sizeof(Meta));
   static constexpr int kPerBlock = 4 + 2;  // chunk index + tensor slot
-  static constexpr int kFree = kArgBudget - static_cast<int>(sizeof(Op)) - 64;  // 64: padding
+  // 64: padding; 8: the chunk size
+  static constexpr int kFree = kArgBudget - static_cast<int>(sizeof(Op)) - 64 - 8;
   static constexpr int kTensors = (kFree - 320 * kPerBlock) / kPerTensor;
   static constexpr int kBlocks = (kFree - kTensors * kPerTensor) / kPerBlock;
   static_assert(kTensors >= 8, "multi_tensor_apply: per-tensor data too large for the table");
@@ -103,6 +106,7 @@ struct Table {
   int64_t numel[Cap::kTensors];
   Meta meta[Cap::kTensors];
   Op op;
+  int32_t chunk;  // elements per block (the last chunk of a tensor may be shorter)
   int32_t block_chunk[Cap::kBlocks];
   uint16_t block_tensor[Cap::kBlocks];
 };
@@ -131,9 +135,9 @@ template <class Op, class... Acc>
 DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthreads, Acc&... acc) {
   constexpr int N = Op::kLists;
   const int slot = tab.block_tensor[block];
-  const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
+  const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * tab.chunk;
   const int64_t left = tab.numel[slot] - begin;
-  const int n = left < kChunk ? static_cast<int>(left) : kChunk;
+  const int n = left < tab.chunk ? static_cast<int>(left) : tab.chunk;
 
   typename Op::Block blk;
   if (!tab.op.begin(tab.meta[slot], blk)) return;
@@ -247,7 +251,7 @@ inline int32_t tensor_index(const cuda::ParamEntry& e) { return e.index; }
 // per SM times the SMs) as a table of `cap` blocks holds, or the whole table when
 // it holds less than a wave (or `resident` is unknown, 0).
 //
-// Why: every block of a launch has the same work (one chunk), so a full table (328
+// Why: every block of a launch has the same work (one chunk), so a full table (326
 // blocks for fp32 Adam, at least 320 for every Op: Capacity) on a GPU that holds 264
 // at once (132 SMs x 2 blocks: ptxas gives these kernels 56-64 registers a thread,
 // `nvcc --resource-usage`) runs a full wave and then a wave of 64 blocks with most of
@@ -259,21 +263,37 @@ inline int wave_blocks(int resident, int cap) {
   return cap / resident * resident;
 }
 
-// wave_blocks for `kernel` launched with `threads` threads per block on the current
-// device; the occupancy query runs once per (kernel, device). A failed query
-// falls back to `cap` (and clears its error, which is not sticky). The environment
-// variable DLOPT_CUDA_FULL_TABLES (any value) restores full tables, for the A/B of
-// tools/gpu_check.sh.
+// Elements per block for a launch of `total` elements on a GPU that holds `resident`
+// blocks at once: kChunk, less when that would leave the last wave partly empty. The
+// call then takes whole waves of equal chunks (in multiples of kMinChunk): one 10M
+// fp32 tensor would be 153 chunks of 64K on 264 slots (an H200 holds 132 SMs x 2
+// blocks), leaving 111 SMs with half the work of the others; as 257 chunks of 38912
+// every slot works alike. Calls of many waves keep kChunk (within a few percent).
+// Not yet measured on a GPU: tools/gpu_check.sh A/Bs it against DLOPT_CUDA_CHUNK=65536.
+inline int chunk_for(int64_t total, int resident) {
+  if (resident <= 0 || total <= 0) return kChunk;
+  const int64_t wave = static_cast<int64_t>(resident) * kChunk;
+  const int64_t waves = (total + wave - 1) / wave;
+  const int64_t per_block = (total + waves * resident - 1) / (waves * resident);
+  const int64_t rounded = (per_block + kMinChunk - 1) / kMinChunk * kMinChunk;
+  return static_cast<int>(std::min<int64_t>(kChunk, std::max<int64_t>(kMinChunk, rounded)));
+}
+
+// How many blocks of `kernel` (with `threads` threads a block) the current device holds
+// at once: the occupancy query runs once per (kernel, device). 0 when unknown (a failed
+// query, whose error is cleared: it is not sticky) or when the environment variable
+// DLOPT_CUDA_FULL_TABLES is set: then launches take full tables of kChunk chunks, the
+// launch shape before whole waves, for the A/B of tools/gpu_check.sh.
 template <class Kernel>
-int launch_wave_blocks(Kernel* kernel, int threads, int cap) {
+int resident_blocks(Kernel* kernel, int threads) {
   static const bool full_tables = std::getenv("DLOPT_CUDA_FULL_TABLES") != nullptr;
-  if (full_tables) return cap;
+  if (full_tables) return 0;
   constexpr int kMaxDevices = 64;
   static int resident[kMaxDevices] = {};  // per instantiation: 0 = not asked yet
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
     (void)cudaGetLastError();
-    return cap;
+    return 0;
   }
   if (resident[dev] == 0) {
     int per_sm = 0, sms = 0;
@@ -281,21 +301,32 @@ int launch_wave_blocks(Kernel* kernel, int threads, int cap) {
             cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
       (void)cudaGetLastError();
-      return cap;
+      return 0;
     }
     resident[dev] = per_sm * sms > 0 ? per_sm * sms : -1;  // -1: asked, unknown
   }
-  return wave_blocks(resident[dev], cap);
+  return std::max(resident[dev], 0);
 }
 
-// Packs the non-empty entries into tables of at most max_blocks blocks (and the
-// table's capacity) and calls fn(table, number_of_blocks) -> cudaError_t for each,
-// stopping at the first error; host-only and CUDA-free (multi_tensor_apply launches
-// from fn).
+// DLOPT_CUDA_CHUNK (elements, a multiple of kILP up to 2^24) fixes the chunk size of
+// element-wise launches instead of chunk_for; for A/B timing only. Else -1.
+inline int chunk_override() {
+  static const int chunk = [] {
+    const char* v = std::getenv("DLOPT_CUDA_CHUNK");
+    const long c = v == nullptr ? -1 : std::strtol(v, nullptr, 10);
+    return c >= kILP && c <= (1L << 24) && c % kILP == 0 ? static_cast<int>(c) : -1;
+  }();
+  return chunk;
+}
+
+// Packs the non-empty entries, cut into chunks of `chunk` elements (a multiple of
+// kILP), into tables of at most max_blocks blocks (and the table's capacity) and calls
+// fn(table, number_of_blocks) -> cudaError_t for each, stopping at the first error;
+// host-only and CUDA-free (multi_tensor_apply launches from fn).
 template <class Op, class Fn>
 cudaError_t for_each_table(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
-    int max_blocks, Fn&& fn) {
+    int max_blocks, Fn&& fn, int chunk = kChunk) {
   using Tab = Table<Op>;
   using Cap = typename Tab::Cap;
   static_assert(sizeof(Tab) <= 4096, "multi_tensor_apply: kernel argument over 4 KB");
@@ -309,6 +340,7 @@ cudaError_t for_each_table(
     if (e.numel > 0) todo.push_back(&e);
   Tab tab;
   tab.op = op;
+  tab.chunk = chunk;
   int nt = 0, nb = 0;
   auto put = [&](int s, const Entry& e) {
     for (int k = 0; k < N; ++k) tab.ptr[k][s] = e.ptr[k];
@@ -317,8 +349,9 @@ cudaError_t for_each_table(
   };
   for (size_t t = 0; t < todo.size(); ++t) {
     const Entry& e = *todo[t];
-    // int32 chunk indices: 2^31 chunks of 64K elements (2^47) exceed any GPU's memory.
-    const int64_t chunks = (e.numel + kChunk - 1) / kChunk;
+    // int32 chunk indices: 2^31 chunks of kMinChunk elements (2^42) exceed any GPU's
+    // memory (a DLOPT_CUDA_CHUNK below kMinChunk is for timing small cases only).
+    const int64_t chunks = (e.numel + chunk - 1) / chunk;
     put(nt++, e);
     for (int64_t c = 0; c < chunks; ++c) {
       tab.block_tensor[nb] = static_cast<uint16_t>(nt - 1);
@@ -342,12 +375,17 @@ template <class Op>
 cudaError_t multi_tensor_apply(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     cudaStream_t stream) {
-  const int max_blocks =
-      launch_wave_blocks(multi_tensor_kernel<Op>, kBlockSize, Table<Op>::Cap::kBlocks);
-  return for_each_table(entries, op, max_blocks, [&](const Table<Op>& tab, int blocks) {
-    multi_tensor_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
-    return cudaGetLastError();
-  });
+  const int resident = resident_blocks(multi_tensor_kernel<Op>, kBlockSize);
+  int64_t total = 0;
+  for (const auto& e : entries) total += e.numel;
+  const int chunk = chunk_override() > 0 ? chunk_override() : chunk_for(total, resident);
+  return for_each_table(
+      entries, op, wave_blocks(resident, Table<Op>::Cap::kBlocks),
+      [&](const Table<Op>& tab, int blocks) {
+        multi_tensor_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
+        return cudaGetLastError();
+      },
+      chunk);
 }
 
 // The launch of an element-wise op: for each dtype group of the call (group_by_dtype,

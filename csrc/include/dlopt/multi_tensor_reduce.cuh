@@ -100,8 +100,9 @@ template <class Op>
 cudaError_t multi_tensor_reduce(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     cudaStream_t stream) {
-  const int max_blocks =
-      launch_wave_blocks(multi_tensor_reduce_kernel<Op>, kBlockSize, Table<Op>::Cap::kBlocks);
+  // kChunk chunks always: the ops size their partials by chunk_bases() before the call
+  const int max_blocks = wave_blocks(resident_blocks(multi_tensor_reduce_kernel<Op>, kBlockSize),
+                                     Table<Op>::Cap::kBlocks);
   return for_each_table(entries, op, max_blocks, [&](const Table<Op>& tab, int blocks) {
     multi_tensor_reduce_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
     return cudaGetLastError();
