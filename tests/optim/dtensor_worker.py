@@ -226,6 +226,47 @@ def fsdp2_training_matches_torch():
 
 
 @case
+def fsdp2_grad_scaler_matches_torch():
+    """torch.amp.GradScaler under fully_shard, with an inf in one step's batch: ours
+    (grad_scale / found_inf handed to the fused step) and torch.optim.AdamW (unscaled
+    grads) skip the same step, halve the scale alike and end alike."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import dlopt_kernels.optim as O
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 11), nn.Tanh(), nn.Linear(11, 3))
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    for m in (ours, ref):
+        fully_shard(m, mesh=mesh)
+    runs = [(ours, O.AdamW(ours.parameters(), lr=1e-2), torch.amp.GradScaler("cpu", 1024.0)),
+            (ref, torch.optim.AdamW(ref.parameters(), lr=1e-2),
+             torch.amp.GradScaler("cpu", 1024.0))]
+    gen = torch.Generator().manual_seed(10 + dist.get_rank())
+    errors = []
+    for it in range(4):
+        x = torch.randn(8, 6, generator=gen)
+        if it == 2:
+            x[0, 0] = math.inf
+        for m, opt, scaler in runs:
+            opt.zero_grad()
+            scaler.scale(m(x).square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        if runs[0][2].get_scale() != runs[1][2].get_scale():
+            errors.append(f"step {it}: scale {runs[0][2].get_scale()} vs "
+                          f"{runs[1][2].get_scale()}")
+    if runs[0][2].get_scale() != 512.0:
+        errors.append(f"the inf step did not halve the scale: {runs[0][2].get_scale()}")
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert_same(a, b.full_tensor(), name, False, errors=errors)
+    raise_errors(errors)
+
+
+@case
 def fsdp2_lamb_adafactor_train():
     """LAMB and Adafactor (gathered per tensor) under fully_shard match the same
     optimizer on an unsharded copy of the model fed the same global batch."""
