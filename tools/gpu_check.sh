@@ -40,19 +40,12 @@ if [ "${DLOPT_GPU_CRASH_LOG:-0}" = 1 ]; then
     done; } >"$OUT/crash.log" 2>&1
   head -c 5000 "$OUT/crash.log"
 fi
-tb=$(date +%s)
-# each benchmark merges its section into OUT/<device>-<date>.json
-for b in $BENCHES; do
-  rem=$(left "$BENCH_S" "$tb")
-  [ "$rem" -gt 10 ] || { echo "BENCH $b SKIPPED: bench time used up"; continue; }
-  timeout "$rem" python3 "$(bench_file "$b")" --device cuda --out "$OUT" --no-progress >>"$OUT/bench.log" 2>&1
-  echo "bench $b: exit $? at $(( $(date +%s) - t0 )) s"
-done
-grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
 # A/B of multi_tensor_apply's launch shape, Adam again with each variant in its own JSON:
 #   OUT/ab: full 4 KB tables of 64K chunks (DLOPT_CUDA_FULL_TABLES=1: the shape before
 #           whole waves and chunk_for);
 #   OUT/ab_chunk: whole waves but always 64K chunks (DLOPT_CUDA_CHUNK=65536: no chunk_for).
+# Run right after the adam benchmark, before the others can use up the bench time.
+ab_runs() {
 for v in "ab DLOPT_CUDA_FULL_TABLES=1" "ab_chunk DLOPT_CUDA_CHUNK=65536"; do
   set -- $v
   [ "$(left "$BENCH_S" "$tb")" -gt 25 ] || { echo "A/B $1 SKIPPED: bench time used up"; continue; }
@@ -61,6 +54,17 @@ for v in "ab DLOPT_CUDA_FULL_TABLES=1" "ab_chunk DLOPT_CUDA_CHUNK=65536"; do
   echo "A/B $2: exit $? at $(( $(date +%s) - t0 )) s"
   grep -E "^\[|^  dlopt\[cuda\] |^  torch fused" "$OUT/$1.log" | cut -c1-100 | head -12
 done
+}
+tb=$(date +%s)
+# each benchmark merges its section into OUT/<device>-<date>.json
+for b in $BENCHES; do
+  rem=$(left "$BENCH_S" "$tb")
+  [ "$rem" -gt 10 ] || { echo "BENCH $b SKIPPED: bench time used up"; continue; }
+  timeout "$rem" python3 "$(bench_file "$b")" --device cuda --out "$OUT" --no-progress >>"$OUT/bench.log" 2>&1
+  echo "bench $b: exit $? at $(( $(date +%s) - t0 )) s"
+  [ "$b" = adam ] && ab_runs
+done
+grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -n 12 --timeout 120 -rfE \
   --tb=short --durations=10 -k "cuda or test_build" \
   >"$OUT/tests.log" 2>&1
