@@ -1,6 +1,7 @@
 """The ranks of tests/optim/test_dtensor.py: 4 CPU processes in a gloo group run every
 case below on DTensor params and compare with a plain one-process run of the same
-optimizer on the whole tensors (every rank builds the same whole tensors from one seed).
+optimizer on the whole tensors (every rank builds the same whole tensors from one seed),
+or with torch.optim in the same distributed setup (fully_shard, DDP + ZeRO-1).
 Each rank writes {case: None or its traceback} to a JSON file. Not a test module."""
 from __future__ import annotations
 
@@ -263,6 +264,42 @@ def fsdp2_grad_scaler_matches_torch():
         errors.append(f"the inf step did not halve the scale: {runs[0][2].get_scale()}")
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         assert_same(a, b.full_tensor(), name, False, errors=errors)
+    raise_errors(errors)
+
+
+@case
+def ddp_zero_redundancy_matches_torch():
+    """Plain-tensor stacks too: DDP with torch's ZeroRedundancyOptimizer (ZeRO-1), ours
+    as its optimizer_class against torch.optim.AdamW; its consolidated state dict has
+    torch's keys."""
+    import copy
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import dlopt_kernels.optim as O
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 11), nn.Tanh(), nn.Linear(11, 3))
+    ours, ref = DDP(copy.deepcopy(base)), DDP(copy.deepcopy(base))
+    runs = [(ours, ZeroRedundancyOptimizer(ours.parameters(), optimizer_class=O.AdamW,
+                                           lr=1e-2, weight_decay=0.1)),
+            (ref, ZeroRedundancyOptimizer(ref.parameters(), optimizer_class=torch.optim.AdamW,
+                                          lr=1e-2, weight_decay=0.1))]
+    gen = torch.Generator().manual_seed(10 + dist.get_rank())
+    for _ in range(4):
+        x = torch.randn(8, 6, generator=gen)
+        for m, opt in runs:
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    errors = []
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert_same(a.detach(), b.detach(), name, False, errors=errors)
+    runs[0][1].consolidate_state_dict(0)
+    if dist.get_rank() == 0:
+        keys = sorted(runs[0][1].state_dict()["state"][0])
+        if keys != ["exp_avg", "exp_avg_sq", "step"]:
+            errors.append(f"state keys {keys}")
     raise_errors(errors)
 
 

@@ -1,7 +1,7 @@
 """Every optimizer and clip_grad_norm_ on DTensor params (FSDP2's fully_shard, HSDP,
-2-D sharding), on 4 CPU processes in a gloo group: each case of dtensor_worker.py
-against a plain one-process run of the same maths, or against torch.optim under
-fully_shard. The processes run once per module (spawning 4 Python processes costs
+2-D sharding), and ours inside DDP + ZeroRedundancyOptimizer, on 4 CPU processes in a
+gloo group: each case of dtensor_worker.py against a plain one-process run of the same
+maths, or against torch.optim in the same setup. The processes run once per module (spawning 4 Python processes costs
 seconds); each case is reported as its own test."""
 from __future__ import annotations
 
