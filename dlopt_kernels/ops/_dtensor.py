@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 _REGISTERED = False
+_DTENSOR: type = type(None)  # torch.distributed.tensor.DTensor, once registered
 ELEMENTWISE = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "lion_step")
 WHOLE = ("lamb_step", "adafactor_step")
 # Adafactor's state lists with one entry per param of >= 2 dims (True) or of 0-1 dims
@@ -49,10 +50,11 @@ _GOLDEN = 0x9E3779B9  # rounding.h sr_tensor_key's multiplier
 
 def register_if_loaded() -> None:
     """Register the rules, if torch.distributed.tensor is imported (once)."""
-    global _REGISTERED
+    global _REGISTERED, _DTENSOR
     if _REGISTERED or "torch.distributed.tensor" not in sys.modules or not dist.is_available():
         return
     from torch.distributed.tensor import DTensor
+    _DTENSOR = DTensor
 
     from dlopt_kernels.ops._library import LIB
     for name in ELEMENTWISE:
@@ -67,8 +69,7 @@ def register_if_loaded() -> None:
 
 
 def _is_dt(t) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+    return isinstance(t, _DTENSOR)  # the rules run only once _DTENSOR is set
 
 
 def _bind(func, args, kwargs) -> dict:
@@ -194,10 +195,21 @@ def _subset(a, idx, n):
 def _localize(func, a) -> dict:
     """The arguments with every DTensor replaced by the tensor the op runs on here."""
     params = a["params"]
+    # the common case first (a tensor of a DTensor param on its mesh, placed alike, of
+    # its shape: its local tensor), the checks and messages of _local_of otherwise
+    specs = [p._spec if _is_dt(p) else None for p in params]
     local = dict(a)
     for name, mutated in _tensor_lists(func):
-        local[name] = [_local_of(name, i, t, params[i] if i < len(params) else t, mutated)
-                       for i, t in enumerate(a[name])]
+        out = []
+        for i, t in enumerate(a[name]):
+            spec = specs[i] if i < len(specs) and name != "state_steps" else None
+            ts = t._spec if spec is not None and _is_dt(t) else None
+            if ts is not None and (ts.mesh is spec.mesh and ts.placements == spec.placements
+                                   and ts.shape == spec.shape):
+                out.append(t._local_tensor)
+            else:
+                out.append(_local_of(name, i, t, params[i] if i < len(params) else t, mutated))
+        local[name] = out
     for name, value in a.items():
         if isinstance(value, torch.Tensor):
             local[name] = _scalar(value)
