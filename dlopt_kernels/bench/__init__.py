@@ -25,6 +25,7 @@ BENCHMARKS = {
     "lion": "optim_lion",
     "lamb": "optim_lamb",
     "clip_grad_norm": "multi_tensor_norm",
+    "dtensor": "dtensor",
 }
 
 

@@ -63,3 +63,17 @@ def test_rule_registration_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def test_dtensor_benchmark_quick():
+    """benchmarks/bench_dtensor.py runs (quick sizes; in its own process, whose gloo
+    group it starts and ends) and reports its targets."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_dtensor.py"),
+                          "--quick", "--no-progress"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[tiny_1000]" in out.stdout and "torch fused" in out.stdout, out.stdout[-3000:]
