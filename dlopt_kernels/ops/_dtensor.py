@@ -38,6 +38,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from dlopt_kernels.ops._library import run_kernel
+
 _REGISTERED = False
 _DTENSOR: type = type(None)  # torch.distributed.tensor.DTensor, once registered
 ELEMENTWISE = ("adam_step", "sgd_step", "adagrad_step", "rmsprop_step", "lion_step")
@@ -158,7 +160,7 @@ def _elementwise(mode, func, types, args, kwargs):
     params = _checked_params(a)
     local = _localize(func, a)  # every check before any tensor changes
     if local.get("sr_seed") is None or not any(_is_dt(p) for p in params):
-        func(*local.values())
+        _call(func, local)
         return None
     # one call per (mesh, placements), each with its shards' own random streams
     groups: dict = {}
@@ -168,8 +170,20 @@ def _elementwise(mode, func, types, args, kwargs):
         sub = _subset(local, idx, len(params))
         if key is not None:
             sub["sr_seed"] = _shard_seed(local["sr_seed"], *key)
-        func(*sub.values())
+        _call(func, sub)
     return None
+
+
+def _call(func, a: dict) -> None:
+    """The op on the plain tensors of `a`: in eager mode straight to the kernel it would
+    pick (run_kernel, as the optimizers' fast path), else through the op."""
+    args = list(a.values())
+    params = args[0]
+    if params and type(params[0]) in (torch.Tensor, torch.nn.Parameter) and \
+            not torch.compiler.is_compiling():
+        run_kernel(func.name().split("::", 1)[1], args)
+    else:
+        func(*args)
 
 
 def _shard_seed(seed, mesh, placements):

@@ -9,7 +9,8 @@ fake (meta) impl, so it traces under torch.compile and passes opcheck.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import torch
 
@@ -40,3 +41,27 @@ def compiled(name: str) -> Callable:
 
     kernel.__name__ = name
     return kernel
+
+
+def run_kernel(name: str, args) -> None:
+    """Call the kernel op `name` would pick for `args` (its arguments in schema order,
+    params first and backend last) directly: no dispatcher and no routing impl, and a
+    compiled kernel through `_C.call_compiled`, which also skips torch's per-tensor
+    argument conversion. For eager callers that already hold plain tensors (the
+    optimizers' fast path, the DTensor rules); everything else calls the op."""
+    from dlopt_kernels.backends.registry import resolve
+    backend, kernel = resolve(name, args[0][0].device, args[-1])
+    call = _call_compiled() if backend in ("cpu", "cuda") else None
+    if call is not None:
+        return call(name, *args[:-1])
+    return kernel(*args[:-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _call_compiled() -> Optional[Callable]:
+    """`_C.call_compiled` (csrc/python_fast_path.cpp), if the C++ library loaded."""
+    from dlopt_kernels import _lib
+    if not _lib.LOADED["cpu"]:
+        return None
+    from dlopt_kernels import _C
+    return getattr(_C, "call_compiled", None)

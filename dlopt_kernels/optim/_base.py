@@ -18,6 +18,7 @@ from torch import Tensor
 from dlopt_kernels import _lib
 from dlopt_kernels.backends import registry
 from dlopt_kernels.ops._dtensor import register_if_loaded
+from dlopt_kernels.ops._library import run_kernel
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,8 +61,6 @@ def _c_function(name: str) -> Optional[Callable]:
 
 
 _COLLECT = _c_function("collect_group")  # the C twin of FusedOptimizer._collect
-_CALL_COMPILED = _c_function("call_compiled")  # torch.ops.dlopt_C.<op>(...) without its
-# Python argument conversion
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -316,10 +315,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = args[0]
         if (not torch.compiler.is_compiling() and self._direct and params
                 and params[0].device.type in ("cpu", "cuda")):
-            backend, kernel = registry.resolve(op.__name__, params[0].device, args[-1])
-            if backend in ("cpu", "cuda") and _CALL_COMPILED is not None:
-                return _CALL_COMPILED(op.__name__, *args[:-1])
-            return kernel(*args[:-1])
+            return run_kernel(op.__name__, args)
         return op(*args)
 
     def _collect(self, group: dict[str, Any], name: str) -> dict[tuple, list[list]]:
