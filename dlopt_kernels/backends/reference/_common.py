@@ -65,6 +65,23 @@ def decoupled_decay_factor(lr: float, weight_decay: float) -> float:
     return 1.0 - lr * weight_decay
 
 
+def each_tensor(params, grads, master_params, state_steps, grad_mul: float):
+    """The loop every element-wise reference step runs: each param's step counted first
+    (all of them, zero-size ones included, as torch counts them; `state_steps` empty for
+    ops without steps), then for each param with elements (i, p, pf, g, master): its fp32
+    value (a copy of the master under master weights, else the param upcast: for an
+    fp32 param the param itself, which the caller must not change before store_param),
+    its fp32 grad times `grad_mul`, and its master or None."""
+    for i, p in enumerate(params):
+        if state_steps:
+            state_steps[i].add_(1)
+        if p.numel() == 0:
+            continue
+        master = master_params[i] if master_params else None
+        pf = master.clone() if master is not None else p.float()
+        yield i, p, pf, grads[i].float() * grad_mul, master
+
+
 def store_param(p: Tensor, pf: Tensor, master: Optional[Tensor], seed: Optional[int],
                 tensor_index: int) -> None:
     """Write the fp32 result `pf` back: into the fp32 master (if any) and the param,

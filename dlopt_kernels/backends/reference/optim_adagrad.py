@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dlopt_kernels.backends.reference._common import grad_multiplier, skip_step, store_param
+from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
+                                                      store_param)
 
 
 def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tensor,
@@ -19,14 +20,9 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tens
     grad_mul = grad_multiplier(maximize, grad_scale)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p in enumerate(params):
-            state_steps[i].add_(1)
-            if p.numel() == 0:
-                continue
+        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
+                                               grad_mul):
             clr = lr_v / (1.0 + (float(state_steps[i]) - 1.0) * lr_decay)
-            master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
             if weight_decay != 0.0:
                 g = g + weight_decay * pf
             s = state_sums[i].float() + g * g

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
-                                                      bf16_stochastic, sr_tensor_key)
+                                                      each_tensor, store_param)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
@@ -30,15 +30,10 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     grad_mul = (-1.0 if maximize else 1.0) / (float(grad_scale) if grad_scale is not None else 1.0)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p in enumerate(params):
-            state_steps[i].add_(1)
-            if p.numel() == 0:
-                continue
+        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
+                                               grad_mul):
             step = float(state_steps[i])
             step_size, inv_bc2_sqrt, decay = adam_coeffs(lr_v, step, beta1, beta2, weight_decay)
-            master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
             m = exp_avgs[i].float()
             v = exp_avg_sqs[i].float()
             if weight_decay != 0.0:
@@ -55,9 +50,4 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
             pf = pf - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps)
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
-            if master is not None:
-                master.copy_(pf)
-            if seed is not None and master is None and p.dtype == torch.bfloat16:
-                p.copy_(bf16_stochastic(pf, sr_tensor_key(seed, i)))
-            else:
-                p.copy_(pf)
+            store_param(p, pf, master, seed, i)

@@ -9,6 +9,7 @@ from torch import Tensor
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (
     decoupled_decay_factor,
+    each_tensor,
     grad_multiplier,
     skip_step,
     store_param,
@@ -27,13 +28,8 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr: Tensor, b
     decay = decoupled_decay_factor(lr_v, weight_decay)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p in enumerate(params):
-            state_steps[i].add_(1)
-            if p.numel() == 0:
-                continue
-            master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
+        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
+                                               grad_mul):
             m = exp_avgs[i].float()
             if weight_decay != 0.0:
                 pf = pf * decay

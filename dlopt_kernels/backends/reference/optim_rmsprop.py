@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dlopt_kernels.backends.reference._common import grad_multiplier, skip_step, store_param
+from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
+                                                      store_param)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
@@ -20,13 +21,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
     grad_mul = grad_multiplier(maximize, grad_scale)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p in enumerate(params):
-            state_steps[i].add_(1)
-            if p.numel() == 0:
-                continue
-            master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
+        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
+                                               grad_mul):
             # torch.optim.RMSprop's own op sequence (for-loop path), so that on any
             # device this backend rounds as torch does: centered RMSprop's v - ga^2
             # cancels and amplifies any other order's rounding along the trajectory.

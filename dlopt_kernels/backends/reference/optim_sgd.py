@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dlopt_kernels.backends.reference._common import grad_multiplier, skip_step, store_param
+from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
+                                                      store_param)
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_decay: float,
@@ -19,12 +20,7 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_
     grad_mul = grad_multiplier(maximize, grad_scale)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p in enumerate(params):
-            if p.numel() == 0:
-                continue
-            master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
+        for i, p, pf, g, master in each_tensor(params, grads, master_params, [], grad_mul):
             if weight_decay != 0.0:
                 g = g + weight_decay * pf
             if momentum != 0.0:
