@@ -372,7 +372,8 @@ def _combine(norms, ord_, mesh, shard_dims):
     if math.isinf(ord_):
         sign = 1.0 if ord_ > 0 else -1.0
         # all_reduce MAX drops NaN: carry a NaN flag beside the values (both by MAX)
-        vals = torch.stack([torch.nan_to_num(sign * norms, nan=-math.inf), norms.isnan().double()])
+        vals = torch.stack([torch.where(norms.isnan(), -math.inf, sign * norms),
+                            norms.isnan().double()])
         op = dist.ReduceOp.MAX
     else:
         vals = (norms if ord_ == 0 else norms ** ord_).unsqueeze(0)

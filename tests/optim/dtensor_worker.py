@@ -361,19 +361,22 @@ def norms_all_ords():
 
 
 @case
-def norm_nan_in_one_shard():
-    """A NaN on one rank's shard reaches every rank's norm (2 and inf)."""
+def norm_nan_or_inf_in_one_shard():
+    """A NaN on one rank's shard reaches every rank's norm (2, inf, -inf); an inf gives
+    inf for 2 and inf (not the largest float)."""
     import dlopt_kernels.optim as O
     layout = layouts()["fsdp"]
     errors = []
-    for ord_ in (2.0, math.inf, -math.inf):
+    for bad, ord_, want in ((math.nan, 2.0, math.nan), (math.nan, math.inf, math.nan),
+                            (math.nan, -math.inf, math.nan), (math.inf, 2.0, math.inf),
+                            (math.inf, math.inf, math.inf), (-math.inf, math.inf, math.inf)):
         plain, dts = make([(8, 3)], layout, seed=9)
         set_grads(plain, dts, layout, seed=10)
         if dist.get_rank() == 3:
-            dts[0].grad._local_tensor[0, 0] = math.nan
-        total = O.get_total_norm([d.grad for d in dts], ord_)
-        if not math.isnan(float(total.full_tensor())):
-            errors.append(f"ord {ord_}: {total}")
+            dts[0].grad._local_tensor[0, 0] = bad
+        got = float(O.get_total_norm([d.grad for d in dts], ord_).full_tensor())
+        if not (math.isnan(got) if math.isnan(want) else got == want):
+            errors.append(f"{bad} with ord {ord_}: {got}, want {want}")
     raise_errors(errors)
 
 
