@@ -204,6 +204,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     dtype = self._state_dtype(p, group)
                     if value.shape == p.shape:
                         t = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    elif type(value) not in (Tensor, torch.nn.Parameter):
+                        # a DTensor not shaped like its param (Adafactor's row_var / col_var
+                        # under FSDP2, from torch.distributed.checkpoint): keep its layout
+                        t = torch.empty_like(value, dtype=dtype)
                     else:  # a state not shaped like its param (Adafactor's row_var / col_var)
                         t = torch.empty(value.shape, dtype=dtype, device=p.device)
                     state[key] = t.copy_(value.detach())
