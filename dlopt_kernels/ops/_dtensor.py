@@ -257,7 +257,9 @@ def _whole(mode, func, types, args, kwargs):
         return [a[name][pos[name][i]] for name, _ in lists
                 if a[name] and pos[name][i] is not None]
 
-    if func.name() == "dlopt::lamb_step" and _lamb_locally(func, a):
+    # (not while torch.compile traces: the reference kernel reads values on the host)
+    if (func.name() == "dlopt::lamb_step" and not torch.compiler.is_compiling()
+            and _lamb_locally(func, a)):
         return None
     # a param is stepped whole if it or any of its tensors is sharded
     gathered = [i for i in range(len(params)) if any(_sharded(t) for t in tensors_of(i))]

@@ -578,6 +578,45 @@ def state_dict_round_trip_every_optimizer():
     raise_errors(errors)
 
 
+@case
+def compiled_step_under_fsdp2():
+    """torch.compile(fullgraph=True) of AdamW's and LAMB's step over FSDP2's DTensor
+    params: AdamW gives the eager step's bits; compiled LAMB takes the gathering path
+    (the shard path's reference kernel reads values on the host), a rounding apart from
+    the eager shard path."""
+    import copy
+    import tempfile
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import dlopt_kernels.optim as O
+    # one inductor cache per rank: four processes compile at once
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor{dist.get_rank()}")
+    mesh = init_device_mesh("cpu", (WORLD,))
+    errors = []
+    for cls in ("AdamW", "LAMB"):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2))
+        eager, comp = copy.deepcopy(base), copy.deepcopy(base)
+        fully_shard(eager, mesh=mesh)
+        fully_shard(comp, mesh=mesh)
+        opt_e = getattr(O, cls)(eager.parameters(), lr=1e-2)
+        opt_c = getattr(O, cls)(comp.parameters(), lr=1e-2)
+        compiled = torch.compile(opt_c.step, fullgraph=True)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            x = torch.randn(4, 5, generator=gen)
+            for m, step, opt in ((eager, opt_e.step, opt_e), (comp, compiled, opt_c)):
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                step()
+        for pe, pc in zip(eager.parameters(), comp.parameters()):
+            assert_same(pc, pe.full_tensor(), f"{cls} compiled", cls == "AdamW", errors=errors)
+    torch._dynamo.reset()
+    raise_errors(errors)
+
+
 # ---------------------------------------------------------------------- entry
 
 
