@@ -8,9 +8,9 @@ from dlopt_kernels.ops.optim_lamb import lamb_step
 from dlopt_kernels.ops.optim_lion import lion_step
 from dlopt_kernels.ops.optim_rmsprop import rmsprop_step
 from dlopt_kernels.ops.optim_sgd import sgd_step
-from dlopt_kernels.ops._dtensor import register_if_loaded
+from dlopt_kernels.ops._dtensor import register_dtensor_rules, register_if_loaded
 
 register_if_loaded()  # DTensor rules, if torch.distributed.tensor is already imported
 
 __all__ = ["multi_tensor_norm", "adagrad_step", "adam_step", "lamb_step", "lion_step",
-           "adafactor_step", "rmsprop_step", "sgd_step"]
+           "adafactor_step", "rmsprop_step", "sgd_step", "register_dtensor_rules"]

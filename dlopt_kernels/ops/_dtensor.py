@@ -67,6 +67,20 @@ def register_if_loaded() -> None:
     _REGISTERED = True
 
 
+def register_dtensor_rules() -> None:
+    """Make the `torch.ops.dlopt.*` ops accept DTensors (FSDP2, tensor parallel) now.
+
+    Imports torch.distributed.tensor and registers the rules. The optimizers and
+    `clip_grad_norm_` do this themselves when torch.distributed.tensor is loaded; call it
+    before using the ops directly on DTensors if dlopt_kernels was imported first.
+    """
+    if not dist.is_available():
+        raise RuntimeError("register_dtensor_rules: this build of torch has no "
+                           "torch.distributed")
+    import torch.distributed.tensor  # noqa: F401
+    register_if_loaded()
+
+
 # ------------------------------------------------------------------------- helpers
 
 

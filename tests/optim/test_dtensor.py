@@ -65,6 +65,40 @@ def test_rule_registration_is_lazy():
     assert out == "False"
 
 
+def test_register_dtensor_rules_for_direct_op_calls():
+    """With dlopt_kernels imported first, torch.ops.dlopt.* refuse DTensors until
+    dlopt_kernels.ops.register_dtensor_rules() (a one-rank gloo group, its own process)."""
+    import subprocess
+    import sys
+    code = """
+import os, socket, torch, torch.distributed as dist
+import dlopt_kernels
+from dlopt_kernels.ops import register_dtensor_rules
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+mesh = init_device_mesh("cpu", (1,))
+x = distribute_tensor(torch.ones(6, 2), mesh, [Shard(0)])
+try:
+    torch.ops.dlopt.multi_tensor_norm([x], 2.0)
+    print("no error before registering")
+except NotImplementedError:
+    pass
+register_dtensor_rules()
+norms, total = torch.ops.dlopt.multi_tensor_norm([x], 2.0)
+print(float(total.full_tensor()))
+dist.destroy_process_group()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(out.stdout.split()) == 1, out.stdout  # nothing printed before registering
+    assert abs(float(out.stdout) - 12 ** 0.5) <= 1e-6 * 12 ** 0.5, out.stdout
+
+
 def test_dtensor_benchmark_quick():
     """benchmarks/bench_dtensor.py runs (quick sizes; in its own process, whose gloo
     group it starts and ends) and reports its targets."""
