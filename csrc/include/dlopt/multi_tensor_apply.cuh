@@ -251,8 +251,8 @@ inline int32_t tensor_index(const cuda::ParamEntry& e) { return e.index; }
 // per SM times the SMs) as a table of `cap` blocks holds, or the whole table when
 // it holds less than a wave (or `resident` is unknown, 0).
 //
-// Why: every block of a launch has the same work (one chunk), so a full table (326
-// blocks for fp32 Adam, at least 320 for every Op: Capacity) on a GPU that holds 264
+// Why: every block of a launch has the same work (one chunk), so a full table (at
+// least 320 blocks for every Op: Capacity) on a GPU that holds 264
 // at once (132 SMs x 2 blocks: ptxas gives these kernels 56-64 registers a thread,
 // `nvcc --resource-usage`) runs a full wave and then a wave of 64 blocks with most of
 // the GPU idle. That tail is a suspected cause (not yet measured on its own) of the
