@@ -438,10 +438,11 @@ def grads_placed_unlike_params():
 
 @case
 def refusals_change_nothing():
-    """States placed unlike their param, plain states, Partial params: a clear error
-    naming the list, and nothing changed."""
+    """States placed unlike their param, plain states, states of another shape, Partial
+    params: a clear error naming the list, and nothing changed; the norm of DTensors mixed
+    with plain tensors or on two meshes: a clear error naming `tensors`."""
     import dlopt_kernels.optim as O
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     layout = layouts()["fsdp"]
     plain, dts = make([(8, 3), (5,)], layout, seed=11)
     opt = O.AdamW(dts, lr=1e-2)
@@ -463,7 +464,30 @@ def refusals_change_nothing():
             raise AssertionError(f"no {err.__name__} for {words}")
         for d, b in zip(dts, before):
             assert torch.equal(d.detach().full_tensor(), b)
+    # a state of another shape on the param's mesh, placed alike
+    wrong = distribute_tensor(torch.zeros(4, 3), good.device_mesh, good.placements)
+    st["exp_avg"] = wrong
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "exp_avgs[0]" in str(e) and "shape" in str(e), str(e)
+    else:
+        raise AssertionError("no ValueError for a state of another shape")
+    for d, b in zip(dts, before):
+        assert torch.equal(d.detach().full_tensor(), b)
     st["exp_avg"] = good
+    # the norm of DTensors mixed with plain tensors, or on two meshes
+    from torch.distributed.device_mesh import init_device_mesh
+    other_mesh = init_device_mesh("cpu", (2, 2))
+    other = distribute_tensor(torch.ones(4), other_mesh, [Shard(0), Replicate()])
+    for tensors, err, words in (([dts[0].grad, torch.ones(3)], TypeError, "tensors: mixes"),
+                                ([dts[0].grad, other], ValueError, "more than one device mesh")):
+        try:
+            torch.ops.dlopt.multi_tensor_norm(tensors, 2.0)
+        except err as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"no {err.__name__} for {words}")
     partial = nn.Parameter(DTensor.from_local(torch.ones(2), layout((2,))[0], [Partial()]))
     partial.grad = DTensor.from_local(torch.ones(2), layout((2,))[0], [Partial()])
     try:

@@ -111,3 +111,22 @@ def test_dtensor_benchmark_quick():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[tiny_1000]" in out.stdout and "torch fused" in out.stdout, out.stdout[-3000:]
+
+
+def test_dtensor_benchmark_refuses_a_gpu_device():
+    """The DTensor benchmark runs on a gloo (CPU) mesh: another device is a ValueError
+    naming it, before any process group starts."""
+    import torch.distributed as dist
+
+    from dlopt_kernels.bench import dtensor
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        dtensor.build_cases(torch.device("meta"), quick=True)
+    assert not dist.is_initialized()
+
+
+def test_register_dtensor_rules_without_torch_distributed(monkeypatch):
+    """A torch built without torch.distributed: a RuntimeError that says so."""
+    from dlopt_kernels.ops import _dtensor
+    monkeypatch.setattr(_dtensor.dist, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no torch.distributed"):
+        _dtensor.register_dtensor_rules()
