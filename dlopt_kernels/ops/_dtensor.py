@@ -32,6 +32,7 @@ The rules are registered once `torch.distributed.tensor` has been imported
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -101,10 +102,12 @@ def _bind(func, args, kwargs) -> dict:
     return out
 
 
-def _tensor_lists(func) -> list[tuple[str, bool]]:
-    """(name, mutated) of the op's Tensor[] arguments."""
-    return [(a.name, a.alias_info is not None and a.alias_info.is_write)
-            for a in func._schema.arguments if str(a.type) == "List[Tensor]"]
+@functools.lru_cache(maxsize=None)
+def _tensor_lists(func) -> tuple[tuple[str, bool], ...]:
+    """(name, mutated) of the op's Tensor[] arguments (read once per op: every step
+    asks)."""
+    return tuple((a.name, a.alias_info is not None and a.alias_info.is_write)
+                 for a in func._schema.arguments if str(a.type) == "List[Tensor]")
 
 
 def _scalar(t):
