@@ -69,6 +69,13 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     cxx_flags.append("-mprefer-vector-width=512")
 use_cuda = want_cuda()
 LINK_STDCXX = shared_libstdcxx()
+# No implicit FMA contraction in CUDA code (nvcc contracts a*b + c by default): which
+# pairs it fused differed between the vector and the scalar loop of multi_tensor_apply,
+# so an element's result depended on its tensor's alignment (an H100 run, RMSprop and
+# LAMB on views at odd offsets). The maths headers name each FMA they want (`fmadd`);
+# the C++ CPU build (ISO C++, no contraction) and Triton (enable_fp_fusion=False) do the
+# same. The kernels are memory-bound: the extra instructions cost nothing measurable.
+NVCC_FP = ["--fmad=false"]
 archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
 if use_cuda:  # lets `dlopt-kernels info` say what the CUDA library was built for
     cxx_flags += ["-DDLOPT_WITH_CUDA", f'-DDLOPT_CUDA_ARCH_STR="{";".join(archs)}"']
@@ -90,7 +97,7 @@ if use_cuda:
         "dlopt_kernels._C_cuda", cuda_sources, include_dirs=[INCLUDE],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                             "nvcc": ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr",
-                                     "-lineinfo"] + gencode},
+                                     "-lineinfo", *NVCC_FP] + gencode},
         extra_link_args=LINK_STDCXX))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": cpp_extension.BuildExtension})

@@ -68,6 +68,7 @@ def nvcc_flags(threads: int) -> list[str]:
     # What BuildExtension adds for a CUDAExtension (half/bf16 operators off, ...).
     common = getattr(cpp_extension, "COMMON_NVCC_FLAGS", ["--expt-relaxed-constexpr"])
     flags = [*common_flags(), "--expt-relaxed-constexpr", *common,
+             "--fmad=false",  # as setup.py's NVCC_FP
              "-Xcompiler", "-fPIC", f"--threads={threads}"]
     flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
     return list(dict.fromkeys(flags))  # drop duplicates, keep order
