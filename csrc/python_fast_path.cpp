@@ -334,6 +334,9 @@ PyMethodDef kMethods[] = {
      "collect_group(params, state, keys, master_key) -> None | list of lists: the tensors "
      "an optimizer step of one param group hands to its fused op, or None when the "
      "Python path must handle the group (see csrc/python_fast_path.cpp)."},
+    {"triton_tables", triton_tables, METH_VARARGS,
+     "triton_tables(lists, key_lists, extra, chunk) -> None | (contiguous, groups): the "
+     "tables of a Triton multi-tensor launch (see csrc/triton_tables.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -7,7 +7,8 @@
 # bench...: benchmark names (adam lamb ...; default all eight). DLOPT_GPU_CRASH_LOG=1 also
 # records a native backtrace of tools/repro_malformed.py (no gdb there) in crash.log.
 # Writes env.txt, build.log, bench.log, ab.log, ab_chunk.log, tests.log and the benchmark
-# JSON into OUTDIR.
+# JSON into OUTDIR. DLOPT_GPU_AB=0 skips the CUDA A/B; DLOPT_GPU_SWEEP=1 adds the Triton
+# launch-size sweep (sizes.log, triton_sizes.json) before the benchmarks.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS] [bench...]}
 : "${DLOPT_GIT_COMMIT:?set DLOPT_GIT_COMMIT to the commit sent (git rev-parse HEAD here)}"
@@ -32,6 +33,16 @@ if ! python3 -m pip install --no-build-isolation --no-deps -q -e . >"$OUT/build.
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m dlopt_kernels.cli info 2>&1 | tee -a "$OUT/env.txt"
+# DLOPT_GPU_SWEEP=1: time the Triton element-wise launch sizes first
+# (tools/triton_sizes.py) and run everything after it with the best one.
+if [ "${DLOPT_GPU_SWEEP:-0}" = 1 ]; then
+  timeout "${DLOPT_GPU_SWEEP_S:-150}" python3 tools/triton_sizes.py --out "$OUT" \
+    >"$OUT/sizes.log" 2>&1
+  echo "sizes: exit $? at $(( $(date +%s) - t0 )) s"
+  cut -c1-100 "$OUT/sizes.log" | tail -40
+  best=$(sed -n 's/^best: //p' "$OUT/sizes.log")
+  [ -n "$best" ] && export $best && echo "using $best"
+fi
 if [ "${DLOPT_GPU_CRASH_LOG:-0}" = 1 ]; then
   { gcc -shared -fPIC -O1 -o /tmp/segv.so tools/segv_backtrace.c
     for d in cpu cuda; do
@@ -62,7 +73,7 @@ for b in $BENCHES; do
   [ "$rem" -gt 10 ] || { echo "BENCH $b SKIPPED: bench time used up"; continue; }
   timeout "$rem" python3 "$(bench_file "$b")" --device cuda --out "$OUT" --no-progress >>"$OUT/bench.log" 2>&1
   echo "bench $b: exit $? at $(( $(date +%s) - t0 )) s"
-  [ "$b" = adam ] && ab_runs
+  [ "$b" = adam ] && [ "${DLOPT_GPU_AB:-1}" = 1 ] && ab_runs
 done
 grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -n 12 --timeout 120 -rfE \

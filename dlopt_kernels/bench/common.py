@@ -699,6 +699,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cwd": os.getcwd(),
         "git": git_info(),
         "load_average": _loadavg(),
+        # settings that change what runs (launch sizes, A/B switches)
+        "dlopt_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DLOPT_")},
     }
     try:
         from dlopt_kernels import _lib

@@ -46,6 +46,29 @@ def block_size() -> int:
     return 4096 if gpu_sizes() else 65536
 
 
+# Element-wise launches (launch_multi_tensor): BLOCK elements per loop trip, ITERS
+# trips per program, num_warps. The environment variables override the defaults, for
+# the A/B timing of tools/triton_sizes.py on a GPU.
+_SIZE_VARS = (("DLOPT_TRITON_BLOCK", 64, 1 << 17), ("DLOPT_TRITON_ITERS", 1, 256),
+              ("DLOPT_TRITON_WARPS", 1, 32))
+
+
+def launch_sizes() -> tuple[int, int, int]:
+    """(BLOCK, ITERS, num_warps) of the element-wise kernels."""
+    sizes = [block_size(), 1, 8 if gpu_sizes() else 4]
+    for k, (var, lo, hi) in enumerate(_SIZE_VARS):
+        raw = os.environ.get(var)
+        if raw:
+            try:
+                v = int(raw)
+            except ValueError:
+                v = 0
+            if not (lo <= v <= hi and v & (v - 1) == 0):
+                raise ValueError(f"dlopt: {var}={raw!r} must be a power of two in [{lo}, {hi}]")
+            sizes[k] = v
+    return sizes[0], sizes[1], sizes[2]
+
+
 # ---------------------------------------------------------------- device side
 
 
@@ -257,7 +280,11 @@ def align_to_params(lists, mutated):
     pair to put mutated scratch copies back into the caller's tensors."""
     lists = [list(lst) for lst in lists]
     writeback = []
+    others = [k for k in range(1, len(lists)) if lists[k]]
     for i, p in enumerate(lists[0]):
+        # the common case first: contiguous tensors of one shape share one flat layout
+        if p.is_contiguous() and all(lists[k][i].is_contiguous() for k in others):
+            continue
         if not is_dense(p):
             pw = p.contiguous()
             if mutated[0]:
@@ -295,14 +322,22 @@ _TABLE_CACHE_SIZE = 16
 
 
 @triton.jit
-def table_row(table_ptr, map_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's (row pointer, numel, tensor index, element offsets)."""
+def table_start(table_ptr, map_ptr, NCOL: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's (row pointer, numel, tensor index, first element) when each
+    program works on CHUNK elements of its tensor."""
     pid = tl.program_id(0)
     rec = table_ptr + tl.load(map_ptr + pid).to(tl.int64) * NCOL
     n = tl.load(rec + 0)  # COL_NUMEL
     index = tl.load(rec + 1)  # COL_INDEX
-    offs = (pid - tl.load(rec + 2)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # COL_FIRST
-    return rec, n, index, offs
+    start = (pid - tl.load(rec + 2)).to(tl.int64) * CHUNK  # COL_FIRST
+    return rec, n, index, start
+
+
+@triton.jit
+def table_row(table_ptr, map_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (row pointer, numel, tensor index, element offsets): one BLOCK."""
+    rec, n, index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK)
+    return rec, n, index, start + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -344,12 +379,18 @@ def multi_tensor_groups(lists, key_of, block, device, split_aligned=False):
     [(key, indices, table, block_map, num_blocks)]."""
     groups: dict = {}
     rows_of = {}  # one pass over the addresses, for both the keys and the tables
-    for i, p in enumerate(lists[0]):
+    params = lists[0]
+    full = [lst if lst else params for lst in lists]  # an empty list: the param stands in
+    for i, p in enumerate(params):
         n = p.numel()
         if n:
-            ptrs = [(lst[i] if lst else p).data_ptr() for lst in lists]
+            ptrs = [lst[i].data_ptr() for lst in full]
             rows_of[i] = (n, ptrs)
-            key = (key_of(i), vector_ready(lists, i, ptrs)) if split_aligned else key_of(i)
+            key = key_of(i)
+            if split_aligned:  # vector_ready's common case inline: all aligned
+                aligned = n % 8 == 0 and (all(ptr % 16 == 0 for ptr in ptrs)
+                                          or vector_ready(lists, i, ptrs))
+                key = (key, aligned)
             groups.setdefault(key, []).append(i)
     out = []
     for key, idx in groups.items():
@@ -357,7 +398,7 @@ def multi_tensor_groups(lists, key_of, block, device, split_aligned=False):
         for i in idx:
             n, ptrs = rows_of[i]
             rows.append([n, i, first] + ptrs)
-            counts.append(triton.cdiv(n, block))
+            counts.append(-(-n // block))  # cdiv; triton.cdiv is a slow jit call
             first += counts[-1]
         flat = tuple(v for row in rows for v in row)
         table = _cached(("table", device, flat),
@@ -389,11 +430,12 @@ def vector_ready(lists, i, ptrs=None) -> bool:
 
 
 def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
-    """Run an element-wise multi-tensor kernel over `lists` (params first): one launch
-    per group of params with the same key_of(i) and `vector_ready`, as
+    """Run a multi-tensor kernel of one BLOCK per program over `lists` (params first):
+    one launch per group of params with the same key_of(i) and `vector_ready`, as
     kernel[(blocks,)](table, block_map, *args, **flags, **consts_of(key), ALIGNED, NCOL,
     BLOCK), on the params' device. The kernel starts with `table_row`, reads its tensors
-    with `tensor_ptr` (list k of `lists` is column k) and masks with `block_mask`."""
+    with `tensor_ptr` (list k of `lists` is column k) and masks with `block_mask`.
+    (Adafactor's 0-/1-D tensors; the element-wise steps go through `elementwise_step`.)"""
     block = block_size()
     groups = multi_tensor_groups(lists, key_of, block, device, split_aligned=True)
     # Triton launches on the current CUDA device: make it the params' one.
@@ -404,6 +446,74 @@ def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
                                   num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
 
 
+# The dtypes a group key's codes stand for (csrc/triton_tables.cpp dtype_code).
+CODE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _native_tables():
+    """`_C.triton_tables` (csrc/triton_tables.cpp), or None: the C++ library did not
+    load, or DLOPT_TRITON_PY_TABLES=1 asks for the Python twin (tests, A/B)."""
+    if os.environ.get("DLOPT_TRITON_PY_TABLES", "0") not in ("", "0"):
+        return None
+    from dlopt_kernels import _lib
+    if not _lib.LOADED["cpu"]:
+        return None
+    from dlopt_kernels import _C
+    return getattr(_C, "triton_tables", None)
+
+
+def _upload(groups, chunk, device):
+    """_C.triton_tables' groups with their tables on `device` (cached by content)."""
+    out = []
+    for key, aligned, rows, bmap, programs in groups:
+        table = _cached(("table", device, rows), lambda: torch.frombuffer(
+            bytearray(rows), dtype=torch.int64).to(device))
+        block_map = _cached(("map", device, chunk, rows), lambda: torch.frombuffer(
+            bytearray(bmap), dtype=torch.int32).to(device))
+        out.append((tuple(CODE_DTYPES[c] for c in key[:-1]), key[-1], aligned, table,
+                    block_map, programs))
+    return out
+
+
+def elementwise_groups(lists, mutated, key_lists, extra, chunk, device, elementwise=None):
+    """The launch groups of an element-wise step over `lists` (params first, an empty
+    list standing in as the params; mutated[k]: the kernel writes list k; the lists
+    from index `elementwise` on hold one-element tensors, the step counts): scratch
+    copies for tensors not laid out like their param (`align_to_params`), then one
+    group per (dtypes of the lists in key_lists, extra[i], `vector_ready`) with its
+    tables for `table_start` at `chunk` elements a program. Returns (groups,
+    writeback, lists): groups [(dtypes, extra, aligned, table, block_map, programs)];
+    writeback as align_to_params'; the lists the tables point into, scratch copies
+    included, which must outlive the launches. In C++ where the library loaded (the
+    walk over every tensor is most of a step's host time), else multi_tensor_groups."""
+    native = _native_tables()
+    codes = list(extra) if extra is not None else [0] * len(lists[0])
+    ne = len(lists) if elementwise is None else elementwise
+
+    def align():
+        done, writeback = align_to_params(lists[:ne], mutated[:ne])
+        return done + list(lists[ne:]), writeback
+
+    if native is not None:
+        res = native(lists, key_lists, codes, chunk)
+        if res is not None:
+            contiguous, groups = res
+            if contiguous:
+                return _upload(groups, chunk, device), [], lists
+            aligned, writeback = align()
+            res = native(aligned, key_lists, codes, chunk)
+            if res is not None:
+                return _upload(res[1], chunk, device), writeback, aligned
+    aligned, writeback = align()
+
+    def key_of(i):
+        return tuple((aligned[k] or aligned[0])[i].dtype for k in key_lists), codes[i]
+
+    groups = multi_tensor_groups(aligned, key_of, chunk, device, split_aligned=True)
+    return [(key[0], key[1], al, table, bmap, programs)
+            for (key, al), _, table, bmap, programs in groups], writeback, aligned
+
+
 def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, found_inf,
                      sr_seed, floats, flags, steps_in_table=False, extra_key=None):
     """The host half every element-wise Triton step shares. `lists` is [params, grads,
@@ -411,14 +521,16 @@ def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, fou
     that is not gives S_DT), `mutated` says which the kernel writes. In order: lr,
     grad_scale, found_inf and sr_seed onto the params' device; the steps counted first
     on the device, honouring found_inf (stream order makes the kernels read the new
-    step; with `steps_in_table` they are the table's last column, typed STEP_DT); a
-    scratch copy for each tensor not laid out like its param (`align_to_params`); one
-    launch per group (`launch_multi_tensor`) with args (lr, grad_scale, found_inf,
-    sr_seed, *floats), the kernel's own `flags` plus HAS_GS, HAS_FI, MASTER, and per
-    group SR, P_DT, S_DT (and `extra_key(i)` as the constexprs it returns, for params
-    that need another specialization); then the copies written back and the versions
-    bumped (writes through raw pointers bypass autograd's counters, as in the C++
-    kernels)."""
+    step; with `steps_in_table` they are the table's last column, typed STEP_DT); the
+    groups and their tables (`elementwise_groups`, with scratch copies where a tensor is
+    not laid out like its param); one launch per group, as
+    kernel[(programs,)](table, block_map, lr, grad_scale, found_inf, sr_seed, *floats,
+    **flags, HAS_GS, HAS_FI, MASTER, SR, P_DT, S_DT[, STEP_DT], **extra_key(i),
+    ALIGNED, NCOL, BLOCK, ITERS, num_warps) where each program owns BLOCK * ITERS
+    elements of one tensor (`table_start`, `launch_sizes`); then the copies written
+    back and the versions bumped (writes through raw pointers bypass autograd's
+    counters, as in the C++ kernels). `extra_key(i)`: constexprs for params that need
+    another specialization."""
     params, masters = lists[0], lists[-1]
     dev = params[0].device
     lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
@@ -427,31 +539,37 @@ def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, fou
         steps, finish_steps = bump_steps(state_steps, found_inf, dev)
     else:
         steps, finish_steps = [], (lambda: None)
-    aligned, writeback = align_to_params(lists, mutated)
-    P = aligned[0]
-    S = next((lst for lst in aligned[2:-1] if lst), P)
-    if steps_in_table:
-        aligned.append(steps)
-
-    def key_of(i):
-        key = (P[i].dtype, S[i].dtype, steps[i].dtype if steps_in_table else None)
-        return key + (tuple(sorted(extra_key(i).items())) if extra_key else (),)
-
+    table_lists = [*lists, steps] if steps_in_table else list(lists)
+    s_index = next((k for k in range(2, len(lists) - 1) if lists[k]), 0)  # S_DT's list
+    key_lists = (0, s_index, len(lists)) if steps_in_table else (0, s_index)
+    extras, codes = [], None
+    if extra_key is not None:  # distinct constexpr dicts, by code
+        codes = []
+        for i in range(len(params)):
+            d = tuple(sorted(extra_key(i).items()))
+            if d not in extras:
+                extras.append(d)
+            codes.append(extras.index(d))
+    block, iters, warps = launch_sizes()
+    # `_keep`: scratch copies the tables point into, alive until the launches are queued
+    groups, writeback, _keep = elementwise_groups(
+        table_lists, tuple(mutated) + (False,) * steps_in_table, key_lists, codes,
+        block * iters, dev, elementwise=len(lists))
     sr = sr_seed is not None and not masters
-
-    def consts_of(key):
-        consts = dict(SR=sr and key[0] == torch.bfloat16, P_DT=TORCH_TO_TL[key[0]],
-                      S_DT=TORCH_TO_TL[key[1]], **dict(key[3]))
-        if steps_in_table:
-            consts["STEP_DT"] = TORCH_TO_TL[key[2]]
-        return consts
-
     flags = dict(flags, HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
                  MASTER=bool(masters))
     # Absent optional tensors get a stand-in pointer that the constexpr flags never read.
     gs, fi, seed = (lr if t is None else t for t in (grad_scale, found_inf, sr_seed))
-    launch_multi_tensor(kernel, aligned, key_of, consts_of, (lr, gs, fi, seed, *floats),
-                        flags, dev)
+    # Triton launches on the current CUDA device: make it the params' one.
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for dtypes, code, aligned, table, block_map, programs in groups:
+            consts = dict(SR=sr and dtypes[0] == torch.bfloat16, P_DT=TORCH_TO_TL[dtypes[0]],
+                          S_DT=TORCH_TO_TL[dtypes[1]], **dict(extras[code] if extras else ()))
+            if steps_in_table:
+                consts["STEP_DT"] = TORCH_TO_TL[dtypes[2]]
+            kernel[(programs,)](table, block_map, lr, gs, fi, seed, *floats, **flags,
+                                **consts, ALIGNED=aligned, NCOL=3 + len(table_lists),
+                                BLOCK=block, ITERS=iters, num_warps=warps, **LAUNCH_OPTIONS)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()
@@ -471,7 +589,7 @@ def slot_ranges(groups, numels, block, device):
         offsets.append(total)
         for i in idx:
             ranges[2 * i] = total
-            total += triton.cdiv(numels[i], block)
+            total += -(-numels[i] // block)
             ranges[2 * i + 1] = total
     widest = max((hi - lo for lo, hi in zip(ranges[0::2], ranges[1::2])), default=0)
     ranges_t = _cached(("ranges", device, tuple(ranges)),

@@ -21,7 +21,7 @@ from dlopt_kernels.triton._common import (
     grad_multiplier,
     load_param,
     store_f32,
-    table_row,
+    table_start,
     tensor_ptr,
     write_param,
 )
@@ -34,9 +34,9 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                     HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                     SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
                     STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # One block of one tensor (lists: params, grads, state sums, masters, steps).
-    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
     g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
     sum_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
@@ -44,7 +44,6 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     step_ptr = tensor_ptr(rec, 4, STEP_DT)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
-    mask = block_mask(offs, n, ALIGNED)
 
     # adagrad_coeffs(): the per-tensor learning rate in fp64, rounded once to fp32.
     step = tl.load(step_ptr).to(tl.float64)
@@ -53,17 +52,22 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     eps_f = f64(eps).to(tl.float32)
     grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
 
-    # One element: adagrad_update() line by line, all in fp32.
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-    s = tl.load(sum_ptr + offs, mask=mask).to(tl.float32)
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
-    if WD:
-        g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
-    s = s + g * g
-    # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
-    p = p - tl.math.div_rn(clr * g, tl.sqrt_rn(s) + eps_f)
-    store_f32(sum_ptr + offs, s, mask)
-    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+    # ITERS blocks per program: the prologue above (table row, coefficients) runs
+    # once per BLOCK * ITERS elements.
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = block_mask(offs, n, ALIGNED)
+        # One element: adagrad_update() line by line, all in fp32.
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+        s = tl.load(sum_ptr + offs, mask=mask).to(tl.float32)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        if WD:
+            g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+        s = s + g * g
+        # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
+        p = p - tl.math.div_rn(clr * g, tl.sqrt_rn(s) + eps_f)
+        store_f32(sum_ptr + offs, s, mask)
+        write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
 
 def adagrad_step(params, grads, state_sums, master_params, state_steps, lr, lr_decay,

@@ -25,11 +25,12 @@ from dlopt_kernels.triton._common import (
     adam_moments,
     bf16_stochastic,
     block_mask,
+    check_elementwise_lists,
     elementwise_step,
     f64,
     sr_tensor_key,
     store_f32,
-    table_row,
+    table_start,
     tensor_ptr,
 )
 
@@ -44,10 +45,10 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
                  STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # One block of one tensor of the group (multi_tensor_groups' table); the lists'
     # order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps.
-    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
     g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
     m_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
@@ -59,7 +60,6 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         skip = tl.load(fi_ptr) != 0
         n = tl.where(skip, 0, n)
         step = tl.where(skip, 1.0, step)  # unused then; avoids 1/(1 - beta^0) warnings
-    mask = block_mask(offs, n, ALIGNED)
 
     # Per-tensor coefficients in fp64, rounded once to fp32: adam_coeffs().
     lr = tl.load(lr_ptr).to(tl.float64)
@@ -77,72 +77,39 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     else:
         grad_mul = tl.full((), sign, tl.float32)
 
-    # One element: adam_update() line by line, all in fp32.
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    if MASTER:
-        p = tl.load(master_ptr + offs, mask=mask)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    if WD == 2:  # _WD_DECOUPLED (AdamW)
-        p = p * (1.0 - lr * wd).to(tl.float32)
-    elif WD == 1:  # _WD_L2 (Adam)
-        g = g + wd.to(tl.float32) * p
-    m, v = adam_moments(g, m, v, omb1, beta2_f, omb2)
-    v_hat = v
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
-        vmax = tl.where(vmax > v, vmax, v)  # as C++ `vmax > v ? vmax : v`, NaN included
-        store_f32(vmax_ptr + offs, vmax, mask)
-        v_hat = vmax
-    p = p - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f)
+    # ITERS blocks per program: the prologue above (table row, coefficients) runs
+    # once per BLOCK * ITERS elements.
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = block_mask(offs, n, ALIGNED)
+        # One element: adam_update() line by line, all in fp32.
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        if MASTER:
+            p = tl.load(master_ptr + offs, mask=mask)
+        else:
+            p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        if WD == 2:  # _WD_DECOUPLED (AdamW)
+            p = p * (1.0 - lr * wd).to(tl.float32)
+        elif WD == 1:  # _WD_L2 (Adam)
+            g = g + wd.to(tl.float32) * p
+        m, v = adam_moments(g, m, v, omb1, beta2_f, omb2)
+        v_hat = v
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+            vmax = tl.where(vmax > v, vmax, v)  # as C++ `vmax > v ? vmax : v`, NaN included
+            store_f32(vmax_ptr + offs, vmax, mask)
+            v_hat = vmax
+        p = p - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f)
 
-    store_f32(m_ptr + offs, m, mask)
-    store_f32(v_ptr + offs, v, mask)
-    if MASTER:
-        tl.store(master_ptr + offs, p, mask=mask)
-    if SR:  # bf16 params only; the result is exactly representable in bf16
-        p = bf16_stochastic(p, sr_tensor_key(seed_ptr, tensor_index), offs)
-    store_f32(p_ptr + offs, p, mask)
-
-
-def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-           amsgrad, use_sr):
-    """The C++ kernel's argument checks (host-side metadata only, no syncs)."""
-    n = len(params)
-    for name, lst, may_be_empty in (("grads", grads, False), ("exp_avgs", exp_avgs, False),
-                                    ("exp_avg_sqs", exp_avg_sqs, False),
-                                    ("max_exp_avg_sqs", max_exp_avg_sqs, not amsgrad),
-                                    ("master_params", master_params, True),
-                                    ("state_steps", state_steps, False)):
-        if len(lst) != n and not (may_be_empty and not lst):
-            raise ValueError(f"dlopt: {name} has {len(lst)} tensors but params has {n}")
-    for i, p in enumerate(params):
-        others = [grads[i], exp_avgs[i], exp_avg_sqs[i]]
-        others += [max_exp_avg_sqs[i]] if amsgrad else []
-        others += [master_params[i]] if master_params else []
-        for t in others:
-            if t.shape != p.shape or t.device != p.device:
-                raise ValueError(f"dlopt: tensors of params[{i}] must share its shape "
-                                 f"{tuple(p.shape)} and device {p.device}, got "
-                                 f"{tuple(t.shape)} on {t.device}")
-        st = exp_avgs[i].dtype
-        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"dlopt::adam_step: unsupported param dtype {p.dtype}")
-        if grads[i].dtype != p.dtype:
-            raise TypeError(f"dlopt: grads[{i}] dtype {grads[i].dtype} != params dtype {p.dtype}")
-        if st not in (torch.float32, p.dtype) or exp_avg_sqs[i].dtype != st or (
-                amsgrad and max_exp_avg_sqs[i].dtype != st):
-            raise TypeError(f"dlopt: state tensors of params[{i}] must share one dtype, "
-                            f"float32 or the param dtype")
-        if master_params and (master_params[i].dtype != torch.float32 or st != torch.float32):
-            raise TypeError("dlopt: master weights must be float32, with float32 states")
-        if use_sr and p.dtype == torch.float16:
-            raise TypeError("dlopt: stochastic rounding supports bfloat16 and float32 params, "
-                            "not float16")
-        if state_steps[i].numel() != 1 or not state_steps[i].is_floating_point():
-            raise TypeError(f"dlopt: state_steps[{i}] must be a one-element float tensor")
+        store_f32(m_ptr + offs, m, mask)
+        store_f32(v_ptr + offs, v, mask)
+        if MASTER:
+            tl.store(master_ptr + offs, p, mask=mask)
+        if SR:  # bf16 params only; the result is exactly representable in bf16
+            p = bf16_stochastic(p, sr_tensor_key(seed_ptr, tensor_index), offs)
+        store_f32(p_ptr + offs, p, mask)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
@@ -151,8 +118,10 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     """Triton kernel for torch.ops.dlopt.adam_step (see dlopt_kernels/ops/optim_adam.py)."""
     if not params:
         return
-    _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-           amsgrad, sr_seed is not None)
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    states.update({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})
+    check_elementwise_lists(params, grads, states, master_params, state_steps,
+                            sr_seed is not None, op="dlopt::adam_step")
     # Hyperparameters go in as fp64 (`1 - beta` exact in double, as adam_coeffs()).
     elementwise_step(
         _adam_kernel, [params, grads, exp_avgs, exp_avg_sqs,

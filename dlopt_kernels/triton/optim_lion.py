@@ -20,7 +20,7 @@ from dlopt_kernels.triton._common import (
     grad_multiplier,
     load_param,
     store_f32,
-    table_row,
+    table_start,
     tensor_ptr,
     write_param,
 )
@@ -32,16 +32,16 @@ def _lion_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, beta1: tl
                  weight_decay: tl.float64, WD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
-                 ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
+                 ITERS: tl.constexpr):
     # One block of one tensor (lists: params, grads, exp_avgs, masters).
-    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
     g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
     m_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
     master_ptr = tensor_ptr(rec, 3, tl.float32, ALIGNED)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
-    mask = block_mask(offs, n, ALIGNED)
 
     # lion_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64)
@@ -52,19 +52,24 @@ def _lion_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, beta1: tl
     omb2 = f64(one_minus_beta2).to(tl.float32)
     grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
 
-    # One element: lion_update() line by line, all in fp32.
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
-    if WD:
-        p = p * decoupled_decay_factor(lr, f64(weight_decay))
-    u = b1 * m + omb1 * g
-    sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u * 0.0))  # lion_math.h sign_of
-    p = p - lr_f * sign
-    m = b2 * m + omb2 * g
+    # ITERS blocks per program: the prologue above (table row, coefficients) runs
+    # once per BLOCK * ITERS elements.
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = block_mask(offs, n, ALIGNED)
+        # One element: lion_update() line by line, all in fp32.
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        if WD:
+            p = p * decoupled_decay_factor(lr, f64(weight_decay))
+        u = b1 * m + omb1 * g
+        sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u * 0.0))  # lion_math.h sign_of
+        p = p - lr_f * sign
+        m = b2 * m + omb2 * g
 
-    store_f32(m_ptr + offs, m, mask)
-    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+        store_f32(m_ptr + offs, m, mask)
+        write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
 
 def lion_step(params, grads, exp_avgs, master_params, state_steps, lr, beta1, beta2,

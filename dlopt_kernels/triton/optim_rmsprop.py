@@ -20,7 +20,7 @@ from dlopt_kernels.triton._common import (
     grad_multiplier,
     load_param,
     store_f32,
-    table_row,
+    table_start,
     tensor_ptr,
     write_param,
 )
@@ -33,10 +33,10 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
                     MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
                     HAS_FI: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
                     P_DT: tl.constexpr, S_DT: tl.constexpr, ALIGNED: tl.constexpr,
-                    NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                    NCOL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # One block of one tensor (lists: params, grads, square_avgs, grad_avgs,
     # momentum buffers, masters).
-    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
     g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
     v_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
@@ -45,7 +45,6 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
     master_ptr = tensor_ptr(rec, 5, tl.float32, ALIGNED)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
-    mask = block_mask(offs, n, ALIGNED)
 
     # rmsprop_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)
@@ -54,30 +53,35 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
     eps_f = f64(eps).to(tl.float32)
     grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
 
-    # One element: rmsprop_update() line by line, all in fp32.
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
-    if WD:
-        g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
-    v = a * v + oma * (g * g)
-    store_f32(v_ptr + offs, v, mask)
-    # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
-    if CENTERED:
-        ga = tl.load(ga_ptr + offs, mask=mask).to(tl.float32)
-        ga = ga + oma * (g - ga)
-        store_f32(ga_ptr + offs, ga, mask)
-        avg = tl.sqrt_rn(v - ga * ga) + eps_f
-    else:
-        avg = tl.sqrt_rn(v) + eps_f
-    if MOMENTUM:
-        buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
-        buf = f64(momentum).to(tl.float32) * buf + tl.math.div_rn(g, avg)
-        store_f32(buf_ptr + offs, buf, mask)
-        p = p - lr * buf
-    else:
-        p = p - tl.math.div_rn(lr * g, avg)
-    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+    # ITERS blocks per program: the prologue above (table row, coefficients) runs
+    # once per BLOCK * ITERS elements.
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = block_mask(offs, n, ALIGNED)
+        # One element: rmsprop_update() line by line, all in fp32.
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        if WD:
+            g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+        v = a * v + oma * (g * g)
+        store_f32(v_ptr + offs, v, mask)
+        # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
+        if CENTERED:
+            ga = tl.load(ga_ptr + offs, mask=mask).to(tl.float32)
+            ga = ga + oma * (g - ga)
+            store_f32(ga_ptr + offs, ga, mask)
+            avg = tl.sqrt_rn(v - ga * ga) + eps_f
+        else:
+            avg = tl.sqrt_rn(v) + eps_f
+        if MOMENTUM:
+            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+            buf = f64(momentum).to(tl.float32) * buf + tl.math.div_rn(g, avg)
+            store_f32(buf_ptr + offs, buf, mask)
+            p = p - lr * buf
+        else:
+            p = p - tl.math.div_rn(lr * g, avg)
+        write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,

@@ -19,7 +19,7 @@ from dlopt_kernels.triton._common import (
     grad_multiplier,
     load_param,
     store_f32,
-    table_row,
+    table_start,
     tensor_ptr,
     write_param,
 )
@@ -32,16 +32,16 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                 NESTEROV: tl.constexpr, FIRST: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                 SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
-                ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr):
+                ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
+                ITERS: tl.constexpr):
     # One block of one tensor (lists: params, grads, momentum buffers, masters).
-    rec, n, tensor_index, offs = table_row(table_ptr, map_ptr, NCOL, BLOCK)
+    rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
     g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
     buf_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
     master_ptr = tensor_ptr(rec, 3, tl.float32, ALIGNED)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
-    mask = block_mask(offs, n, ALIGNED)
 
     # sgd_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)
@@ -49,24 +49,29 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     omd = f64(one_minus_dampening).to(tl.float32)
     grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
 
-    # One element: sgd_update() line by line, all in fp32.
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-    p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
-    if WD:
-        g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
-    if MOMENTUM:
-        if FIRST:  # the buffer has no history: it becomes g
-            buf = g
-        else:
-            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
-            buf = mom * buf + omd * g
-        store_f32(buf_ptr + offs, buf, mask)
-        if NESTEROV:
-            g = g + mom * buf
-        else:
-            g = buf
-    p = p - lr * g
-    write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
+    # ITERS blocks per program: the prologue above (table row, coefficients) runs
+    # once per BLOCK * ITERS elements.
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = block_mask(offs, n, ALIGNED)
+        # One element: sgd_update() line by line, all in fp32.
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        if WD:
+            g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+        if MOMENTUM:
+            if FIRST:  # the buffer has no history: it becomes g
+                buf = g
+            else:
+                buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+                buf = mom * buf + omd * g
+            store_f32(buf_ptr + offs, buf, mask)
+            if NESTEROV:
+                g = g + mom * buf
+            else:
+                g = buf
+        p = p - lr * g
+        write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, lr, weight_decay, momentum,

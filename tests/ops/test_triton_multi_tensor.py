@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from conftest import device_backends
+from dlopt_kernels import _lib
 from tolerances import NORM_TOL, NORM_TOL_P, tol
 
 pytestmark = pytest.mark.skipif(
     not any(b == "triton" for _, b in device_backends()), reason="triton backend unavailable")
 DEVICES = sorted({d for d, b in device_backends() if b == "triton"})
 op = torch.ops.dlopt.adam_step
+needs_cpp = pytest.mark.skipif(not _lib.LOADED["cpu"], reason="the C++ library did not load")
 
 
 def _lists(device, shapes_dtypes):
@@ -186,3 +188,87 @@ def test_aligned_and_unaligned_groups_in_one_call(device):
     _step(got, "triton")
     _step(want, "reference")
     _assert_lists_close(got, want, ("params", "m", "v"))
+
+
+def _native_and_python_groups(lists, mutated, key_lists, extra, chunk, elementwise, monkeypatch):
+    """elementwise_groups through _C.triton_tables and through the Python twin
+    (DLOPT_TRITON_PY_TABLES=1), each with the host copies of its tables."""
+    from dlopt_kernels.triton import _common
+    out = []
+    for py in ("0", "1"):
+        monkeypatch.setenv("DLOPT_TRITON_PY_TABLES", py)
+        _common._TABLE_CACHE.clear()
+        groups, writeback, keep = _common.elementwise_groups(
+            lists, mutated, key_lists, extra, chunk, torch.device("cpu"), elementwise)
+        out.append(([(d, c, al, t.tolist(), m.tolist(), n) for d, c, al, t, m, n in groups],
+                     len(writeback), keep))
+    return out
+
+
+@needs_cpp
+@pytest.mark.parametrize("chunk", [8, 1000, 65536])
+def test_native_tables_match_the_python_twin(chunk, monkeypatch):
+    """_C.triton_tables builds the same groups (keys, ALIGNED, rows, program maps) as
+    multi_tensor_groups over mixed dtypes, odd sizes and offsets, zero-size params, an
+    absent list, per-param extra codes and a step list; with a transposed grad both
+    first make the same scratch copy (and keep it alive for the launch)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    store = torch.randn(5000)
+    spec = [(4096, torch.float32), (0, torch.float32), (4097, torch.float32),
+            (24, torch.bfloat16), (9, torch.float16), (16, torch.bfloat16), (1, torch.float32)]
+    params = [torch.randn(n, generator=g).to(dt) for n, dt in spec]
+    params.append(store[3:4099])  # an odd offset
+    grads = [torch.randn_like(p) for p in params]
+    states = [torch.zeros_like(p, dtype=torch.float32 if i % 2 else p.dtype)
+              for i, p in enumerate(params)]
+    steps = [torch.zeros((), dtype=torch.float64 if i % 3 else torch.float32)
+             for i in range(len(params))]
+    extra = [int(x) for x in torch.randint(0, 2, (len(params),), generator=g)]
+    lists = [params, grads, states, [], steps]
+    mutated = (True, False, True, True, False)
+    (nat, nat_wb, _), (py, py_wb, _) = _native_and_python_groups(
+        lists, mutated, (0, 2, 4), extra, chunk, 4, monkeypatch)
+    assert nat == py and nat_wb == py_wb == 0
+    assert len(nat) >= 4  # dtype groups, split by extra code and alignment
+    # a transposed grad: both paths copy it into the param's layout first
+    p2 = torch.randn(6, 10)
+    grads2 = [torch.randn(10, 6).t()]
+    (nat, nat_wb, nat_keep), (py, py_wb, py_keep) = _native_and_python_groups(
+        [[p2], grads2, [torch.zeros_like(p2)]], (True, False, True), (0, 2), None, chunk, 3,
+        monkeypatch)
+    assert nat_wb == py_wb == 0  # grads are read only: nothing to write back
+    for keep in (nat_keep, py_keep):
+        assert keep[1][0].is_contiguous() and torch.equal(keep[1][0], grads2[0])
+    strip = [(d, c, al, t[:1] + t[2:3], m, n) for d, c, al, t, m, n in nat]  # no addresses
+    assert strip == [(d, c, al, t[:1] + t[2:3], m, n) for d, c, al, t, m, n in py]
+
+
+@needs_cpp
+def test_native_tables_refuse_what_they_cannot_read():
+    """None (the Python path decides, with its errors) for a tensor subclass, a list of
+    another length or an unsupported dtype; a ValueError for a chunk below 1."""
+    from dlopt_kernels import _C
+
+    class Sub(torch.Tensor):
+        pass
+
+    p = torch.zeros(8)
+    assert _C.triton_tables([[p], [p]], (0,), None, 8) is not None
+    assert _C.triton_tables([[p.as_subclass(Sub)], [p]], (0,), None, 8) is None
+    assert _C.triton_tables([[p], [p, p]], (0,), None, 8) is None
+    assert _C.triton_tables([[p.long()], [p]], (0,), None, 8) is None
+    assert _C.triton_tables([[p], [p]], (0,), [0, 1], 8) is None  # extra of another length
+    with pytest.raises(ValueError, match="chunk"):
+        _C.triton_tables([[p]], (0,), None, 0)
+
+
+@pytest.mark.parametrize("var,value", [("DLOPT_TRITON_BLOCK", "1000"),
+                                       ("DLOPT_TRITON_ITERS", "0"),
+                                       ("DLOPT_TRITON_WARPS", "many")])
+def test_launch_size_variables_are_checked(var, value, monkeypatch):
+    """The A/B launch sizes take powers of two in range; anything else is a ValueError
+    naming the variable, not a failed compile."""
+    from dlopt_kernels.triton._common import launch_sizes
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=var):
+        launch_sizes()

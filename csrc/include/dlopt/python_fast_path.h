@@ -4,7 +4,10 @@
 
 namespace dlopt {
 
-// The method table of `dlopt_kernels._C` (collect_group).
+// The method table of `dlopt_kernels._C` (collect_group, call_compiled, triton_tables).
 PyMethodDef* fast_path_methods();
+
+// `_C.triton_tables` (csrc/triton_tables.cpp): the tables of a Triton multi-tensor launch.
+PyObject* triton_tables(PyObject*, PyObject* args);
 
 }  // namespace dlopt
