@@ -79,7 +79,7 @@ NVCC_FP = ["--fmad=false"]
 archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
 if use_cuda:  # lets `dlopt-kernels info` say what the CUDA library was built for
     cxx_flags += ["-DDLOPT_WITH_CUDA", f'-DDLOPT_CUDA_ARCH_STR="{";".join(archs)}"']
-cpu_sources = (["csrc/registration.cpp", "csrc/python_fast_path.cpp", "csrc/triton_tables.cpp"]
+cpu_sources = (["csrc/registration.cpp", "csrc/python_fast_path.cpp", "csrc/python_lists.cpp"]
                + sorted(glob.glob("csrc/cpu/*.cpp")))
 cpu_sources += ["csrc/common/tensor_lists.cpp"]  # list checks, shared with the CUDA library
 ext_modules = [

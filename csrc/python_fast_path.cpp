@@ -336,7 +336,10 @@ PyMethodDef kMethods[] = {
      "Python path must handle the group (see csrc/python_fast_path.cpp)."},
     {"triton_tables", triton_tables, METH_VARARGS,
      "triton_tables(lists, key_lists, extra, chunk) -> None | (contiguous, groups): the "
-     "tables of a Triton multi-tensor launch (see csrc/triton_tables.cpp)."},
+     "tables of a Triton multi-tensor launch (see csrc/python_lists.cpp)."},
+    {"elementwise_lists_ok", elementwise_lists_ok, METH_VARARGS,
+     "elementwise_lists_ok(params, grads, states, masters, steps, use_sr) -> None | bool: "
+     "whether the Python element-wise list checks pass (see csrc/python_lists.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -18,8 +18,15 @@ def check_elementwise_lists(params, grads, states, master_params, state_steps, u
     for name, lst, may_be_empty in named:
         if len(lst) != n and not (may_be_empty and not lst):
             raise ValueError(f"dlopt: {name} has {len(lst)} tensors but params has {n}")
-    if _elementwise_lists_ok(params, grads, list(states.values()), master_params,
-                             state_steps, use_sr):
+    native = _native_lists_ok()
+    ok = None if native is None else native(list(params), list(grads),
+                                            [list(v) for v in states.values()],
+                                            list(master_params), list(state_steps),
+                                            bool(use_sr))
+    if ok is None:
+        ok = _elementwise_lists_ok(params, grads, list(states.values()), master_params,
+                                   state_steps, use_sr)
+    if ok:
         return
     # Something is off: find the first tensor at fault, for the error message.
     for i, p in enumerate(params):
@@ -50,6 +57,16 @@ def check_elementwise_lists(params, grads, states, master_params, state_steps, u
 
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native_lists_ok():
+    """`_C.elementwise_lists_ok` (csrc/python_lists.cpp), the same verdict as
+    `_elementwise_lists_ok` at C speed, or None when the C++ library did not load."""
+    from dlopt_kernels import _lib
+    if not _lib.LOADED["cpu"]:
+        return None
+    from dlopt_kernels import _C
+    return getattr(_C, "elementwise_lists_ok", None)
 
 
 def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use_sr):

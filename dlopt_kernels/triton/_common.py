@@ -446,12 +446,12 @@ def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
                                   num_warps=4 if block > 4096 else 8, **LAUNCH_OPTIONS)
 
 
-# The dtypes a group key's codes stand for (csrc/triton_tables.cpp dtype_code).
+# The dtypes a group key's codes stand for (csrc/python_lists.cpp dtype_code).
 CODE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _native_tables():
-    """`_C.triton_tables` (csrc/triton_tables.cpp), or None: the C++ library did not
+    """`_C.triton_tables` (csrc/python_lists.cpp), or None: the C++ library did not
     load, or DLOPT_TRITON_PY_TABLES=1 asks for the Python twin (tests, A/B)."""
     if os.environ.get("DLOPT_TRITON_PY_TABLES", "0") not in ("", "0"):
         return None

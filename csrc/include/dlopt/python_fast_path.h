@@ -7,7 +7,10 @@ namespace dlopt {
 // The method table of `dlopt_kernels._C` (collect_group, call_compiled, triton_tables).
 PyMethodDef* fast_path_methods();
 
-// `_C.triton_tables` (csrc/triton_tables.cpp): the tables of a Triton multi-tensor launch.
+// `_C.triton_tables` (csrc/python_lists.cpp): the tables of a Triton multi-tensor launch.
 PyObject* triton_tables(PyObject*, PyObject* args);
+
+// `_C.elementwise_lists_ok` (csrc/python_lists.cpp): the verdict of the Python list checks.
+PyObject* elementwise_lists_ok(PyObject*, PyObject* args);
 
 }  // namespace dlopt

@@ -1,14 +1,18 @@
-// `dlopt_kernels._C.triton_tables`: the host half of the Triton element-wise launches
-// (dlopt_kernels/triton/_common.py multi_tensor_groups, which stays as the fallback
-// and the reference) done in C.
+// Two helpers of `dlopt_kernels._C` over lists of tensors, done in C because in Python
+// each walks every tensor of every list, and a Triton step's host time is mostly such
+// walks: on an H100 the Triton Adam step over 1,000 small tensors took 6.8 ms called
+// from Python and 0.08 ms replayed from a CUDA graph (tools/triton_sizes.py,
+// benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-26-triton-sizes.json).
 //
-// Why: a Triton step's own work on the host is a walk over every tensor of every list
-// (its address, size, dtype, alignment, layout). In Python that walk cost about 10 us
-// a tensor: 1,000 small params spent several milliseconds there, more than the kernel
-// (benchmarks/bench_optim_adam.py, tiny_1000 on an H100). Like collect_group, this
-// never raises for unusual input and changes nothing: it answers None (plain Python
-// then does the work, with its error messages) for anything but plain tensors of the
-// four float dtypes in lists of the params' length.
+// `triton_tables`: the host half of the Triton element-wise launches
+// (dlopt_kernels/triton/_common.py multi_tensor_groups stays as the fallback and the
+// reference).
+// `elementwise_lists_ok`: the verdict of dlopt_kernels/backends/checks.py's list checks
+// (shapes, devices, dtypes), which the Triton and reference steps run first.
+//
+// Like collect_group (python_fast_path.cpp), neither raises for unusual input nor
+// changes anything: each answers None (plain Python then does the work, with its error
+// messages) for anything but plain tensors in lists of the params' length.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -163,6 +167,95 @@ PyObject* triton_tables(PyObject*, PyObject* args) {
     PyList_SET_ITEM(out, gi, item);
   }
   return Py_BuildValue("(ON)", contiguous ? Py_True : Py_False, out);
+}
+
+}  // namespace dlopt
+
+namespace dlopt {
+namespace {
+
+bool same_list_length(PyObject* lst, Py_ssize_t n, bool may_be_empty) {
+  const Py_ssize_t len = PyList_GET_SIZE(lst);
+  return len == n || (may_be_empty && len == 0);
+}
+
+bool all_plain(PyObject* lst) {
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lst); ++i)
+    if (!THPVariable_CheckExact(PyList_GET_ITEM(lst, i))) return false;
+  return true;
+}
+
+const at::Tensor& tensor_at(PyObject* lst, Py_ssize_t i) {
+  return THPVariable_Unpack(PyList_GET_ITEM(lst, i));
+}
+
+bool param_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 ||
+         t == c10::ScalarType::Half;
+}
+
+}  // namespace
+
+// elementwise_lists_ok(params, grads, states, masters, steps, use_sr) -> None | bool
+// The verdict of dlopt_kernels/backends/checks.py _elementwise_lists_ok (the Python twin
+// and the reference) at C speed: True when check_elementwise_lists has nothing to say.
+// `states` is a list of per-param lists; `masters` and `steps` may be empty. None for
+// anything but plain tensors in lists of the params' length (the Python path decides).
+PyObject* elementwise_lists_ok(PyObject*, PyObject* args) {
+  PyObject *params, *grads, *states, *masters, *steps;
+  int use_sr;
+  if (!PyArg_ParseTuple(args, "O!O!O!O!O!p", &PyList_Type, &params, &PyList_Type, &grads,
+                        &PyList_Type, &states, &PyList_Type, &masters, &PyList_Type, &steps,
+                        &use_sr))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  std::vector<PyObject*> state_lists;
+  for (Py_ssize_t k = 0; k < PyList_GET_SIZE(states); ++k) {
+    PyObject* s = PyList_GET_ITEM(states, k);
+    if (!PyList_Check(s) || !same_list_length(s, n, false) || !all_plain(s)) return none();
+    state_lists.push_back(s);
+  }
+  if (!same_list_length(grads, n, false) || !same_list_length(masters, n, true) ||
+      !same_list_length(steps, n, true) || !all_plain(params) || !all_plain(grads) ||
+      !all_plain(masters) || !all_plain(steps))
+    return none();
+  const bool has_masters = PyList_GET_SIZE(masters) != 0;
+  const bool has_steps = PyList_GET_SIZE(steps) != 0;
+  bool ok = true;
+  try {
+    const c10::Device device = n ? tensor_at(params, 0).device() : c10::Device(c10::kCPU);
+    for (Py_ssize_t i = 0; ok && i < n; ++i) {
+      const at::Tensor& p = tensor_at(params, i);
+      const c10::ScalarType pt = p.scalar_type();
+      ok = p.device() == device && param_dtype(pt) && !(use_sr && pt == c10::ScalarType::Half);
+      const auto like_p = [&](const at::Tensor& t) {
+        return t.device() == device && t.sizes() == p.sizes();
+      };
+      const at::Tensor& g = tensor_at(grads, i);
+      ok = ok && like_p(g) && g.scalar_type() == pt;
+      bool any_state = false;
+      c10::ScalarType st = c10::ScalarType::Float;
+      for (PyObject* lst : state_lists) {
+        const at::Tensor& s = tensor_at(lst, i);
+        if (!any_state) st = s.scalar_type();
+        ok = ok && like_p(s) && s.scalar_type() == st &&
+             (st == c10::ScalarType::Float || st == pt);
+        any_state = true;
+      }
+      if (has_masters) {
+        const at::Tensor& m = tensor_at(masters, i);
+        ok = ok && like_p(m) && m.scalar_type() == c10::ScalarType::Float &&
+             (!any_state || st == c10::ScalarType::Float);
+      }
+      if (has_steps) {
+        const at::Tensor& s = tensor_at(steps, i);
+        ok = ok && s.numel() == 1 && s.is_floating_point();
+      }
+    }
+  } catch (const c10::Error&) {
+    return none();  // e.g. symbolic sizes: the Python path decides
+  }
+  return PyBool_FromLong(ok);
 }
 
 }  // namespace dlopt
