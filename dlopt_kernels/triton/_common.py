@@ -371,12 +371,31 @@ def _cached(key, build):
     return hit
 
 
-def multi_tensor_groups(lists, key_of, block, device, split_aligned=False):
+def multi_tensor_groups(lists, key_of, block, device, split_aligned=False, key_lists=None):
     """Group the params (lists[0]) that have elements by key_of(i) (by
     (key_of(i), `vector_ready`) under split_aligned), and build each group's tables for
     `tensor_ptr`: list k of a row is lists[k][i], or the param where lists[k] is empty
     (a stand-in the kernel's flags never read). Returns
-    [(key, indices, table, block_map, num_blocks)]."""
+    [(key, indices, table, block_map, num_blocks)]. With `key_lists` instead of key_of,
+    the key is the tuple of the dtypes of those lists' tensors, and under split_aligned
+    the C++ twin (`_C.triton_tables`) does the work where the library loaded."""
+    if key_lists is not None:
+        native = _native_tables() if split_aligned else None
+        res = None if native is None else native(lists, tuple(key_lists),
+                                                 [0] * len(lists[0]), block)
+        if res is not None:
+            ncol = 3 + len(lists)
+
+            def indices(rows):  # the tensor index column of a table's rows
+                return torch.frombuffer(bytearray(rows), dtype=torch.int64)[COL_INDEX::ncol]
+
+            return [((dtypes, aligned), indices(g[2]).tolist(), table, bmap, programs)
+                    for g, (dtypes, _, aligned, table, bmap, programs)
+                    in zip(res[1], _upload(res[1], block, device))]
+
+        def key_of(i):
+            return tuple((lists[k] or lists[0])[i].dtype for k in key_lists)
+
     groups: dict = {}
     rows_of = {}  # one pass over the addresses, for both the keys and the tables
     params = lists[0]

@@ -173,7 +173,7 @@ def multi_tensor_norm(tensors, norm_type):
     kind = _KINDS.get(p, 5)
     block = block_size()
     xs = [t if is_dense(t) else t.contiguous() for t in tensors]
-    groups = multi_tensor_groups([xs], lambda i: xs[i].dtype, block, dev, split_aligned=True)
+    groups = multi_tensor_groups([xs], None, block, dev, split_aligned=True, key_lists=(0,))
     offsets, slots, ranges, widest = slot_ranges(groups, [x.numel() for x in xs], block, dev)
     n = len(xs)
     partials = torch.empty(max(slots, 1), dtype=torch.float64, device=dev)
@@ -182,7 +182,7 @@ def multi_tensor_norm(tensors, norm_type):
     total = torch.empty((), dtype=torch.float32, device=dev)
     small = 256 if gpu_sizes() else 1024
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for ((dtype, aligned), _, table, block_map, num_blocks), offset in zip(groups, offsets):
+        for (((dtype,), aligned), _, table, block_map, num_blocks), offset in zip(groups, offsets):
             _partials_kernel[(num_blocks,)](
                 table, block_map, partials[offset:], p, KIND=kind, X_DT=TORCH_TO_TL[dtype],
                 ALIGNED=aligned, NCOL=4, BLOCK=block, num_warps=4 if block > 4096 else 8,

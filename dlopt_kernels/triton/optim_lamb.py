@@ -191,9 +191,8 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
     (P, G, M, V, MP), writeback = align_to_params(
         [params, grads, exp_avgs, exp_avg_sqs, master_params], (True, False, True, True, True))
     block = block_size()
-    groups = multi_tensor_groups([P, G, M, V, MP, steps],
-                                 lambda i: (P[i].dtype, M[i].dtype, steps[i].dtype), block, dev,
-                                 split_aligned=True)
+    groups = multi_tensor_groups([P, G, M, V, MP, steps], None, block, dev,
+                                 split_aligned=True, key_lists=(0, 2, 5))
     offsets, total, ranges, widest = slot_ranges(groups, [p.numel() for p in P], block, dev)
     n = len(P)
     partials = torch.empty(2 * max(total, 1), dtype=torch.float64, device=dev)

@@ -272,3 +272,28 @@ def test_launch_size_variables_are_checked(var, value, monkeypatch):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=var):
         launch_sizes()
+
+
+@needs_cpp
+def test_native_groups_by_key_lists_match_the_python_twin(monkeypatch):
+    """multi_tensor_groups(key_lists=...) (the norm's and LAMB's launches) gives the same
+    groups, tensor indices and tables through _C.triton_tables as in Python, for mixed
+    dtypes (float64 included), odd offsets, a transposed tensor and zero-size ones."""
+    from dlopt_kernels.triton import _common
+    store = torch.randn(300)
+    xs = [torch.randn(64), torch.randn(0), torch.randn(9, 8).t(), store[1:65],
+          torch.randn(40).double(), torch.randn(16).bfloat16(), torch.randn(33).half(),
+          torch.randn(64)]
+    out = []
+    for py in ("0", "1"):
+        monkeypatch.setenv("DLOPT_TRITON_PY_TABLES", py)
+        _common._TABLE_CACHE.clear()
+        groups = _common.multi_tensor_groups([xs, xs], None, 16, torch.device("cpu"),
+                                             split_aligned=True, key_lists=(0, 1))
+        out.append([(key, idx, table.tolist(), bmap.tolist(), n)
+                    for key, idx, table, bmap, n in groups])
+    assert out[0] == out[1]
+    assert {key for key, *_ in out[0]} == {
+        ((torch.float32, torch.float32), True), ((torch.float32, torch.float32), False),
+        ((torch.float64, torch.float64), True), ((torch.bfloat16, torch.bfloat16), True),
+        ((torch.float16, torch.float16), False)}
