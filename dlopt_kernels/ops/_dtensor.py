@@ -274,9 +274,10 @@ def _whole(mode, func, types, args, kwargs):
         return [a[name][pos[name][i]] for name, _ in lists
                 if a[name] and pos[name][i] is not None]
 
-    # (not while torch.compile traces: the reference kernel reads values on the host)
-    if (func.name() == "dlopt::lamb_step" and not torch.compiler.is_compiling()
-            and _lamb_locally(func, a)):
+    # (not while torch.compile traces: the reference kernels read values on the host)
+    if not torch.compiler.is_compiling() and (
+            (func.name() == "dlopt::lamb_step" and _lamb_locally(func, a))
+            or (func.name() == "dlopt::adafactor_step" and _adafactor_locally(func, a))):
         return None
     # a param is stepped whole if it or any of its tensors is sharded
     gathered = [i for i in range(len(params)) if any(_sharded(t) for t in tensors_of(i))]
@@ -323,6 +324,69 @@ def _lamb_locally(func, a) -> bool:
 
     del local["backend"]
     lamb_step(*local.values(), whole_sums=whole_sums)
+    return True
+
+
+def _adafactor_locally(func, a) -> bool:
+    """Adafactor on each rank's shards when every param is a DTensor on one mesh (and,
+    for stochastic rounding, placed alike) whose states are laid out as the optimizer
+    makes them: row and column variances replicated, a 0-/1-D param's variance placed as
+    the param. Each rank updates its block of the param; the sums of g^2 along the rows
+    and columns (the replicated variances' update), and the sums of p^2 and u^2 behind
+    each step size, are summed over the ranks: R + C + 2 numbers per matrix, not the
+    tensors. The pure-torch reference kernel runs, with these sums as its hooks. False:
+    not applicable, nothing done."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from dlopt_kernels.backends.checks import check_factored_lists
+    from dlopt_kernels.backends.reference.optim_adafactor import Shard, adafactor_step
+    params = a["params"]
+    if not params or not all(_is_dt(p) for p in params):
+        return False
+    mesh = params[0].device_mesh
+    placements = {p.placements for p in params}
+    if any(p.device_mesh != mesh for p in params) or (
+            a["sr_seed"] is not None and len(placements) > 1):
+        return False
+    factored = [p for p in params if p.dim() >= 2]
+    for t in (*a["row_vars"], *a["col_vars"]):  # whole on every rank
+        if not _is_dt(t) or t.device_mesh != mesh or any(
+                not pl.is_replicate() for pl in t.placements):
+            return False
+    var_of = [p for p in params if p.dim() < 2]
+    if len(a["row_vars"]) != len(factored) or len(a["variances"]) != len(var_of) or any(
+            not _is_dt(v) or v.placements != p.placements for v, p in zip(a["variances"], var_of)):
+        return False
+    check_factored_lists(params, a["grads"], a["row_vars"], a["col_vars"], a["variances"],
+                         a["master_params"], a["state_steps"], a["sr_seed"] is not None)
+    local = dict(a)
+    for name, mutated in _tensor_lists(func):
+        if name in ("row_vars", "col_vars"):
+            local[name] = [t._local_tensor for t in a[name]]
+        elif name == "variances":
+            local[name] = [_local_of(name, i, t, p, mutated)
+                           for i, (t, p) in enumerate(zip(a[name], var_of))]
+        else:
+            local[name] = [_local_of(name, i, t, params[i], mutated)
+                           for i, t in enumerate(a[name])]
+    for name, value in a.items():
+        if isinstance(value, torch.Tensor):
+            local[name] = _scalar(value)
+    if local["sr_seed"] is not None:
+        local["sr_seed"] = _shard_seed(local["sr_seed"], mesh, placements.pop())
+
+    def shard_of(p):
+        dims = [d for d, pl in enumerate(p.placements) if pl.is_shard() and mesh.size(d) > 1]
+
+        def reduce(t):
+            for d in dims:
+                dist.all_reduce(t, dist.ReduceOp.SUM, group=mesh.get_group(d))
+
+        _, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+        return Shard(tuple(p.shape), tuple(offset), reduce)
+
+    del local["backend"]
+    adafactor_step(*local.values(), shards=[shard_of(p) for p in params])
     return True
 
 

@@ -124,8 +124,9 @@ def _twin_run(name, layout_name, steps=3):
         opt_p.step()
         opt_d.step()
     # element-wise steps run the same kernel per element: the same bits; LAMB's global
-    # grad norm adds shard norms in another order (a rounding apart)
-    exact = cls != "LAMB"
+    # grad norm and Adafactor's row / column sums add shards' sums in another order (a
+    # rounding apart)
+    exact = cls not in ("LAMB", "Adafactor")
     errors = []
     for i, (p, d) in enumerate(zip(plain, dts)):
         assert_same(d, p, f"params[{i}]", exact, errors=errors)
@@ -403,6 +404,54 @@ def lamb_steps_shards_without_gathering():
                 opt_d.step()
             for i, (p, d) in enumerate(zip(plain, dts)):
                 assert_same(d, p, f"{kw} params[{i}]", False, errors=errors)
+    finally:
+        _dtensor._run_gathered = real
+    if gathered:
+        errors.append(f"{len(gathered)} params gathered")
+    raise_errors(errors)
+
+
+@case
+def adafactor_steps_shards_without_gathering():
+    """FSDP2's Adafactor (and HSDP's, and rows and columns both sharded): every param a
+    DTensor on one mesh, so the step runs on the shards, uneven and empty ones included
+    (no tensor is gathered), and matches the one-process step, with weight decay,
+    master weights and, placed alike, stochastic rounding (each rank's own bits)."""
+    import dlopt_kernels.optim as O
+    from dlopt_kernels.ops import _dtensor
+    gathered = []
+    real = _dtensor._run_gathered
+    _dtensor._run_gathered = lambda *args: gathered.append(args) or real(*args)
+    errors = []
+    shapes = [(7, 5), (13,), (3, 4, 6), (2, 9, 3), (0, 3), (4097,), (1,)]
+    try:
+        for layout_name in ("fsdp", "hsdp", "2d"):
+            layout = layouts()[layout_name]
+            for dtype, kw in ((torch.float32, dict(weight_decay=0.1)),
+                              (torch.bfloat16, dict(master_weights=True))):
+                plain, dts = make(shapes, layout, dtype=dtype, seed=31)
+                eps = dict(eps=(torch.finfo(torch.float32).eps, 1e-3))
+                opt_p = O.Adafactor(plain, lr=1e-2, **eps, **kw)
+                opt_d = O.Adafactor(dts, lr=1e-2, **eps, **kw)
+                for step in range(3):
+                    set_grads(plain, dts, layout, seed=32 + step)
+                    opt_p.step()
+                    opt_d.step()
+                for i, (p, d) in enumerate(zip(plain, dts)):
+                    what = f"{layout_name} {dtype} params[{i}]"
+                    assert_same(d, p, what, False, errors=errors)
+                    for key, v in opt_p.state[p].items():
+                        assert_same(opt_d.state[d][key], v, f"{what} {key}", False,
+                                    errors=errors)
+        # stochastic rounding on shards: runs locally, and the bf16 params move
+        layout = layouts()["fsdp"]
+        _, dts = make([(8, 6), (12,)], layout, dtype=torch.bfloat16, seed=33)
+        before = [d.full_tensor().clone() for d in dts]
+        opt = O.Adafactor(dts, lr=1e-2, stochastic_rounding=True)
+        set_grads([torch.zeros(8, 6), torch.zeros(12)], dts, layout, seed=34)
+        opt.step()
+        if any(torch.equal(d.full_tensor(), b) for d, b in zip(dts, before)):
+            errors.append("stochastic rounding: a param did not move")
     finally:
         _dtensor._run_gathered = real
     if gathered:

@@ -3,7 +3,7 @@ Adafactor in fp32 arithmetic, sums of squares in float64)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -33,12 +33,42 @@ def adafactor_step_size(sum_p2: float, sum_u2: float, numel: int, eps2: float, r
     return float(torch.tensor(alpha / denom, dtype=torch.float32))
 
 
+class Shard(NamedTuple):
+    """Where a param's local tensor sits in the whole one (ops/_dtensor.py, FSDP2):
+    the whole shape, the local block's offset in it, and `reduce(t)`, which sums a
+    float64 tensor in place over the ranks holding the other blocks."""
+    shape: tuple
+    offset: tuple
+    reduce: Callable[[Tensor], None]
+
+
+def _whole_sums(part: Tensor, dim: int, shard: Shard, local_shape) -> Tensor:
+    """Sums of g^2 along `dim` (-1: a row's, -2: a column's) of the whole tensor, from
+    `part`, this block's sums (kept dims): placed at the block's offset in zeros of
+    the whole shape (the summed dim 1) and summed over the ranks."""
+    shape = list(shard.shape)
+    shape[dim] = 1
+    whole = part.new_zeros(shape)
+    at = [slice(o, o + n) for o, n in zip(shard.offset, local_shape)]
+    at[dim] = slice(0, 1)
+    whole[tuple(at)] = part
+    shard.reduce(whole)
+    return whole
+
+
 def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, state_steps,
                    lr: Tensor, beta2_decay: float, eps1: float, eps2: float, d: float,
                    weight_decay: float, maximize: bool, grad_scale: Optional[Tensor],
-                   found_inf: Optional[Tensor], sr_seed: Optional[Tensor]) -> None:
-    check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
-                         state_steps, sr_seed is not None)
+                   found_inf: Optional[Tensor], sr_seed: Optional[Tensor],
+                   shards: Optional[list] = None) -> None:
+    """`shards` (ops/_dtensor.py, for DTensor params): one `Shard` or None per param;
+    the params, grads, variances and masters are then each rank's local blocks and the
+    row / column variances whole (replicated) tensors, and the sums behind them and
+    behind each step size are summed over the ranks (every rank makes the same
+    collective calls, in param order, also for an empty block)."""
+    if shards is None:  # (the DTensor rule checks the whole tensors before)
+        check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
+                             state_steps, sr_seed is not None)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)
@@ -56,28 +86,43 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
             else:
                 var = variances[kv]
                 kv += 1
-            if p.numel() == 0:  # nothing to update (torch divides by zero here)
+            shard = shards[i] if shards is not None else None
+            shape = shard.shape if shard is not None else tuple(p.shape)
+            numel = math.prod(shape)
+            if numel == 0:  # nothing to update (torch divides by zero here)
                 continue
             w, rho, decay = adafactor_coeffs(lr_v, float(state_steps[i]), beta2_decay,
                                              weight_decay)
             master = master_params[i] if master_params else None
             pf = master.clone() if master is not None else p.float()
             g = grads[i].float() * grad_mul
-            sum_p2 = float(pf.double().square().sum())
+            sum_p2 = pf.double().square().sum()
             if factored:
-                rows, cols = p.shape[-2], p.shape[-1]
+                rows, cols = shape[-2], shape[-1]
                 g2 = g.double().square()
-                rv.copy_(torch.lerp(rv.float(), (g2.sum(-1, keepdim=True) / cols).float(), w))
-                cv.copy_(torch.lerp(cv.float(), (g2.sum(-2, keepdim=True) / rows).float(), w))
+                row_sums, col_sums = g2.sum(-1, keepdim=True), g2.sum(-2, keepdim=True)
+                if shard is not None:
+                    row_sums = _whole_sums(row_sums, -1, shard, p.shape)
+                    col_sums = _whole_sums(col_sums, -2, shard, p.shape)
+                rv.copy_(torch.lerp(rv.float(), (row_sums / cols).float(), w))
+                cv.copy_(torch.lerp(cv.float(), (col_sums / rows).float(), w))
                 rvf, cvf = rv.float(), cv.float()
                 den = (rvf.double().sum(-2, keepdim=True) / rows).float().clamp(min=eps1)
+                if shard is not None:  # this block's rows, columns and batch entries
+                    at = [slice(o, o + n) for o, n in zip(shard.offset, p.shape)]
+                    batch = tuple(at[:-2])
+                    rvf = rvf[batch + (at[-2], slice(None))]
+                    cvf = cvf[batch + (slice(None), at[-1])]
+                    den = den[batch]
                 v = (rvf * cvf) / den
             else:
                 var.copy_(torch.lerp(var.float(), g * g, w))
                 v = var.float()
             u = g * (1.0 / v.clamp(min=eps1_sq).sqrt())
-            step_size = adafactor_step_size(sum_p2, float(u.double().square().sum()), p.numel(),
-                                            eps2, rho, d)
+            sums = torch.stack([sum_p2, u.double().square().sum()])
+            if shard is not None:
+                shard.reduce(sums)
+            step_size = adafactor_step_size(float(sums[0]), float(sums[1]), numel, eps2, rho, d)
             if weight_decay != 0.0:
                 pf = pf * decay
             store_param(p, pf - step_size * u, master, seed, i)
