@@ -448,15 +448,17 @@ def vector_ready(lists, i, ptrs=None) -> bool:
                for lst, ptr in zip(lists, ptrs))
 
 
-def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device):
+def launch_multi_tensor(kernel, lists, key_of, consts_of, args, flags, device, key_lists=None):
     """Run a multi-tensor kernel of one BLOCK per program over `lists` (params first):
     one launch per group of params with the same key_of(i) and `vector_ready`, as
     kernel[(blocks,)](table, block_map, *args, **flags, **consts_of(key), ALIGNED, NCOL,
     BLOCK), on the params' device. The kernel starts with `table_row`, reads its tensors
     with `tensor_ptr` (list k of `lists` is column k) and masks with `block_mask`.
-    (Adafactor's 0-/1-D tensors; the element-wise steps go through `elementwise_step`.)"""
+    (Adafactor's 0-/1-D tensors; the element-wise steps go through `elementwise_step`.)
+    `key_lists`: as multi_tensor_groups' (the tables then built in C++)."""
     block = block_size()
-    groups = multi_tensor_groups(lists, key_of, block, device, split_aligned=True)
+    groups = multi_tensor_groups(lists, key_of, block, device, split_aligned=True,
+                                 key_lists=key_lists)
     # Triton launches on the current CUDA device: make it the params' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for (key, aligned), _, table, block_map, num_blocks in groups:

@@ -426,11 +426,12 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
             V[i] = contiguous(var_of[i], True)
             MP[i] = contiguous(master_params[i], True) if master_params else P[i]
         lists = [P, G, V, MP, list(steps)]
-        key_of = (lambda i: (P[i].dtype, V[i].dtype, steps[i].dtype))
+        key_lists = (0, 2, 4)  # (param, variance, step) dtypes
         consts_of = (lambda key: dict(P_DT=TORCH_TO_TL[key[0]], S_DT=TORCH_TO_TL[key[1]],
                                       STEP_DT=TORCH_TO_TL[key[2]]))
-        launch_multi_tensor(_vector_direction_kernel, lists, key_of, consts_of,
-                            (sums[0], sums[1], lr, gs, fi, *floats.values()), flags, dev)
+        launch_multi_tensor(_vector_direction_kernel, lists, None, consts_of,
+                            (sums[0], sums[1], lr, gs, fi, *floats.values()), flags, dev,
+                            key_lists=key_lists)
     factored = [i for i, p0 in enumerate(params) if p0.dim() >= 2]
     rv_of, cv_of = dict(zip(factored, row_vars)), dict(zip(factored, col_vars))
     groups: dict = {}
@@ -465,10 +466,10 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
                                     num_warps=warps, **LAUNCH_OPTIONS)
     if vector:  # after the direction kernel above: stream order
         launch_multi_tensor(
-            _vector_apply_kernel, lists, key_of,
+            _vector_apply_kernel, lists, None,
             lambda key: dict(consts_of(key), SR=sr_of(key[0])),
             (sums[0], sums[1], lr, gs, fi, seed, *floats.values(), float(eps2), float(d)),
-            dict(flags, WD=weight_decay != 0.0), dev)
+            dict(flags, WD=weight_decay != 0.0), dev, key_lists=key_lists)
     for dst, src in writeback:
         dst.copy_(src)
     finish_steps()
