@@ -74,7 +74,9 @@ LINK_STDCXX = shared_libstdcxx()
 # so an element's result depended on its tensor's alignment (an H100 run, RMSprop and
 # LAMB on views at odd offsets). The maths headers name each FMA they want (`fmadd`);
 # the C++ CPU build (ISO C++, no contraction) and Triton (enable_fp_fusion=False) do the
-# same. The kernels are memory-bound: the extra instructions cost nothing measurable.
+# same. The kernels are memory-bound: on that H100, CUDA Adam on the GPT-2 list ran at
+# 1.27x torch fused with this flag and 1.22x without (two runs, within their spread:
+# benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-26-notes.md).
 NVCC_FP = ["--fmad=false"]
 archs = os.environ.get("DLOPT_CUDA_ARCH", "80;90").split(";")
 if use_cuda:  # lets `dlopt-kernels info` say what the CUDA library was built for

@@ -70,6 +70,16 @@ def time_graph(clock, fn, reps):
     return time_call(clock, graph.replay, reps)
 
 
+def _variant(text):
+    """'BLOCK,ITERS,WARPS' as three ints (launch_sizes checks each as it runs)."""
+    try:
+        block, iters, warps = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not BLOCK,ITERS,WARPS (three integers)") from None
+    return block, iters, warps
+
+
 class _TorchFused:
     def __init__(self, shapes, device):
         params = common.make_params(shapes, torch.float32, device)
@@ -82,14 +92,14 @@ class _TorchFused:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--variants", nargs="*", default=VARIANTS,
+    ap.add_argument("--variants", nargs="*", default=VARIANTS, type=_variant,
                     help="BLOCK,ITERS,WARPS triples (powers of two)")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--quick", action="store_true", help="a CPU dry run of the script")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.quick else "cuda")
     clock = common._Clock(dev, 256 * 2**20 if dev.type == "cuda" else 0)
-    variants = [tuple(int(x) for x in v.split(",")) for v in args.variants]
+    variants = [_variant(v) if isinstance(v, str) else v for v in args.variants]
     rows = []
 
     def record(case, impl, runner):

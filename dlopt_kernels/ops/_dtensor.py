@@ -298,6 +298,21 @@ def _whole(mode, func, types, args, kwargs):
     return None
 
 
+def _one_mesh(a):
+    """(params, mesh, their set of placements) when the op's params are all DTensors on
+    one mesh, placed alike under stochastic rounding (each shard then draws its own
+    bits): what the shard-local LAMB and Adafactor need. (params, None, None) else."""
+    params = a["params"]
+    if not params or not all(_is_dt(p) for p in params):
+        return params, None, None
+    mesh = params[0].device_mesh
+    placements = {p.placements for p in params}
+    if any(p.device_mesh != mesh for p in params) or (
+            a["sr_seed"] is not None and len(placements) > 1):
+        return params, None, None
+    return params, mesh, placements
+
+
 def _lamb_locally(func, a) -> bool:
     """LAMB on each rank's shards when every param is a DTensor on one mesh (and, for
     stochastic rounding, placed alike): the element-wise maths locally, the sums of
@@ -305,13 +320,8 @@ def _lamb_locally(func, a) -> bool:
     themselves). It runs the pure-torch reference kernel, whose two passes leave room
     for the all-reduce between them. False: not applicable, nothing done."""
     from dlopt_kernels.backends.reference.optim_lamb import lamb_step
-    params = a["params"]
-    if not params or not all(_is_dt(p) for p in params):
-        return False
-    mesh = params[0].device_mesh
-    placements = {p.placements for p in params}
-    if any(p.device_mesh != mesh for p in params) or (
-            a["sr_seed"] is not None and len(placements) > 1):
+    params, mesh, placements = _one_mesh(a)
+    if mesh is None:
         return False
     local = _localize(func, a)  # checks each state is placed as its param
     if local["sr_seed"] is not None:
@@ -339,14 +349,9 @@ def _adafactor_locally(func, a) -> bool:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from dlopt_kernels.backends.checks import check_factored_lists
-    from dlopt_kernels.backends.reference.optim_adafactor import Shard, adafactor_step
-    params = a["params"]
-    if not params or not all(_is_dt(p) for p in params):
-        return False
-    mesh = params[0].device_mesh
-    placements = {p.placements for p in params}
-    if any(p.device_mesh != mesh for p in params) or (
-            a["sr_seed"] is not None and len(placements) > 1):
+    from dlopt_kernels.backends.reference.optim_adafactor import LocalBlock, adafactor_step
+    params, mesh, placements = _one_mesh(a)
+    if mesh is None:
         return False
     factored = [p for p in params if p.dim() >= 2]
     for t in (*a["row_vars"], *a["col_vars"]):  # whole on every rank
@@ -383,7 +388,7 @@ def _adafactor_locally(func, a) -> bool:
                 dist.all_reduce(t, dist.ReduceOp.SUM, group=mesh.get_group(d))
 
         _, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
-        return Shard(tuple(p.shape), tuple(offset), reduce)
+        return LocalBlock(tuple(p.shape), tuple(offset), reduce)
 
     del local["backend"]
     adafactor_step(*local.values(), shards=[shard_of(p) for p in params])

@@ -11,6 +11,7 @@ clamp before any float->int cast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -476,6 +477,11 @@ def _native_tables():
     load, or DLOPT_TRITON_PY_TABLES=1 asks for the Python twin (tests, A/B)."""
     if os.environ.get("DLOPT_TRITON_PY_TABLES", "0") not in ("", "0"):
         return None
+    return _compiled_tables()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_tables():
     from dlopt_kernels import _lib
     if not _lib.LOADED["cpu"]:
         return None

@@ -107,3 +107,14 @@ def test_native_verdict_declines_what_it_cannot_read():
     short[2] = [c["states"][0][:2], c["states"][1]]
     assert _C.elementwise_lists_ok(*short) is None
     assert _C.elementwise_lists_ok([], [], [], [], [], False) is True
+    masters = list(args)
+    masters[3] = c["masters"][:1]  # masters of another length than the params
+    assert _C.elementwise_lists_ok(*masters) is None
+    not_a_list = list(args)
+    not_a_list[2] = [c["states"][0], "exp_avgs"]  # a state "list" that is not one
+    assert _C.elementwise_lists_ok(*not_a_list) is None
+    for k in range(5):  # each list argument of the wrong type
+        wrong = list(args)
+        wrong[k] = tuple(wrong[k])
+        with pytest.raises(TypeError):
+            _C.elementwise_lists_ok(*wrong)

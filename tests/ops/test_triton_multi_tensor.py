@@ -260,6 +260,12 @@ def test_native_tables_refuse_what_they_cannot_read():
     assert _C.triton_tables([[p], [p]], (0,), [0, 1], 8) is None  # extra of another length
     with pytest.raises(ValueError, match="chunk"):
         _C.triton_tables([[p]], (0,), None, 0)
+    assert _C.triton_tables([[p]], (3,), None, 8) is None  # a key list out of range
+    assert _C.triton_tables([[p], "grads"], (0,), None, 8) is None  # not a list
+    assert _C.triton_tables([[], []], (0,), None, 8) == (True, [])  # no params
+    for bad in (("params", (0,), None, 8), ([[p]], [0], None, 8), ([[p]], (0,), None, "8")):
+        with pytest.raises(TypeError):
+            _C.triton_tables(*bad)
 
 
 @pytest.mark.parametrize("var,value", [("DLOPT_TRITON_BLOCK", "1000"),
@@ -297,3 +303,18 @@ def test_native_groups_by_key_lists_match_the_python_twin(monkeypatch):
         ((torch.float32, torch.float32), True), ((torch.float32, torch.float32), False),
         ((torch.float64, torch.float64), True), ((torch.bfloat16, torch.bfloat16), True),
         ((torch.float16, torch.float16), False)}
+
+
+def test_host_time_tool_runs():
+    """tools/triton_host_time.py (a Triton step's host time, launch stubbed) runs on the
+    CPU in both table modes and reports both cases."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for py in ("0", "1"):
+        out = subprocess.run([sys.executable, os.path.join(root, "tools", "triton_host_time.py"),
+                              "--reps", "1"], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, DLOPT_TRITON_PY_TABLES=py)).stdout
+        assert "gpt2_small (148 tensors)" in out and "tiny_1000 (1000 tensors)" in out
+        assert ("Python" in out) == (py == "1")

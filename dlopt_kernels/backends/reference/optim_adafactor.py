@@ -33,7 +33,7 @@ def adafactor_step_size(sum_p2: float, sum_u2: float, numel: int, eps2: float, r
     return float(torch.tensor(alpha / denom, dtype=torch.float32))
 
 
-class Shard(NamedTuple):
+class LocalBlock(NamedTuple):
     """Where a param's local tensor sits in the whole one (ops/_dtensor.py, FSDP2):
     the whole shape, the local block's offset in it, and `reduce(t)`, which sums a
     float64 tensor in place over the ranks holding the other blocks."""
@@ -42,7 +42,7 @@ class Shard(NamedTuple):
     reduce: Callable[[Tensor], None]
 
 
-def _whole_sums(part: Tensor, dim: int, shard: Shard, local_shape) -> Tensor:
+def _whole_sums(part: Tensor, dim: int, shard: LocalBlock, local_shape) -> Tensor:
     """Sums of g^2 along `dim` (-1: a row's, -2: a column's) of the whole tensor, from
     `part`, this block's sums (kept dims): placed at the block's offset in zeros of
     the whole shape (the summed dim 1) and summed over the ranks."""
@@ -61,7 +61,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
                    weight_decay: float, maximize: bool, grad_scale: Optional[Tensor],
                    found_inf: Optional[Tensor], sr_seed: Optional[Tensor],
                    shards: Optional[list] = None) -> None:
-    """`shards` (ops/_dtensor.py, for DTensor params): one `Shard` or None per param;
+    """`shards` (ops/_dtensor.py, for DTensor params): one `LocalBlock` or None per param;
     the params, grads, variances and masters are then each rank's local blocks and the
     row / column variances whole (replicated) tensors, and the sums behind them and
     behind each step size are summed over the ranks (every rank makes the same
