@@ -92,6 +92,10 @@ ext_modules = [
 
 if use_cuda:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # Kernel arguments over 4 KB (multi_tensor_apply's 32 KB tables) need sm_70+: an
+    # older architecture in the list builds the 4 KB tables only.
+    if min(int("".join(c for c in a if c.isdigit()) or 0) for a in archs) < 70:
+        gencode.append("-DDLOPT_NO_LARGE_ARGS")
     # Kernels and launchers (.cu, nvcc) and the host halves that check arguments and
     # raise errors (.cpp, g++): no TORCH_CHECK is built by nvcc (docs/compat.md).
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))

@@ -6,7 +6,7 @@
 # (the lease's copy of .git was seen to be stale: name the commit sent, for the JSON)
 # bench...: benchmark names (adam lamb ...; default all eight). DLOPT_GPU_CRASH_LOG=1 also
 # records a native backtrace of tools/repro_malformed.py (no gdb there) in crash.log.
-# Writes env.txt, build.log, bench.log, ab.log, ab_chunk.log, tests.log and the benchmark
+# Writes env.txt, build.log, bench.log, ab_small.log, tests.log and the benchmark
 # JSON into OUTDIR. DLOPT_GPU_AB=0 skips the CUDA A/B; DLOPT_GPU_SWEEP=1 adds the Triton
 # launch-size sweep (sizes.log, triton_sizes.json) before the benchmarks.
 set -uo pipefail
@@ -51,13 +51,13 @@ if [ "${DLOPT_GPU_CRASH_LOG:-0}" = 1 ]; then
     done; } >"$OUT/crash.log" 2>&1
   head -c 5000 "$OUT/crash.log"
 fi
-# A/B of multi_tensor_apply's launch shape, Adam again with each variant in its own JSON:
-#   OUT/ab: full 4 KB tables of 64K chunks (DLOPT_CUDA_FULL_TABLES=1: the shape before
-#           whole waves and chunk_for);
-#   OUT/ab_chunk: whole waves but always 64K chunks (DLOPT_CUDA_CHUNK=65536: no chunk_for).
+# A/B of multi_tensor_apply's launch shape, Adam again with the variant in its own JSON:
+#   OUT/ab_small: 4 KB tables only (DLOPT_CUDA_SMALL_TABLES=1: the launches before the
+#                 32 KB tables). Session 9's A/Bs of DLOPT_CUDA_FULL_TABLES=1 and
+#                 DLOPT_CUDA_CHUNK=65536 were within the spread and are not repeated.
 # Run right after the adam benchmark, before the others can use up the bench time.
 ab_runs() {
-for v in "ab DLOPT_CUDA_FULL_TABLES=1" "ab_chunk DLOPT_CUDA_CHUNK=65536"; do
+for v in "ab_small DLOPT_CUDA_SMALL_TABLES=1"; do
   set -- $v
   [ "$(left "$BENCH_S" "$tb")" -gt 25 ] || { echo "A/B $1 SKIPPED: bench time used up"; continue; }
   env "$2" timeout 60 python3 "$(bench_file adam)" --device cuda --out "$OUT/$1" \

@@ -7,8 +7,9 @@
 // Checks, for odd tensor sizes, misaligned pointers (the scalar path) and every table
 // size limit from 1 block up: each element is visited exactly once with its own index
 // and its tensor's Meta; nothing outside a tensor is touched; no table exceeds the
-// block limit or its tensor slots; chunk sizes other than kChunk; mta::wave_blocks
-// picks whole waves and mta::chunk_for whole waves of equal chunks.
+// block limit or its tensor slots; chunk sizes other than kChunk; both table sizes
+// (4 KB and the 32 KB kLargeArgs); mta::fits_one_table agrees with the packing;
+// mta::wave_blocks picks whole waves and mta::chunk_for whole waves of equal chunks.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -64,10 +65,12 @@ struct Buffers {
   std::vector<int> offset;  // 0, or 1 float: a pointer off the 16-byte vector alignment
 };
 
+template <int BYTES = mta::kSmallArgs>
 void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
                int chunk = mta::kChunk) {
   using Entry = mta::TensorEntry<3, int32_t>;
-  using Cap = mta::Table<ProbeOp>::Cap;
+  using Tab = mta::Table<ProbeOp, BYTES>;
+  using Cap = typename Tab::Cap;
   Buffers buf;
   std::vector<Entry> entries;
   for (size_t t = 0; t < sizes.size(); ++t) {
@@ -86,8 +89,9 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
     entries.push_back(e);
   }
   int tables = 0;
-  const cudaError_t err = mta::for_each_table(
-      entries, ProbeOp{}, limit, [&](const mta::Table<ProbeOp>& tab, int blocks) {
+  const bool one_table = mta::fits_one_table<BYTES, ProbeOp>(entries, limit, chunk);
+  const cudaError_t err = mta::for_each_table<BYTES>(
+      entries, ProbeOp{}, limit, [&](const Tab& tab, int blocks) {
         ++tables;
         EXPECT(blocks >= 1 && blocks <= limit && blocks <= Cap::kBlocks,
                "table of %d blocks, limit %d", blocks, limit);
@@ -126,6 +130,9 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
   for (int64_t n : sizes) chunks += (n + chunk - 1) / chunk;
   EXPECT(chunks == 0 ? tables == 0 : tables >= (chunks + limit - 1) / limit,
          "%d tables for %lld chunks at limit %d", tables, (long long)chunks, limit);
+  // fits_one_table says whether the packing above took (at most) one table
+  EXPECT(one_table == (tables <= 1), "fits_one_table %d but %d tables (%zu tensors, limit %d, "
+         "chunk %d, %d-byte tables)", int(one_table), tables, sizes.size(), limit, chunk, BYTES);
 }
 
 }  // namespace
@@ -178,6 +185,27 @@ int main() {
       for (int limit : {1, 2, 3, 264, 1 << 20}) check_one(sizes, mis, limit);
       for (int chunk : {mta::kMinChunk, 38912}) check_one(sizes, mis, 264, chunk);
     }
+  // 32 KB tables (kLargeArgs): hundreds of tensor slots and thousands of blocks a table
+  using LargeCap = mta::Table<ProbeOp, mta::kLargeArgs>::Cap;
+  EXPECT(LargeCap::kTensors >= 300 && LargeCap::kBlocks >= 2048 &&
+             sizeof(mta::Table<ProbeOp, mta::kLargeArgs>) <= 32764,
+         "large table: %d tensors, %d blocks, %zu bytes", LargeCap::kTensors, LargeCap::kBlocks,
+         sizeof(mta::Table<ProbeOp, mta::kLargeArgs>));
+  EXPECT(sizeof(mta::Table<ProbeOp>) <= 4096, "small table: %zu bytes",
+         sizeof(mta::Table<ProbeOp>));
+  std::vector<std::vector<int64_t>> large_cases = all;
+  large_cases.push_back(std::vector<int64_t>(1000, 1500));  // more slots than a large table
+  large_cases.push_back(std::vector<int64_t>(LargeCap::kTensors, 3));  // exactly full
+  {
+    std::vector<int64_t> s;  // a GPT-2-like mix: a few large tensors, many small ones
+    for (int i = 0; i < 150; ++i) s.push_back(i % 6 == 0 ? big(rng) * 3 : small(rng));
+    large_cases.push_back(s);
+  }
+  for (const auto& sizes : large_cases)
+    for (bool mis : {false, true})
+      for (int limit : {1, 264, 2112, 1 << 20}) check_one<mta::kLargeArgs>(sizes, mis, limit);
+  for (int chunk : {mta::kMinChunk, 4}) check_one<mta::kLargeArgs>(large_cases.back(), true, 2112, chunk);
+
   // chunks below one vector per thread (DLOPT_CUDA_CHUNK), on the small lists
   for (int chunk : {4, 12, 2044})
     for (bool mis : {false, true})

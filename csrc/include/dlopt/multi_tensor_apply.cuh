@@ -5,9 +5,10 @@
 // Host side (group_by_dtype, for_each_table, multi_tensor_apply): the launcher turns
 // the call's ParamEntry list (dlopt/cuda_launch.h) into vectors of TensorEntry (N raw
 // pointers + numel + per-tensor metadata), one per dtype group. They are packed
-// into a table that travels by value as the kernel argument (under the classic
-// 4 KB parameter limit: no device-side buffer, no host->device copy, nothing
-// that breaks CUDA graph capture). Each tensor is cut into chunks of the table's
+// into a table that travels by value as the kernel argument (no device-side
+// buffer, no host->device copy, nothing that breaks CUDA graph capture): under
+// the classic 4 KB parameter limit, or 32 KB where CUDA 12.1+ allows it and the
+// call needs more than one 4 KB table (kLargeArgs). Each tensor is cut into chunks of the table's
 // `chunk` elements (kChunk, or less when a call is too small to fill the GPU:
 // chunk_for), one thread block per chunk. When the table runs out of tensor slots
 // or block slots it is launched and refilled; a tensor whose chunks straddle
@@ -37,6 +38,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -47,6 +49,14 @@
 #include "dlopt/cuda_launch.h"
 #include "dlopt/cuda_storage.cuh"
 #include "dlopt/macros.h"
+
+// 32 KB kernel arguments: CUDA 12.1+ and no architecture below sm_70 in the build
+// (setup.py defines DLOPT_NO_LARGE_ARGS then).
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010 && !defined(DLOPT_NO_LARGE_ARGS)
+#define DLOPT_LARGE_ARGS 1
+#else
+#define DLOPT_LARGE_ARGS 0
+#endif
 
 namespace dlopt {
 namespace mta {
@@ -84,24 +94,39 @@ struct TensorEntry {
   Meta meta;
 };
 
-// Table capacities from the argument budget: room for 320 blocks (20M fp32
-// elements) per launch, the rest for tensor slots (32 for Adam's 6 lists).
-template <int N, class Meta, class Op>
+// Kernel-argument budgets of a table. kSmallArgs fits the classic 4 KB parameter
+// limit of every CUDA version; kLargeArgs needs the 32,764 bytes CUDA 12.1 allows
+// (toolkit and driver 12.1+, sm_70+: large_args_supported). Why large tables: a
+// 4 KB table holds 32 of Adam's tensors and 328 blocks, so the GPT-2-small list
+// (148 tensors, ~1900 chunks of 64K) took 8 launches of one wave each, and every
+// kernel boundary idles the GPU while the wave's last blocks finish; 1,000 small
+// tensors took 32 launches of 32 blocks each (a quarter of an H100's SMs busy). A
+// 32 KB table takes GPT-2 in one launch and 1,000 small tensors in four.
+constexpr int kSmallArgs = kArgBudget;
+constexpr int kLargeArgs = 32000;
+
+// Table capacities from an argument budget of BYTES: room for RESERVED blocks per
+// launch (4 KB: 320 blocks, 20M fp32 elements; 32 KB: 2048 blocks), the rest for
+// tensor slots (4 KB: 32 of Adam's 6 lists; 32 KB: 326).
+template <int N, class Meta, class Op, int BYTES = kSmallArgs>
 struct Capacity {
+  static constexpr int kReserved = BYTES > kSmallArgs ? 2048 : 320;
   static constexpr int kPerTensor = N * 8 + 8 + static_cast<int>(sizeof(Meta));
   static constexpr int kPerBlock = 4 + 2;  // chunk index + tensor slot
   // 64: padding; 8: the chunk size
-  static constexpr int kFree = kArgBudget - static_cast<int>(sizeof(Op)) - 64 - 8;
-  static constexpr int kTensors = (kFree - 320 * kPerBlock) / kPerTensor;
+  static constexpr int kFree = BYTES - static_cast<int>(sizeof(Op)) - 64 - 8;
+  static constexpr int kTensors = (kFree - kReserved * kPerBlock) / kPerTensor;
   static constexpr int kBlocks = (kFree - kTensors * kPerTensor) / kPerBlock;
   static_assert(kTensors >= 8, "multi_tensor_apply: per-tensor data too large for the table");
+  static_assert(kTensors <= 65536, "block_tensor is 16-bit");
 };
 
-template <class Op>
+template <class Op, int BYTES = kSmallArgs>
 struct Table {
   static constexpr int N = Op::kLists;
+  static constexpr int kBytes = BYTES;
   using Meta = typename Op::Meta;
-  using Cap = Capacity<N, Meta, Op>;
+  using Cap = Capacity<N, Meta, Op, BYTES>;
   void* ptr[N][Cap::kTensors];
   int64_t numel[Cap::kTensors];
   Meta meta[Cap::kTensors];
@@ -131,8 +156,9 @@ DLOPT_HD void static_for(F&& f) {
 // a launch exactly, which lets CPU-only machines test this indexing.
 // `acc...` (none for element-wise ops) is passed on to every functor call: a
 // per-thread accumulator of reducing ops (dlopt/multi_tensor_reduce.cuh).
-template <class Op, class... Acc>
-DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthreads, Acc&... acc) {
+template <class Op, int BYTES, class... Acc>
+DLOPT_HD void run_thread(const Table<Op, BYTES>& tab, int block, int thread, int nthreads,
+                         Acc&... acc) {
   constexpr int N = Op::kLists;
   const int slot = tab.block_tensor[block];
   const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * tab.chunk;
@@ -218,9 +244,9 @@ DLOPT_HD void run_thread(const Table<Op>& tab, int block, int thread, int nthrea
 // compiler would copy the whole table into per-thread local memory.
 // Launch bounds (512, 2) cap registers at 64 so two blocks fit per SM (some
 // instantiations wanted 112, i.e. one block); ptxas reports no spills.
-template <class Op>
+template <class Op, int BYTES>
 __global__ void __launch_bounds__(kBlockSize, 2)
-    multi_tensor_kernel(const __grid_constant__ Table<Op> tab) {
+    multi_tensor_kernel(const __grid_constant__ Table<Op, BYTES> tab) {
   run_thread(tab, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
@@ -320,16 +346,18 @@ inline int chunk_override() {
 }
 
 // Packs the non-empty entries, cut into chunks of `chunk` elements (a multiple of
-// kILP), into tables of at most max_blocks blocks (and the table's capacity) and calls
-// fn(table, number_of_blocks) -> cudaError_t for each, stopping at the first error;
-// host-only and CUDA-free (multi_tensor_apply launches from fn).
-template <class Op, class Fn>
+// kILP), into tables of BYTES (kSmallArgs or kLargeArgs) of at most max_blocks blocks
+// (and the table's capacity) and calls fn(table, number_of_blocks) -> cudaError_t for
+// each, stopping at the first error; host-only and CUDA-free (multi_tensor_apply
+// launches from fn).
+template <int BYTES = kSmallArgs, class Op, class Fn>
 cudaError_t for_each_table(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     int max_blocks, Fn&& fn, int chunk = kChunk) {
-  using Tab = Table<Op>;
+  using Tab = Table<Op, BYTES>;
   using Cap = typename Tab::Cap;
-  static_assert(sizeof(Tab) <= 4096, "multi_tensor_apply: kernel argument over 4 KB");
+  static_assert(sizeof(Tab) <= BYTES + 64, "multi_tensor_apply: kernel argument over budget");
+  static_assert(sizeof(Tab) <= 32764, "multi_tensor_apply: kernel argument over 32,764 bytes");
   static_assert(std::is_trivially_copyable<Op>::value, "Op must be trivially copyable");
   constexpr int N = Op::kLists;
   using Entry = TensorEntry<N, typename Op::Meta>;
@@ -338,7 +366,7 @@ cudaError_t for_each_table(
   std::vector<const Entry*> todo;
   for (const auto& e : entries)
     if (e.numel > 0) todo.push_back(&e);
-  Tab tab;
+  Tab tab;  // 32 KB at most: on the stack, like any kernel argument
   tab.op = op;
   tab.chunk = chunk;
   int nt = 0, nb = 0;
@@ -369,23 +397,101 @@ cudaError_t for_each_table(
   return cudaSuccess;
 }
 
+// Whether tables of `bytes` (kSmallArgs or kLargeArgs) fit a kernel argument on the
+// current device. 4 KB always do. 32 KB need CUDA 12.1 in both the toolkit that built
+// us and the driver, and compute capability 7.0+ (DLOPT_LARGE_ARGS); DLOPT_CUDA_SMALL_TABLES (any value)
+// turns them off, for the A/B of tools/gpu_check.sh. Queried once per device.
+inline bool large_args_supported() {
+#if DLOPT_LARGE_ARGS
+  static const bool off = std::getenv("DLOPT_CUDA_SMALL_TABLES") != nullptr;
+  static int driver = -1;
+  constexpr int kMaxDevices = 64;
+  static int ok[kMaxDevices] = {};  // 0: not asked yet, 1: yes, -1: no
+  if (off) return false;
+  if (driver < 0 && cudaDriverGetVersion(&driver) != cudaSuccess) {
+    (void)cudaGetLastError();
+    driver = 0;
+  }
+  if (driver < 12010) return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (ok[dev] == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      major = 0;
+    }
+    ok[dev] = major >= 7 ? 1 : -1;
+  }
+  return ok[dev] > 0;
+#else
+  return false;
+#endif
+}
+
+// Whether a call fits one table of BYTES with `chunk`-element chunks and at most
+// `max_blocks` blocks: then a larger table gains nothing (one launch either way) and
+// costs a longer kernel argument to copy.
+template <int BYTES, class Op>
+bool fits_one_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
+                    int max_blocks, int chunk) {
+  using Cap = typename Table<Op, BYTES>::Cap;
+  const int64_t limit = std::min<int64_t>(Cap::kBlocks, max_blocks);
+  int64_t tensors = 0, blocks = 0;
+  for (const auto& e : entries) {
+    if (e.numel == 0) continue;
+    blocks += (e.numel + chunk - 1) / chunk;
+    if (++tensors > Cap::kTensors || blocks > limit) return false;
+  }
+  return true;
+}
+
+// The launches of multi_tensor_apply with tables of BYTES. `launched` counts them.
+template <int BYTES, class Op>
+cudaError_t launch_tables(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
+                          const Op& op, int resident, int chunk, cudaStream_t stream,
+                          int& launched) {
+  return for_each_table<BYTES>(
+      entries, op, wave_blocks(resident, Table<Op, BYTES>::Cap::kBlocks),
+      [&](const Table<Op, BYTES>& tab, int blocks) {
+        multi_tensor_kernel<Op, BYTES><<<blocks, kBlockSize, 0, stream>>>(tab);
+        ++launched;
+        return cudaGetLastError();
+      },
+      chunk);
+}
+
 // Launches Op over every entry on `stream` (of the current device, which the host
-// half set). Empty tensors are skipped.
+// half set). Empty tensors are skipped. Calls that need more than one 4 KB table go
+// in 32 KB tables where the device takes them (large_args_supported); should the
+// first 32 KB launch still be refused (nothing has run then), 32 KB tables are
+// switched off for the process and the call goes in 4 KB tables.
 template <class Op>
 cudaError_t multi_tensor_apply(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     cudaStream_t stream) {
-  const int resident = resident_blocks(multi_tensor_kernel<Op>, kBlockSize);
+  const int resident = resident_blocks(multi_tensor_kernel<Op, kSmallArgs>, kBlockSize);
   int64_t total = 0;
   for (const auto& e : entries) total += e.numel;
   const int chunk = chunk_override() > 0 ? chunk_override() : chunk_for(total, resident);
-  return for_each_table(
-      entries, op, wave_blocks(resident, Table<Op>::Cap::kBlocks),
-      [&](const Table<Op>& tab, int blocks) {
-        multi_tensor_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
-        return cudaGetLastError();
-      },
-      chunk);
+  int launched = 0;
+#if DLOPT_LARGE_ARGS
+  static std::atomic<bool> large_refused{false};
+  if (!large_refused && large_args_supported() &&
+      !fits_one_table<kSmallArgs, Op>(entries, wave_blocks(resident, Table<Op>::Cap::kBlocks),
+                                      chunk)) {
+    const int large_resident = resident_blocks(multi_tensor_kernel<Op, kLargeArgs>, kBlockSize);
+    const cudaError_t err =
+        launch_tables<kLargeArgs>(entries, op, large_resident, chunk, stream, launched);
+    if (err == cudaSuccess || launched > 1) return err;
+    large_refused = true;  // the first launch failed: nothing ran
+    launched = 0;
+  }
+#endif
+  return launch_tables<kSmallArgs>(entries, op, resident, chunk, stream, launched);
 }
 
 // The launch of an element-wise op: for each dtype group of the call (group_by_dtype,
