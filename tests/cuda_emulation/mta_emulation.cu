@@ -187,7 +187,7 @@ int main() {
     }
   // 32 KB tables (kLargeArgs): hundreds of tensor slots and thousands of blocks a table
   using LargeCap = mta::Table<ProbeOp, mta::kLargeArgs>::Cap;
-  EXPECT(LargeCap::kTensors >= 300 && LargeCap::kBlocks >= 2048 &&
+  EXPECT(LargeCap::kTensors >= 300 && LargeCap::kBlocks >= 2600 &&
              sizeof(mta::Table<ProbeOp, mta::kLargeArgs>) <= 32764,
          "large table: %d tensors, %d blocks, %zu bytes", LargeCap::kTensors, LargeCap::kBlocks,
          sizeof(mta::Table<ProbeOp, mta::kLargeArgs>));

@@ -106,11 +106,12 @@ constexpr int kSmallArgs = kArgBudget;
 constexpr int kLargeArgs = 32000;
 
 // Table capacities from an argument budget of BYTES: room for RESERVED blocks per
-// launch (4 KB: 320 blocks, 20M fp32 elements; 32 KB: 2048 blocks), the rest for
-// tensor slots (4 KB: 32 of Adam's 6 lists; 32 KB: 326).
+// launch (4 KB: 320 blocks, 20M fp32 elements; 32 KB: 2600 blocks, enough for the
+// nine waves of 264 (an H100's) that the GPT-2-small list takes), the rest for tensor
+// slots (4 KB: 32 of Adam's 6 lists; 32 KB: 271).
 template <int N, class Meta, class Op, int BYTES = kSmallArgs>
 struct Capacity {
-  static constexpr int kReserved = BYTES > kSmallArgs ? 2048 : 320;
+  static constexpr int kReserved = BYTES > kSmallArgs ? 2600 : 320;
   static constexpr int kPerTensor = N * 8 + 8 + static_cast<int>(sizeof(Meta));
   static constexpr int kPerBlock = 4 + 2;  // chunk index + tensor slot
   // 64: padding; 8: the chunk size
@@ -449,13 +450,16 @@ bool fits_one_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>
   return true;
 }
 
-// The launches of multi_tensor_apply with tables of BYTES. `launched` counts them.
+// The launches of multi_tensor_apply with tables of BYTES. `launched` counts them. Whole
+// waves per launch (wave_blocks) unless the call fits one table: then one launch.
 template <int BYTES, class Op>
 cudaError_t launch_tables(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
                           const Op& op, int resident, int chunk, cudaStream_t stream,
                           int& launched) {
+  constexpr int cap = Table<Op, BYTES>::Cap::kBlocks;
+  const bool one = fits_one_table<BYTES, Op>(entries, cap, chunk);
   return for_each_table<BYTES>(
-      entries, op, wave_blocks(resident, Table<Op, BYTES>::Cap::kBlocks),
+      entries, op, one ? cap : wave_blocks(resident, cap),
       [&](const Table<Op, BYTES>& tab, int blocks) {
         multi_tensor_kernel<Op, BYTES><<<blocks, kBlockSize, 0, stream>>>(tab);
         ++launched;
