@@ -15,6 +15,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -47,6 +48,33 @@ inline bool plain_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
 
 PyObject* none() { Py_RETURN_NONE; }
 
+// `state[p]` (a borrowed reference, or nullptr) for a plain tensor `p`, without calling
+// Tensor.__hash__ where `address_hash`: that is a Python function (torch/_tensor.py),
+// and calling it for every param cost about a third of this walk. It returns id(self),
+// and an int below 2^61 - 1 hashes to itself, so the hash is the object's address;
+// collect_group checks that on its first param before relying on it. A wrong hash could
+// only miss (a hit needs the very same key object), and a miss sends the group to the
+// Python path. The known-hash lookup is CPython's; newer versions take the plain path.
+PyObject* state_of(PyObject* state, PyObject* p, bool address_hash) {
+#if PY_VERSION_HEX < 0x030D0000
+  if (address_hash)
+    return _PyDict_GetItem_KnownHash(state, p, static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p)));
+#else
+  (void)address_hash;
+#endif
+  return PyDict_GetItemWithError(state, p);
+}
+
+// Whether p's hash is its address (see state_of).
+bool hash_is_address(PyObject* p) {
+  const Py_hash_t h = PyObject_Hash(p);
+  if (h == -1) {
+    PyErr_Clear();
+    return false;
+  }
+  return h == static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p));
+}
+
 // collect_group(params: list, state: dict, keys: tuple[str, ...], master_key: str | None)
 //   -> None | list[list[Tensor]]
 // The result is [params, grads, *states in `keys` order, masters] for the params of
@@ -58,7 +86,6 @@ PyObject* collect_group(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "O!O!O!O", &PyList_Type, &params, &PyDict_Type, &state,
                         &PyTuple_Type, &keys, &master_key))
     return nullptr;
-  static PyObject* grad_name = PyUnicode_InternFromString("grad");
   const Py_ssize_t n = PyList_GET_SIZE(params);
   const Py_ssize_t nk = PyTuple_GET_SIZE(keys);
   Ref out_params(PyList_New(0)), out_grads(PyList_New(0)), out_masters(PyList_New(0));
@@ -66,19 +93,19 @@ PyObject* collect_group(PyObject*, PyObject* args) {
   for (Py_ssize_t k = 0; k < nk; ++k) out_states.emplace_back(PyList_New(0));
 
   bool first = true, use_master = false;
+  const bool address_hash = n > 0 && hash_is_address(PyList_GET_ITEM(params, 0));
   c10::Device device(c10::kCPU);
   c10::ScalarType dtype = c10::ScalarType::Float;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     if (!plain_tensor(p)) return none();
-    Ref g(PyObject_GetAttr(p, grad_name));
-    if (!g.o) {
-      PyErr_Clear();
-      return none();
-    }
-    if (g.o == Py_None) continue;
-    if (!plain_tensor(g.o)) return none();
     const at::Tensor& pt = THPVariable_Unpack(p);
+    // p.grad as its getter reads it (THPVariable_get_grad), without the attribute lookup
+    const at::Tensor& grad = pt.grad();
+    if (!grad.defined()) continue;
+    Ref g(THPVariable_Wrap(grad));
+    if (!g.o) return nullptr;
+    if (!plain_tensor(g.o)) return none();
     const at::Tensor& gt = THPVariable_Unpack(g.o);
     if (first) {
       device = pt.device();
@@ -96,7 +123,7 @@ PyObject* collect_group(PyObject*, PyObject* args) {
     if (PyList_Append(out_params.o, p) || PyList_Append(out_grads.o, g.o)) return nullptr;
     if (nk == 0 && !use_master) continue;  // e.g. SGD without momentum keeps no state
     // Borrowed references below; the dict and the state dicts outlive this call.
-    PyObject* st = PyDict_GetItemWithError(state, p);  // no defaultdict insertion
+    PyObject* st = state_of(state, p, address_hash);  // no defaultdict insertion
     if (!st || !PyDict_Check(st)) {
       PyErr_Clear();
       return none();
