@@ -238,24 +238,37 @@ def on_device(t, device):
     return t.to(device, non_blocking=True)
 
 
-def bump_steps(steps, found_inf, device):
-    """steps[i] += 1 unless found_inf != 0, on the device and before the kernels that
-    read them (stream order), without a host sync. Returns (tensors the kernels
-    read, a callback to run after them)."""
-    inc = 1 if found_inf is None else (found_inf.reshape(()) == 0).to(steps[0].dtype)
+def count_steps(steps, found_inf, device):
+    """The step tensors the kernels read, on `device`, still holding the count before
+    this step (kernels that use it take `next_step`), and a function to call once the
+    launches are queued that adds one to every step unless found_inf != 0 (stream order:
+    after the kernels read them), without a host sync.
+
+    Why after: the count is one or three torch ops (found_inf == 0, its cast, the
+    foreach add), each a launch; before the kernels they are host time the GPU waits
+    through, after them they overlap the kernels' run."""
+    def inc(dtype):
+        return 1 if found_inf is None else (found_inf.reshape(()) == 0).to(dtype)
+
     if all(s.device == device for s in steps):
-        torch._foreach_add_(steps, inc)
-        return steps, lambda: None
-    # Steps kept on the CPU for CUDA params (torch's non-capturable layout): count on
-    # a device copy and copy back afterwards, which costs one sync.
+        return steps, lambda: torch._foreach_add_(steps, inc(steps[0].dtype))
+    # Steps kept on the CPU for CUDA params (torch's non-capturable layout): the kernels
+    # read a device copy, counted there and copied back afterwards (one sync).
     buf = torch.stack([s.detach().reshape(()).to(device, torch.float64) for s in steps])
-    buf += inc
 
     def finish():
+        buf.add_(inc(buf.dtype))
         for s, v in zip(steps, buf.cpu()):
             s.copy_(v)
 
     return list(buf.unbind()), finish
+
+
+@triton.jit
+def next_step(step_ptr):
+    """This step's count from its tensor's count before it (count_steps), as fp64: the
+    add in the tensor's own dtype, as the C++ kernels' `*sp += 1.0f` for float32 steps."""
+    return (tl.load(step_ptr) + 1).to(tl.float64)
 
 
 def is_dense(t) -> bool:
@@ -546,9 +559,9 @@ def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, fou
     """The host half every element-wise Triton step shares. `lists` is [params, grads,
     *states, master_params] (a state list the step does not use is empty; the first one
     that is not gives S_DT), `mutated` says which the kernel writes. In order: lr,
-    grad_scale, found_inf and sr_seed onto the params' device; the steps counted first
-    on the device, honouring found_inf (stream order makes the kernels read the new
-    step; with `steps_in_table` they are the table's last column, typed STEP_DT); the
+    grad_scale, found_inf and sr_seed onto the params' device; the steps as the kernels
+    read them (`count_steps`: the count before this step, `next_step` in the kernel;
+    with `steps_in_table` they are the table's last column, typed STEP_DT); the
     groups and their tables (`elementwise_groups`, with scratch copies where a tensor is
     not laid out like its param); one launch per group, as
     kernel[(programs,)](table, block_map, lr, grad_scale, found_inf, sr_seed, *floats,
@@ -563,7 +576,7 @@ def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, fou
     lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
                                           for t in (lr, grad_scale, found_inf, sr_seed))
     if state_steps:
-        steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+        steps, finish_steps = count_steps(state_steps, found_inf, dev)
     else:
         steps, finish_steps = [], (lambda: None)
     table_lists = [*lists, steps] if steps_in_table else list(lists)

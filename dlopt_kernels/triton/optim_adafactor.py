@@ -31,16 +31,17 @@ import triton.language as tl
 from dlopt_kernels.backends.checks import check_factored_lists
 from dlopt_kernels.triton._common import (
     LAUNCH_OPTIONS,
-    _cached,
     TORCH_TO_TL,
+    _cached,
     block_mask,
-    bump_steps,
+    count_steps,
     decoupled_decay_factor,
     f64,
-    grad_multiplier,
     gpu_sizes,
+    grad_multiplier,
     launch_multi_tensor,
     load_param,
+    next_step,
     on_device,
     round_to_storage,
     store_f32,
@@ -65,7 +66,7 @@ def _coeffs(step_ptr, lr_ptr, beta2_decay, weight_decay):
     and lr in fp64, decay factor in fp32). t^beta2_decay goes through fp32 exp2/log2
     (no fp64 transcendentals without libdevice): a few fp32 ulps off the host's pow,
     exact at t = 1."""
-    step = tl.load(step_ptr).to(tl.float64)
+    step = next_step(step_ptr)
     step = tl.where(step > 0, step, 1.0)  # a skipped step is never 0 here; keep log2 finite
     w = tl.math.exp2(f64(beta2_decay).to(tl.float32) * tl.math.log2(step.to(tl.float32)))
     lr = tl.load(lr_ptr).to(tl.float64)
@@ -390,7 +391,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
     dev = params[0].device
     lr, grad_scale, found_inf, sr_seed = (on_device(t, dev)
                                           for t in (lr, grad_scale, found_inf, sr_seed))
-    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    steps, finish_steps = count_steps(state_steps, found_inf, dev)
     writeback = []
 
     def contiguous(t, mutated):

@@ -20,6 +20,7 @@ from dlopt_kernels.triton._common import (
     f64,
     grad_multiplier,
     load_param,
+    next_step,
     store_f32,
     table_start,
     tensor_ptr,
@@ -46,7 +47,7 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
 
     # adagrad_coeffs(): the per-tensor learning rate in fp64, rounded once to fp32.
-    step = tl.load(step_ptr).to(tl.float64)
+    step = next_step(step_ptr)
     lr = tl.load(lr_ptr).to(tl.float64)
     clr = (lr / (1.0 + (step - 1.0) * f64(lr_decay))).to(tl.float32)
     eps_f = f64(eps).to(tl.float32)

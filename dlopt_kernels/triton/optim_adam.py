@@ -28,6 +28,7 @@ from dlopt_kernels.triton._common import (
     check_elementwise_lists,
     elementwise_step,
     f64,
+    next_step,
     sr_tensor_key,
     store_f32,
     table_start,
@@ -55,7 +56,7 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     v_ptr = tensor_ptr(rec, 3, S_DT, ALIGNED)
     vmax_ptr = tensor_ptr(rec, 4, S_DT, ALIGNED)
     master_ptr = tensor_ptr(rec, 5, tl.float32, ALIGNED)
-    step = tl.load(tensor_ptr(rec, 6, STEP_DT)).to(tl.float64)
+    step = next_step(tensor_ptr(rec, 6, STEP_DT))
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         skip = tl.load(fi_ptr) != 0
         n = tl.where(skip, 0, n)

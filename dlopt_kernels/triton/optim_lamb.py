@@ -31,11 +31,12 @@ from dlopt_kernels.triton._common import (
     align_to_params,
     block_mask,
     block_size,
-    bump_steps,
+    count_steps,
     f64,
     gpu_sizes,
     load_param,
     multi_tensor_groups,
+    next_step,
     on_device,
     round_to_storage,
     slot_ranges,
@@ -51,7 +52,7 @@ from dlopt_kernels.triton.multi_tensor_norm import loop_iters
 def _coeffs(step_ptr, fi_ptr, n, beta1, beta2, HAS_FI: tl.constexpr,
             BIAS_CORRECTION: tl.constexpr):
     """lamb_coeffs (Adam's with lr = 1) from the tensor's step; n = 0 if skipped."""
-    step = tl.load(step_ptr).to(tl.float64)
+    step = next_step(step_ptr)
     if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
         skip = tl.load(fi_ptr) != 0
         n = tl.where(skip, 0, n)
@@ -187,7 +188,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
     dev = params[0].device
     lr, grad_scale, global_grad_norm, found_inf, sr_seed = (
         on_device(t, dev) for t in (lr, grad_scale, global_grad_norm, found_inf, sr_seed))
-    steps, finish_steps = bump_steps(state_steps, found_inf, dev)
+    steps, finish_steps = count_steps(state_steps, found_inf, dev)
     (P, G, M, V, MP), writeback = align_to_params(
         [params, grads, exp_avgs, exp_avg_sqs, master_params], (True, False, True, True, True))
     block = block_size()
