@@ -6,7 +6,7 @@
 # (the lease's copy of .git was seen to be stale: name the commit sent, for the JSON)
 # bench...: benchmark names (adam lamb ...; default all eight). DLOPT_GPU_CRASH_LOG=1 also
 # records a native backtrace of tools/repro_malformed.py (no gdb there) in crash.log.
-# Writes env.txt, build.log, bench.log, ab_small.log, tests.log and the benchmark
+# Writes env.txt, build.log, bench.log, ab_small.log, host.log, tests.log and the benchmark
 # JSON into OUTDIR. DLOPT_GPU_AB=0 skips the CUDA A/B; DLOPT_GPU_SWEEP=1 adds the Triton
 # launch-size sweep (sizes.log, triton_sizes.json) before the benchmarks.
 set -uo pipefail
@@ -76,6 +76,9 @@ for b in $BENCHES; do
   [ "$b" = adam ] && [ "${DLOPT_GPU_AB:-1}" = 1 ] && ab_runs
 done
 grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
+# the host part of the step (tools/step_host_time.py): what the GPU waits through
+timeout 60 python3 tools/step_host_time.py --device cuda >"$OUT/host.log" 2>&1
+echo "host time: exit $? at $(( $(date +%s) - t0 )) s"; cut -c1-160 "$OUT/host.log"
 timeout "$TEST_S" python3 -m pytest tests -q -p no:cacheprovider -n 12 --timeout 120 -rfE \
   --tb=short --durations=10 -k "cuda or test_build" \
   >"$OUT/tests.log" 2>&1

@@ -15,6 +15,7 @@ Rows (median microseconds per call over N calls, after warm-up):
                  conversion, list checks, launch tables and launches (on a GPU), or the
                  CPU kernel itself (on the CPU)
   torch fused    torch.optim.AdamW(fused=True).step()
+  triton step    (on a GPU) dlopt AdamW(backend="triton").step()
 On the CPU the tensors have one element, so the kernels' own work is as small as it gets
 (the rows still include it); on a GPU they have the GPT-2-small shapes (148 tensors)
 and 1,000 tensors of 1K-4K elements, and each timed call starts on an idle GPU
@@ -71,7 +72,7 @@ def case(shapes, device: torch.device, reps: int) -> dict[str, float]:
     for p, q in zip(params, twin):
         q.grad = p.grad.clone()
     fused = torch.optim.AdamW(twin, **HP, fused=True)
-    return {
+    rows = {
         "step": _median_us(opt.step, reps, device),
         "collect": _median_us(lambda: _C.collect_group(group["params"], opt.state,
                                                        ("step", "exp_avg", "exp_avg_sq"),
@@ -79,6 +80,10 @@ def case(shapes, device: torch.device, reps: int) -> dict[str, float]:
         "kernel call": _median_us(lambda: _C.call_compiled("adam_step", *args), reps, device),
         "torch fused": _median_us(fused.step, reps, device),
     }
+    if device.type == "cuda":
+        tri = AdamW(twin, **HP, backend="triton")
+        rows["triton step"] = _median_us(tri.step, reps, device)
+    return rows
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ what the Python path gives, hand every case it does not handle to the Python pat
 never change anything the user passed when it declines."""
 import pytest
 import torch
+from torch import nn
 
 from dlopt_kernels import optim
 from dlopt_kernels.optim import _base
@@ -290,3 +291,48 @@ def test_call_compiled_empty_lists_do_nothing():
     from dlopt_kernels import _C
     _C.call_compiled("lion_step", [], [], [], [], [], torch.tensor(1e-3, dtype=torch.float64),
                      0.9, 0.99, 0.0, False, None, None, None)
+
+
+def test_collect_group_finds_state_by_address_hash_and_falls_back():
+    """collect_group looks params up in the state dict by their address (Tensor.__hash__
+    is id(self)); a dict whose keys hash otherwise must miss, never find a wrong entry:
+    then the answer is None and the Python path takes over."""
+    from dlopt_kernels import _C
+    ps = [nn.Parameter(torch.randn(3)) for _ in range(5)]
+    for p in ps:
+        p.grad = torch.randn(3)
+    state = {p: {"step": torch.zeros(()), "exp_avg": torch.full((3,), float(i))}
+             for i, p in enumerate(ps)}
+    out = _C.collect_group(ps, state, ("step", "exp_avg"), None)
+    assert out is not None
+    assert all(a is p for a, p in zip(out[0], ps))
+    assert [float(t[0]) for t in out[3]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+    # A Tensor.__hash__ that is not the address: the check on the first param sends
+    # the walk through the dict's own hashing, which still finds every param.
+    def odd_hash(self):
+        return id(self) ^ 1
+
+    original = torch.Tensor.__hash__
+    torch.Tensor.__hash__ = odd_hash  # Parameter inherits it
+    try:
+        odd = {p: v for p, v in state.items()}
+        again = _C.collect_group(ps, odd, ("step", "exp_avg"), None)
+    finally:
+        torch.Tensor.__hash__ = original
+    assert again is not None and [float(t[0]) for t in again[3]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_step_host_time_tool_runs():
+    """tools/step_host_time.py (the host time of an eager step, split in parts) runs on
+    the CPU and reports both cases with every row."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "step_host_time.py"),
+                          "--reps", "3"], capture_output=True, text=True, check=True).stdout
+    for case in ("gpt2_small", "tiny_1000"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(case))
+        for row in ("step", "collect", "kernel call", "torch fused"):
+            assert f"{row} " in line, line
