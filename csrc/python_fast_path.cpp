@@ -364,6 +364,9 @@ PyMethodDef kMethods[] = {
     {"triton_tables", triton_tables, METH_VARARGS,
      "triton_tables(lists, key_lists, extra, chunk) -> None | (contiguous, groups): the "
      "tables of a Triton multi-tensor launch (see csrc/python_lists.cpp)."},
+    {"on_device", on_device, METH_VARARGS,
+     "on_device(tensors, ref) -> None | bool: whether every tensor of the list is on ref's "
+     "device (see csrc/python_lists.cpp)."},
     {"elementwise_lists_ok", elementwise_lists_ok, METH_VARARGS,
      "elementwise_lists_ok(params, grads, states, masters, steps, use_sr) -> None | bool: "
      "whether the Python element-wise list checks pass (see csrc/python_lists.cpp)."},

@@ -250,7 +250,11 @@ def count_steps(steps, found_inf, device):
     def inc(dtype):
         return 1 if found_inf is None else (found_inf.reshape(()) == 0).to(dtype)
 
-    if all(s.device == device for s in steps):
+    native = _native_on_device()
+    same = native(steps, steps[0]) if native is not None and type(steps) is list else None
+    if same is None:
+        same = all(s.device == steps[0].device for s in steps)
+    if same and steps[0].device == device:
         return steps, lambda: torch._foreach_add_(steps, inc(steps[0].dtype))
     # Steps kept on the CPU for CUDA params (torch's non-capturable layout): the kernels
     # read a device copy, counted there and copied back afterwards (one sync).
@@ -262,6 +266,16 @@ def count_steps(steps, found_inf, device):
             s.copy_(v)
 
     return list(buf.unbind()), finish
+
+
+@functools.lru_cache(maxsize=None)
+def _native_on_device():
+    """`_C.on_device` (csrc/python_lists.cpp), or None without the C++ library."""
+    from dlopt_kernels import _lib
+    if not _lib.LOADED["cpu"]:
+        return None
+    from dlopt_kernels import _C
+    return getattr(_C, "on_device", None)
 
 
 @triton.jit

@@ -118,3 +118,23 @@ def test_native_verdict_declines_what_it_cannot_read():
         wrong[k] = tuple(wrong[k])
         with pytest.raises(TypeError):
             _C.elementwise_lists_ok(*wrong)
+
+
+def test_native_on_device():
+    """_C.on_device (the step counts' device check of Triton's count_steps): True when
+    every tensor sits on the reference's device, False when one does not (a meta
+    tensor stands in for a second device), None for anything but plain tensors."""
+    from dlopt_kernels import _C
+
+    class Sub(torch.Tensor):
+        pass
+
+    steps = [torch.zeros(()) for _ in range(5)]
+    assert _C.on_device(steps, steps[0]) is True
+    assert _C.on_device([], steps[0]) is True
+    assert _C.on_device(steps + [torch.zeros((), device="meta")], steps[0]) is False
+    assert _C.on_device(steps, torch.zeros((), device="meta")) is False
+    assert _C.on_device(steps + [steps[0].as_subclass(Sub)], steps[0]) is None
+    assert _C.on_device(steps, steps[0].as_subclass(Sub)) is None
+    with pytest.raises(TypeError):
+        _C.on_device(tuple(steps), steps[0])

@@ -13,4 +13,7 @@ PyObject* triton_tables(PyObject*, PyObject* args);
 // `_C.elementwise_lists_ok` (csrc/python_lists.cpp): the verdict of the Python list checks.
 PyObject* elementwise_lists_ok(PyObject*, PyObject* args);
 
+// `_C.on_device` (csrc/python_lists.cpp): whether a list's tensors share one device.
+PyObject* on_device(PyObject*, PyObject* args);
+
 }  // namespace dlopt
