@@ -1,4 +1,4 @@
-"""A CUDA step must not depend on how multi_tensor_apply packs its launches.
+"""A CUDA step (or norm) must not depend on how multi_tensor_apply packs its launches.
 
 One optimizer over many tensors goes in 32 KB launch tables where the GPU takes them
 (csrc/include/dlopt/multi_tensor_apply.cuh, kLargeArgs), or in several 4 KB tables
@@ -60,6 +60,19 @@ def worker(precision: str) -> None:
         if bad:
             failed.append(f"{name}: {len(bad)} tensors differ, the first is tensor {bad[0]} "
                           f"({together[bad[0]].numel()} elements)")
+    # the reductions (multi_tensor_reduce: LAMB's norms, clip_grad_norm_) pack alike:
+    # each chunk's partial lands in its own slot, so a list's norms equal each tensor's
+    # norm taken alone
+    gen = torch.Generator().manual_seed(99)
+    values = [torch.randn(n, generator=gen).to(dtype).cuda() for n in _sizes(gen)]
+    for ord_ in (2.0, float("inf")):
+        together = torch.ops.dlopt.multi_tensor_norm(values, ord_, "cuda")[0]
+        alone = torch.stack([torch.ops.dlopt.multi_tensor_norm([v], ord_, "cuda")[0][0]
+                             for v in values])
+        if not torch.equal(together, alone):
+            bad = (together != alone).nonzero().flatten().tolist()
+            failed.append(f"multi_tensor_norm ord={ord_}: {len(bad)} norms differ, the first "
+                          f"is tensor {bad[0]}")
     print("\n".join(failed) if failed else "ok")
     sys.exit(1 if failed else 0)
 

@@ -450,29 +450,48 @@ bool fits_one_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>
   return true;
 }
 
-// The launches of multi_tensor_apply with tables of BYTES. `launched` counts them. Whole
-// waves per launch (wave_blocks) unless the call fits one table: then one launch.
-template <int BYTES, class Op>
+// The launches of a call in tables of BYTES: whole waves of `resident` blocks per launch
+// (wave_blocks) unless the call fits one table, then one launch. launch(table, blocks)
+// -> cudaError_t queues one.
+template <int BYTES, class Op, class Launch>
 cudaError_t launch_tables(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                          const Op& op, int resident, int chunk, cudaStream_t stream,
-                          int& launched) {
+                          const Op& op, int resident, int chunk, Launch& launch) {
   constexpr int cap = Table<Op, BYTES>::Cap::kBlocks;
   const bool one = fits_one_table<BYTES, Op>(entries, cap, chunk);
-  return for_each_table<BYTES>(
-      entries, op, one ? cap : wave_blocks(resident, cap),
-      [&](const Table<Op, BYTES>& tab, int blocks) {
-        multi_tensor_kernel<Op, BYTES><<<blocks, kBlockSize, 0, stream>>>(tab);
-        ++launched;
-        return cudaGetLastError();
-      },
-      chunk);
+  return for_each_table<BYTES>(entries, op, one ? cap : wave_blocks(resident, cap), launch,
+                               chunk);
+}
+
+// The launches of a call of Op (multi_tensor_apply, multi_tensor_reduce), each by
+// launch(table, blocks), generic over the table's size (Table::kBytes). A call that
+// needs more than one 4 KB table goes in 32 KB tables where the device takes them
+// (large_args_supported; the kernels' occupancy does not depend on the argument size,
+// so `resident` serves both); should the first 32 KB launch still be refused (nothing
+// has run then), 32 KB tables are switched off for the process and the call goes in
+// 4 KB tables.
+template <class Op, class Launch>
+cudaError_t launch_call(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
+                        const Op& op, int resident, int chunk, Launch&& launch) {
+  int launched = 0;
+  auto counted = [&](const auto& tab, int blocks) {
+    ++launched;
+    return launch(tab, blocks);
+  };
+#if DLOPT_LARGE_ARGS
+  static std::atomic<bool> large_refused{false};
+  if (!large_refused && large_args_supported() &&
+      !fits_one_table<kSmallArgs, Op>(entries, wave_blocks(resident, Table<Op>::Cap::kBlocks),
+                                      chunk)) {
+    const cudaError_t err = launch_tables<kLargeArgs>(entries, op, resident, chunk, counted);
+    if (err == cudaSuccess || launched > 1) return err;
+    large_refused = true;  // the first launch failed: nothing ran
+  }
+#endif
+  return launch_tables<kSmallArgs>(entries, op, resident, chunk, counted);
 }
 
 // Launches Op over every entry on `stream` (of the current device, which the host
-// half set). Empty tensors are skipped. Calls that need more than one 4 KB table go
-// in 32 KB tables where the device takes them (large_args_supported); should the
-// first 32 KB launch still be refused (nothing has run then), 32 KB tables are
-// switched off for the process and the call goes in 4 KB tables.
+// half set). Empty tensors are skipped.
 template <class Op>
 cudaError_t multi_tensor_apply(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
@@ -481,21 +500,11 @@ cudaError_t multi_tensor_apply(
   int64_t total = 0;
   for (const auto& e : entries) total += e.numel;
   const int chunk = chunk_override() > 0 ? chunk_override() : chunk_for(total, resident);
-  int launched = 0;
-#if DLOPT_LARGE_ARGS
-  static std::atomic<bool> large_refused{false};
-  if (!large_refused && large_args_supported() &&
-      !fits_one_table<kSmallArgs, Op>(entries, wave_blocks(resident, Table<Op>::Cap::kBlocks),
-                                      chunk)) {
-    const int large_resident = resident_blocks(multi_tensor_kernel<Op, kLargeArgs>, kBlockSize);
-    const cudaError_t err =
-        launch_tables<kLargeArgs>(entries, op, large_resident, chunk, stream, launched);
-    if (err == cudaSuccess || launched > 1) return err;
-    large_refused = true;  // the first launch failed: nothing ran
-    launched = 0;
-  }
-#endif
-  return launch_tables<kSmallArgs>(entries, op, resident, chunk, stream, launched);
+  return launch_call(entries, op, resident, chunk, [&](const auto& tab, int blocks) {
+    constexpr int kBytes = std::decay_t<decltype(tab)>::kBytes;
+    multi_tensor_kernel<Op, kBytes><<<blocks, kBlockSize, 0, stream>>>(tab);
+    return cudaGetLastError();
+  });
 }
 
 // The launch of an element-wise op: for each dtype group of the call (group_by_dtype,

@@ -74,9 +74,9 @@ __device__ void block_reduce(double (&v)[R], const C& c) {
   }
 }
 
-template <class Op>
+template <class Op, int BYTES>
 __global__ void __launch_bounds__(kBlockSize, 2)
-    multi_tensor_reduce_kernel(const __grid_constant__ Table<Op> tab) {
+    multi_tensor_reduce_kernel(const __grid_constant__ Table<Op, BYTES> tab) {
   constexpr int R = Op::kPartials;
   float acc[R];
 #pragma unroll
@@ -100,11 +100,13 @@ template <class Op>
 cudaError_t multi_tensor_reduce(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     cudaStream_t stream) {
-  // kChunk chunks always: the ops size their partials by chunk_bases() before the call
-  const int max_blocks = wave_blocks(resident_blocks(multi_tensor_reduce_kernel<Op>, kBlockSize),
-                                     Table<Op>::Cap::kBlocks);
-  return for_each_table(entries, op, max_blocks, [&](const Table<Op>& tab, int blocks) {
-    multi_tensor_reduce_kernel<Op><<<blocks, kBlockSize, 0, stream>>>(tab);
+  // kChunk chunks always: the ops size their partials by chunk_bases() before the call;
+  // a block's partial goes to its chunk's slot whatever table carried it (4 KB or 32 KB:
+  // launch_call)
+  const int resident = resident_blocks(multi_tensor_reduce_kernel<Op, kSmallArgs>, kBlockSize);
+  return launch_call(entries, op, resident, kChunk, [&](const auto& tab, int blocks) {
+    constexpr int kBytes = std::decay_t<decltype(tab)>::kBytes;
+    multi_tensor_reduce_kernel<Op, kBytes><<<blocks, kBlockSize, 0, stream>>>(tab);
     return cudaGetLastError();
   });
 }
