@@ -8,7 +8,9 @@
 # records a native backtrace of tools/repro_malformed.py (no gdb there) in crash.log.
 # Writes env.txt, build.log, bench.log, ab_small.log, host.log, tests.log and the benchmark
 # JSON into OUTDIR. DLOPT_GPU_AB=0 skips the CUDA A/B; DLOPT_GPU_SWEEP=1 adds the Triton
-# launch-size sweep (sizes.log, triton_sizes.json) before the benchmarks.
+# launch-size sweep (sizes.log, triton_sizes.json) before the benchmarks, which also gives
+# the GPU time alone (CUDA-graph replay) of the CUDA and Triton Adam steps;
+# DLOPT_GPU_SWEEP_VARIANTS limits it to the sizes named.
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUTDIR [TEST_SECONDS] [BENCH_SECONDS] [CASE_SECONDS] [bench...]}
 : "${DLOPT_GIT_COMMIT:?set DLOPT_GIT_COMMIT to the commit sent (git rev-parse HEAD here)}"
@@ -36,8 +38,9 @@ python3 -m dlopt_kernels.cli info 2>&1 | tee -a "$OUT/env.txt"
 # DLOPT_GPU_SWEEP=1: time the Triton element-wise launch sizes first
 # (tools/triton_sizes.py) and run everything after it with the best one.
 if [ "${DLOPT_GPU_SWEEP:-0}" = 1 ]; then
+  # DLOPT_GPU_SWEEP_VARIANTS="4096,1,8": only those sizes (the GPU times of the default)
   timeout "${DLOPT_GPU_SWEEP_S:-150}" python3 tools/triton_sizes.py --out "$OUT" \
-    >"$OUT/sizes.log" 2>&1
+    ${DLOPT_GPU_SWEEP_VARIANTS:+--variants $DLOPT_GPU_SWEEP_VARIANTS} >"$OUT/sizes.log" 2>&1
   echo "sizes: exit $? at $(( $(date +%s) - t0 )) s"
   cut -c1-100 "$OUT/sizes.log" | tail -40
   best=$(sed -n 's/^best: //p' "$OUT/sizes.log")
