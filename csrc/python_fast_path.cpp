@@ -57,8 +57,10 @@ PyObject* none() { Py_RETURN_NONE; }
 // Python path. The known-hash lookup is CPython's; newer versions take the plain path.
 PyObject* state_of(PyObject* state, PyObject* p, bool address_hash) {
 #if PY_VERSION_HEX < 0x030D0000
-  if (address_hash)
-    return _PyDict_GetItem_KnownHash(state, p, static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p)));
+  if (address_hash) {
+    const auto hash = static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(p));
+    return _PyDict_GetItem_KnownHash(state, p, hash);
+  }
 #else
   (void)address_hash;
 #endif
