@@ -122,6 +122,9 @@ struct AdamOp : AdamShared {
   }
 };
 
+// tests/cuda_emulation/mta_emulation.cu counts the launches of Adam-sized tables with this
+static_assert(sizeof(AdamOp<cuda::F32, cuda::F32, false, false>) == 48, "AdamOp's size changed");
+
 using Entries = std::vector<mta::TensorEntry<kNumLists, int32_t>>;
 
 // The same choice as the CPU kernel's (cuda::pick_storage, dlopt/cuda_storage.cuh).

@@ -8,7 +8,8 @@
 // size limit from 1 block up: each element is visited exactly once with its own index
 // and its tensor's Meta; nothing outside a tensor is touched; no table exceeds the
 // block limit or its tensor slots; chunk sizes other than kChunk; both table sizes
-// (4 KB and the 32 KB kLargeArgs); mta::fits_one_table agrees with the packing;
+// (4 KB and the 32 KB kLargeArgs); mta::fits_one_table agrees with the packing; the
+// launch counts of mta::launch_tables for the GPT-2-small list and 1,000 small tensors;
 // mta::wave_blocks picks whole waves and mta::chunk_for whole waves of equal chunks.
 #include <cstdio>
 #include <cstdlib>
@@ -135,6 +136,39 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
          "chunk %d, %d-byte tables)", int(one_table), tables, sizes.size(), limit, chunk, BYTES);
 }
 
+// An Op with Adam's table footprint (6 lists, an int32 Meta, 48 bytes of Op: AdamOp's
+// size for fp32 without master weights), for counting launches.
+struct AdamShapedOp {
+  static constexpr int kLists = 6;
+  template <int K>
+  using List = mta::Access<cuda::F32, mta::kReadWrite>;
+  using Meta = int32_t;
+  char shared[48];  // optim_adam.cu asserts AdamOp's size
+};
+
+// How many launches mta::launch_tables makes for `sizes` in tables of BYTES on a GPU
+// that holds `resident` blocks at once, with multi_tensor_apply's chunk_for chunks.
+template <int BYTES>
+int launches_for(const std::vector<int64_t>& sizes, int resident) {
+  std::vector<mta::TensorEntry<6, int32_t>> entries;
+  int64_t total = 0;
+  for (int64_t n : sizes) {
+    mta::TensorEntry<6, int32_t> e{};
+    e.numel = n;
+    e.meta = static_cast<int32_t>(entries.size());
+    entries.push_back(e);
+    total += n;
+  }
+  int launches = 0;
+  auto count = [&](const auto&, int) {
+    ++launches;
+    return cudaSuccess;
+  };
+  mta::launch_tables<BYTES>(entries, AdamShapedOp{}, resident, mta::chunk_for(total, resident),
+                            count);
+  return launches;
+}
+
 }  // namespace
 
 int main() {
@@ -205,6 +239,27 @@ int main() {
     for (bool mis : {false, true})
       for (int limit : {1, 264, 2112, 1 << 20}) check_one<mta::kLargeArgs>(sizes, mis, limit);
   for (int chunk : {mta::kMinChunk, 4}) check_one<mta::kLargeArgs>(large_cases.back(), true, 2112, chunk);
+
+  // Launch counts (docs/architecture.md): the GPT-2-small list (148 tensors, 124M
+  // params) and 1,000 tensors of 1K-4K elements on 264 resident blocks (an H100's 132
+  // SMs x 2), Adam-sized tables
+  static_assert(sizeof(AdamShapedOp) == 48, "Adam's Op size");
+  std::vector<int64_t> gpt2 = {50257LL * 768, 1024 * 768, 768, 768};
+  for (int layer = 0; layer < 12; ++layer)
+    for (int64_t n : {768LL * 2304, 2304LL, 768LL * 768, 768LL, 768LL, 768LL, 768LL * 3072,
+                      3072LL, 3072LL * 768, 768LL, 768LL, 768LL})
+      gpt2.push_back(n);
+  std::vector<int64_t> tiny;
+  for (int i = 0; i < 1000; ++i) tiny.push_back(1024 + (i * 2654435761u) % 3072);
+  EXPECT(gpt2.size() == 148, "gpt2: %zu tensors", gpt2.size());
+  EXPECT(launches_for<mta::kSmallArgs>(gpt2, 264) == 9, "gpt2, 4 KB tables: %d launches",
+         launches_for<mta::kSmallArgs>(gpt2, 264));
+  EXPECT(launches_for<mta::kLargeArgs>(gpt2, 264) == 1, "gpt2, 32 KB tables: %d launches",
+         launches_for<mta::kLargeArgs>(gpt2, 264));
+  EXPECT(launches_for<mta::kSmallArgs>(tiny, 264) == 32, "tiny, 4 KB tables: %d launches",
+         launches_for<mta::kSmallArgs>(tiny, 264));
+  EXPECT(launches_for<mta::kLargeArgs>(tiny, 264) == 4, "tiny, 32 KB tables: %d launches",
+         launches_for<mta::kLargeArgs>(tiny, 264));
 
   // chunks below one vector per thread (DLOPT_CUDA_CHUNK), on the small lists
   for (int chunk : {4, 12, 2044})
