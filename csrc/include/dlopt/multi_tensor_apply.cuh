@@ -97,11 +97,12 @@ struct TensorEntry {
 // Kernel-argument budgets of a table. kSmallArgs fits the classic 4 KB parameter
 // limit of every CUDA version; kLargeArgs needs the 32,764 bytes CUDA 12.1 allows
 // (toolkit and driver 12.1+, sm_70+: large_args_supported). Why large tables: a
-// 4 KB table holds 32 of Adam's tensors and 328 blocks, so the GPT-2-small list
-// (148 tensors, ~1900 chunks of 64K) took 8 launches of one wave each, and every
+// 4 KB table holds 32 of Adam's tensors and 326 blocks, so the GPT-2-small list
+// (148 tensors, ~2,200 chunks) took 9 launches of at most one wave each, and every
 // kernel boundary idles the GPU while the wave's last blocks finish; 1,000 small
 // tensors took 32 launches of 32 blocks each (a quarter of an H100's SMs busy). A
-// 32 KB table takes GPT-2 in one launch and 1,000 small tensors in four.
+// 32 KB table takes GPT-2 in one launch and 1,000 small tensors in four (counted by
+// tests/cuda_emulation/mta_emulation.cu).
 constexpr int kSmallArgs = kArgBudget;
 constexpr int kLargeArgs = 32000;
 
