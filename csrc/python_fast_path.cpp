@@ -50,7 +50,8 @@ PyObject* none() { Py_RETURN_NONE; }
 
 // `state[p]` (a borrowed reference, or nullptr) for a plain tensor `p`, without calling
 // Tensor.__hash__ where `address_hash`: that is a Python function (torch/_tensor.py),
-// and calling it for every param cost about a third of this walk. It returns id(self),
+// called per param (with the direct grad read below, this walk's `collect` row in
+// tools/step_host_time.py fell from 31-35 to 11 us for 148 params). It returns id(self),
 // and an int below 2^61 - 1 hashes to itself, so the hash is the object's address;
 // collect_group checks that on its first param before relying on it. A wrong hash could
 // only miss (a hit needs the very same key object), and a miss sends the group to the

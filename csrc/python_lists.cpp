@@ -262,8 +262,8 @@ PyObject* elementwise_lists_ok(PyObject*, PyObject* args) {
 
 // on_device(tensors, ref) -> None | bool
 // Whether every tensor of the list is on ref's device (Triton's count_steps asks it of
-// the step counts every step: in Python the walk cost 0.15 us a tensor). None for
-// anything but plain tensors.
+// the step counts every step, where a Python walk read each tensor's device object).
+// None for anything but plain tensors.
 PyObject* on_device(PyObject*, PyObject* args) {
   PyObject *tensors, *ref;
   if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &tensors, &ref)) return nullptr;

@@ -6,6 +6,7 @@ a warning, and repeated in the error raised when a compiled backend is asked for
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import warnings
@@ -49,3 +50,14 @@ def build_info() -> dict[str, str]:
         return {}
     raw = torch.ops.dlopt_C.build_info()
     return dict(item.split("=", 1) for item in raw.split(";") if "=" in item)
+
+
+@functools.lru_cache(maxsize=None)
+def c_function(name: str):
+    """`dlopt_kernels._C.<name>`, one of the C++ library's Python functions
+    (csrc/python_fast_path.cpp, csrc/python_lists.cpp), or None when the library did
+    not load (callers then take their Python twin)."""
+    if not LOADED["cpu"]:
+        return None
+    from dlopt_kernels import _C
+    return getattr(_C, name, None)

@@ -15,6 +15,8 @@ Rows (median microseconds per call over N calls, after warm-up):
                  conversion, list checks, launch tables and launches (on a GPU), or the
                  CPU kernel itself (on the CPU)
   torch fused    torch.optim.AdamW(fused=True).step()
+  profiler range an `Optimizer.step#AdamW.step` record_function entered and left: what
+                 torch's step wrapper spends on every step, and ours only while profiling
   triton step    (on a GPU) dlopt AdamW(backend="triton").step()
 On the CPU the tensors have one element, so the kernels' own work is as small as it gets
 (the rows still include it); on a GPU they have the GPT-2-small shapes (148 tensors)
@@ -72,6 +74,10 @@ def case(shapes, device: torch.device, reps: int) -> dict[str, float]:
     for p, q in zip(params, twin):
         q.grad = p.grad.clone()
     fused = torch.optim.AdamW(twin, **HP, fused=True)
+    def profiler_range():
+        with torch.autograd.profiler.record_function("Optimizer.step#AdamW.step"):
+            pass
+
     rows = {
         "step": _median_us(opt.step, reps, device),
         "collect": _median_us(lambda: _C.collect_group(group["params"], opt.state,
@@ -79,6 +85,7 @@ def case(shapes, device: torch.device, reps: int) -> dict[str, float]:
                                                        None), reps, device),
         "kernel call": _median_us(lambda: _C.call_compiled("adam_step", *args), reps, device),
         "torch fused": _median_us(fused.step, reps, device),
+        "profiler range": _median_us(profiler_range, reps, device),
     }
     if device.type == "cuda":
         tri = AdamW(twin, **HP, backend="triton")
@@ -91,6 +98,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--reps", type=int, default=300)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # host work is one thread; no OpenMP start-up in the rows

@@ -3,9 +3,9 @@ pure-torch reference), the twins of csrc/include/dlopt/tensor_lists.h. Metadata 
 no syncs, nothing mutated, so a refused call changes nothing."""
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from dlopt_kernels import _lib
 
 
 def check_elementwise_lists(params, grads, states, master_params, state_steps, use_sr,
@@ -61,15 +61,10 @@ def check_elementwise_lists(params, grads, states, master_params, state_steps, u
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
 def _native_lists_ok():
     """`_C.elementwise_lists_ok` (csrc/python_lists.cpp), the same verdict as
     `_elementwise_lists_ok` at C speed, or None when the C++ library did not load."""
-    from dlopt_kernels import _lib
-    if not _lib.LOADED["cpu"]:
-        return None
-    from dlopt_kernels import _C
-    return getattr(_C, "elementwise_lists_ok", None)
+    return _lib.c_function("elementwise_lists_ok")
 
 
 def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use_sr):

@@ -9,11 +9,11 @@ fake (meta) impl, so it traces under torch.compile and passes opcheck.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
+from dlopt_kernels import _lib
 from dlopt_kernels.backends.registry import register
 
 LIB = torch.library.Library("dlopt", "DEF")
@@ -51,17 +51,7 @@ def run_kernel(name: str, args) -> None:
     optimizers' fast path, the DTensor rules); everything else calls the op."""
     from dlopt_kernels.backends.registry import resolve
     backend, kernel = resolve(name, args[0][0].device, args[-1])
-    call = _call_compiled() if backend in ("cpu", "cuda") else None
+    call = _lib.c_function("call_compiled") if backend in ("cpu", "cuda") else None
     if call is not None:
         return call(name, *args[:-1])
     return kernel(*args[:-1])
-
-
-@functools.lru_cache(maxsize=None)
-def _call_compiled() -> Optional[Callable]:
-    """`_C.call_compiled` (csrc/python_fast_path.cpp), if the C++ library loaded."""
-    from dlopt_kernels import _lib
-    if not _lib.LOADED["cpu"]:
-        return None
-    from dlopt_kernels import _C
-    return getattr(_C, "call_compiled", None)

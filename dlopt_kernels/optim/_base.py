@@ -54,15 +54,7 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
         raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
 
 
-def _c_function(name: str) -> Optional[Callable]:
-    """A fast-path function of the C++ library (csrc/python_fast_path.cpp), if it loaded."""
-    if not _lib.LOADED["cpu"]:
-        return None
-    from dlopt_kernels import _C
-    return getattr(_C, name, None)
-
-
-_COLLECT = _c_function("collect_group")  # the C twin of FusedOptimizer._collect
+_COLLECT = _lib.c_function("collect_group")  # the C twin of FusedOptimizer._collect
 
 # torch's step hooks of every optimizer (torch.optim.optimizer, private names): our step
 # wrapper runs them as torch's does; without them, torch's own wrapper is used.
@@ -76,8 +68,8 @@ def _hook_step(func: Callable) -> Callable:
     profiler's `_optimizer_step_code` marker, post-hooks, all within an
     `Optimizer.step#<class>.step` profiler range. The one difference: the range is
     opened only while a profiler runs (or under torch.compile, as torch does), because
-    record_function costs about 8 us a call, a fifth of the host time of a fused step
-    of a few tensors (tools/step_host_time.py)."""
+    record_function costs a noticeable share of a fused step's host time
+    (tools/step_host_time.py: the `profiler range` row against the `step` row)."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]

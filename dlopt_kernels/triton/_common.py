@@ -11,7 +11,6 @@ clamp before any float->int cast.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 
 # shared with the reference backend (no triton there), re-exported for the kernels here
+from dlopt_kernels import _lib
 from dlopt_kernels.backends.checks import check_elementwise_lists  # noqa: E402,F401
 
 
@@ -250,7 +250,7 @@ def count_steps(steps, found_inf, device):
     def inc(dtype):
         return 1 if found_inf is None else (found_inf.reshape(()) == 0).to(dtype)
 
-    native = _native_on_device()
+    native = _lib.c_function("on_device")
     same = native(steps, steps[0]) if native is not None and type(steps) is list else None
     if same is None:
         same = all(s.device == steps[0].device for s in steps)
@@ -266,16 +266,6 @@ def count_steps(steps, found_inf, device):
             s.copy_(v)
 
     return list(buf.unbind()), finish
-
-
-@functools.lru_cache(maxsize=None)
-def _native_on_device():
-    """`_C.on_device` (csrc/python_lists.cpp), or None without the C++ library."""
-    from dlopt_kernels import _lib
-    if not _lib.LOADED["cpu"]:
-        return None
-    from dlopt_kernels import _C
-    return getattr(_C, "on_device", None)
 
 
 @triton.jit
@@ -504,16 +494,7 @@ def _native_tables():
     load, or DLOPT_TRITON_PY_TABLES=1 asks for the Python twin (tests, A/B)."""
     if os.environ.get("DLOPT_TRITON_PY_TABLES", "0") not in ("", "0"):
         return None
-    return _compiled_tables()
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_tables():
-    from dlopt_kernels import _lib
-    if not _lib.LOADED["cpu"]:
-        return None
-    from dlopt_kernels import _C
-    return getattr(_C, "triton_tables", None)
+    return _lib.c_function("triton_tables")
 
 
 def _upload(groups, chunk, device):

@@ -9,7 +9,8 @@
 // and its tensor's Meta; nothing outside a tensor is touched; no table exceeds the
 // block limit or its tensor slots; chunk sizes other than kChunk; both table sizes
 // (4 KB and the 32 KB kLargeArgs); mta::fits_one_table agrees with the packing; the
-// launch counts of mta::launch_tables for the GPT-2-small list and 1,000 small tensors;
+// table capacities and launch counts of mta::launch_tables for Adam-sized tables (the
+// GPT-2-small list, 1,000 small tensors);
 // mta::wave_blocks picks whole waves and mta::chunk_for whole waves of equal chunks.
 #include <cstdio>
 #include <cstdlib>
@@ -90,7 +91,8 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
     entries.push_back(e);
   }
   int tables = 0;
-  const bool one_table = mta::fits_one_table<BYTES, ProbeOp>(entries, limit, chunk);
+  const bool one_table =
+      mta::fits_one_table<BYTES, ProbeOp>(mta::call_size(entries, chunk), limit);
   const cudaError_t err = mta::for_each_table<BYTES>(
       entries, ProbeOp{}, limit, [&](const Tab& tab, int blocks) {
         ++tables;
@@ -164,8 +166,9 @@ int launches_for(const std::vector<int64_t>& sizes, int resident) {
     ++launches;
     return cudaSuccess;
   };
-  mta::launch_tables<BYTES>(entries, AdamShapedOp{}, resident, mta::chunk_for(total, resident),
-                            count);
+  const int chunk = mta::chunk_for(total, resident);
+  mta::launch_tables<BYTES>(entries, AdamShapedOp{}, mta::call_size(entries, chunk), resident,
+                            chunk, count);
   return launches;
 }
 
@@ -251,6 +254,12 @@ int main() {
       gpt2.push_back(n);
   std::vector<int64_t> tiny;
   for (int i = 0; i < 1000; ++i) tiny.push_back(1024 + (i * 2654435761u) % 3072);
+  using AdamSmall = mta::Table<AdamShapedOp>::Cap;
+  using AdamLarge = mta::Table<AdamShapedOp, mta::kLargeArgs>::Cap;
+  EXPECT(AdamSmall::kTensors == 32 && AdamSmall::kBlocks == 326, "4 KB: %d tensors, %d blocks",
+         AdamSmall::kTensors, AdamSmall::kBlocks);
+  EXPECT(AdamLarge::kTensors == 271 && AdamLarge::kBlocks == 2603,
+         "32 KB: %d tensors, %d blocks", AdamLarge::kTensors, AdamLarge::kBlocks);
   EXPECT(gpt2.size() == 148, "gpt2: %zu tensors", gpt2.size());
   EXPECT(launches_for<mta::kSmallArgs>(gpt2, 264) == 9, "gpt2, 4 KB tables: %d launches",
          launches_for<mta::kSmallArgs>(gpt2, 264));

@@ -136,5 +136,7 @@ def test_native_on_device():
     assert _C.on_device(steps, torch.zeros((), device="meta")) is False
     assert _C.on_device(steps + [steps[0].as_subclass(Sub)], steps[0]) is None
     assert _C.on_device(steps, steps[0].as_subclass(Sub)) is None
+    assert _C.on_device(steps, "cpu") is None  # a reference that is not a tensor
+    assert _C.on_device(steps + ["step"], steps[0]) is None  # an item that is not one
     with pytest.raises(TypeError):
         _C.on_device(tuple(steps), steps[0])

@@ -334,5 +334,9 @@ def test_step_host_time_tool_runs():
                           "--reps", "3"], capture_output=True, text=True, check=True).stdout
     for case in ("gpt2_small", "tiny_1000"):
         line = next(ln for ln in out.splitlines() if ln.startswith(case))
-        for row in ("step", "collect", "kernel call", "torch fused"):
+        for row in ("step", "collect", "kernel call", "torch fused", "profiler range"):
             assert f"{row} " in line, line
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: a clear error
+        bad = subprocess.run([sys.executable, os.path.join(root, "tools", "step_host_time.py"),
+                              "--device", "cuda"], capture_output=True, text=True)
+        assert bad.returncode == 2 and "no CUDA device" in bad.stderr

@@ -434,21 +434,31 @@ inline bool large_args_supported() {
 #endif
 }
 
-// Whether a call fits one table of BYTES with `chunk`-element chunks and at most
-// `max_blocks` blocks: then a larger table gains nothing (one launch either way) and
-// costs a longer kernel argument to copy.
-template <int BYTES, class Op>
-bool fits_one_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                    int max_blocks, int chunk) {
-  using Cap = typename Table<Op, BYTES>::Cap;
-  const int64_t limit = std::min<int64_t>(Cap::kBlocks, max_blocks);
-  int64_t tensors = 0, blocks = 0;
+// A call's non-empty tensors and their blocks at `chunk`-element chunks.
+struct CallSize {
+  int64_t tensors = 0;
+  int64_t blocks = 0;
+};
+
+template <int N, class Meta>
+CallSize call_size(const std::vector<TensorEntry<N, Meta>>& entries, int chunk) {
+  CallSize s;
   for (const auto& e : entries) {
     if (e.numel == 0) continue;
-    blocks += (e.numel + chunk - 1) / chunk;
-    if (++tensors > Cap::kTensors || blocks > limit) return false;
+    ++s.tensors;
+    s.blocks += (e.numel + chunk - 1) / chunk;
   }
-  return true;
+  return s;
+}
+
+// Whether a call of `size` fits one table of BYTES of at most `max_blocks` blocks: then
+// a larger table gains nothing (one launch either way) and costs a longer kernel
+// argument to copy.
+template <int BYTES, class Op>
+bool fits_one_table(const CallSize& size, int max_blocks) {
+  using Cap = typename Table<Op, BYTES>::Cap;
+  return size.tensors <= Cap::kTensors &&
+         size.blocks <= std::min<int64_t>(Cap::kBlocks, max_blocks);
 }
 
 // The launches of a call in tables of BYTES: whole waves of `resident` blocks per launch
@@ -456,9 +466,10 @@ bool fits_one_table(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>
 // -> cudaError_t queues one.
 template <int BYTES, class Op, class Launch>
 cudaError_t launch_tables(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                          const Op& op, int resident, int chunk, Launch& launch) {
+                          const Op& op, const CallSize& size, int resident, int chunk,
+                          Launch& launch) {
   constexpr int cap = Table<Op, BYTES>::Cap::kBlocks;
-  const bool one = fits_one_table<BYTES, Op>(entries, cap, chunk);
+  const bool one = fits_one_table<BYTES, Op>(size, cap);
   return for_each_table<BYTES>(entries, op, one ? cap : wave_blocks(resident, cap), launch,
                                chunk);
 }
@@ -478,17 +489,18 @@ cudaError_t launch_call(const std::vector<TensorEntry<Op::kLists, typename Op::M
     ++launched;
     return launch(tab, blocks);
   };
+  const CallSize size = call_size(entries, chunk);  // one walk, for both table sizes
 #if DLOPT_LARGE_ARGS
   static std::atomic<bool> large_refused{false};
   if (!large_refused && large_args_supported() &&
-      !fits_one_table<kSmallArgs, Op>(entries, wave_blocks(resident, Table<Op>::Cap::kBlocks),
-                                      chunk)) {
-    const cudaError_t err = launch_tables<kLargeArgs>(entries, op, resident, chunk, counted);
+      !fits_one_table<kSmallArgs, Op>(size, wave_blocks(resident, Table<Op>::Cap::kBlocks))) {
+    const cudaError_t err =
+        launch_tables<kLargeArgs>(entries, op, size, resident, chunk, counted);
     if (err == cudaSuccess || launched > 1) return err;
     large_refused = true;  // the first launch failed: nothing ran
   }
 #endif
-  return launch_tables<kSmallArgs>(entries, op, resident, chunk, counted);
+  return launch_tables<kSmallArgs>(entries, op, size, resident, chunk, counted);
 }
 
 // Launches Op over every entry on `stream` (of the current device, which the host
