@@ -8,6 +8,9 @@ checks or formats belongs in the host halves (csrc/include/dlopt/cuda_launch.h).
 Compiles each file to an object in a temporary directory with the flags a torch
 CUDA extension build uses, for sm_80 and sm_90 (override with DLOPT_CUDA_ARCH,
 e.g. "90"). Nothing is linked: a CPU-only torch wheel has no libc10_cuda.
+A .cu also fails when ptxas spills registers to local memory in the shared
+multi-tensor kernels (multi_tensor_apply.cuh, multi_tensor_reduce.cuh), which every
+optimizer's step runs; spills in other kernels are listed, not failed.
 Files compile in parallel. Prints one line per file with the seconds taken;
 exits 1 with the compiler's output if any file fails, and 0 with a message if nvcc
 is not installed.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +73,7 @@ def nvcc_flags(threads: int) -> list[str]:
     common = getattr(cpp_extension, "COMMON_NVCC_FLAGS", ["--expt-relaxed-constexpr"])
     flags = [*common_flags(), "--expt-relaxed-constexpr", *common,
              "--fmad=false",  # as setup.py's NVCC_FP
+             "-Xptxas=-warn-spills",  # a warning each (spilling_kernels reads them)
              "-Xcompiler", "-fPIC", f"--threads={threads}"]
     flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
     return list(dict.fromkeys(flags))  # drop duplicates, keep order
@@ -112,23 +117,44 @@ def main() -> int:
             res = subprocess.run(cmd, capture_output=True, text=True)
             secs = time.perf_counter() - t0
             error = res.stdout + res.stderr if res.returncode != 0 else ""
+            notes = ""
+            if not error and src.endswith(".cu"):
+                shared, other = spilling_kernels(res.stderr)
+                if shared:
+                    error = (f"registers spilled to local memory in {len(shared)} multi-tensor "
+                             f"kernels, e.g. {shared[0]}\n")
+                notes = "".join(f"  note: spills in {k}\n" for k in sorted(set(other)))
             if not error and src.endswith(".cu"):
                 found = torch_headers(obj + ".d")
                 if found:
                     error = (f"{len(found)} torch headers reach nvcc, e.g. {found[0]}; move what "
                              "needs them into the host half (a .cpp)\n")
-            return src, error, secs
+            return src, error, notes, secs
 
         failed = 0
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for src, error, secs in pool.map(compile_one, files):
+            for src, error, notes, secs in pool.map(compile_one, files):
                 rel = os.path.relpath(src, ROOT)
                 status = "FAILED" if error else "ok"
                 print(f"check_cuda: {rel}: {status} ({secs:.1f} s)", flush=True)
+                sys.stdout.write(notes)
                 if error:
                     failed += 1
                     sys.stdout.write(error)
     return 1 if failed else 0
+
+
+# ptxas -warn-spills: "Registers are spilled to local memory in function 'NAME', ..."
+_SPILL = re.compile(r"spilled to local memory in function '([^']+)'")
+_SHARED_KERNELS = ("multi_tensor_kernel", "multi_tensor_reduce_kernel")
+
+
+def spilling_kernels(ptxas_output: str) -> tuple[list[str], list[str]]:
+    """The (mangled) kernels ptxas reported spilling: (the shared multi-tensor kernels,
+    the others)."""
+    names = _SPILL.findall(ptxas_output)
+    shared = [n for n in names if any(k in n for k in _SHARED_KERNELS)]
+    return shared, [n for n in names if n not in shared]
 
 
 def torch_headers(depfile: str) -> list[str]:

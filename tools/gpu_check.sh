@@ -55,12 +55,17 @@ if [ "${DLOPT_GPU_CRASH_LOG:-0}" = 1 ]; then
   head -c 5000 "$OUT/crash.log"
 fi
 # A/B of multi_tensor_apply's launch shape, Adam again with the variant in its own JSON:
-#   OUT/ab_small: 4 KB tables only (DLOPT_CUDA_SMALL_TABLES=1: the launches before the
-#                 32 KB tables). Session 9's A/Bs of DLOPT_CUDA_FULL_TABLES=1 and
-#                 DLOPT_CUDA_CHUNK=65536 were within the spread and are not repeated.
+#   OUT/ab_small:   4 KB tables only (DLOPT_CUDA_SMALL_TABLES=1: three launches for the
+#                   GPT-2 list where 32 KB tables take one).
+#   OUT/ab_chunk16k: 16K-element chunks (DLOPT_CUDA_CHUNK=16384) where chunk_for takes
+#                   ~59K on the GPT-2 list: a block's chunk is the most by which the
+#                   last blocks of a launch can finish apart (smaller chunks, a shorter
+#                   ragged end; more blocks to start).
+#   Session 9's A/Bs of full 4 KB tables and DLOPT_CUDA_CHUNK=65536 were within the
+#   spread and are not repeated.
 # Run right after the adam benchmark, before the others can use up the bench time.
 ab_runs() {
-for v in "ab_small DLOPT_CUDA_SMALL_TABLES=1"; do
+for v in "ab_small DLOPT_CUDA_SMALL_TABLES=1" "ab_chunk16k DLOPT_CUDA_CHUNK=16384"; do
   set -- $v
   [ "$(left "$BENCH_S" "$tb")" -gt 25 ] || { echo "A/B $1 SKIPPED: bench time used up"; continue; }
   env "$2" timeout 60 python3 "$(bench_file adam)" --device cuda --out "$OUT/$1" \

@@ -4,15 +4,17 @@
 // each other. Built by nvcc as a host-only program (no GPU, no CUDA call) by
 // tests/test_cuda_emulation.py, which runs it and expects "ok" on the last line.
 //
-// Checks, for odd tensor sizes, misaligned pointers (the scalar path) and every table
-// size limit from 1 block up: each element is visited exactly once with its own index
-// and its tensor's Meta; nothing outside a tensor is touched; no table exceeds the
-// block limit or its tensor slots; chunk sizes other than kChunk; both table sizes
-// (4 KB and the 32 KB kLargeArgs); mta::fits_one_table agrees with the packing; the
-// table capacities and launch counts of mta::launch_tables for Adam-sized tables (the
-// GPT-2-small list, 1,000 small tensors);
-// mta::wave_blocks picks whole waves and mta::chunk_for whole waves of equal chunks.
+// Checks, for odd tensor sizes, misaligned pointers (the scalar path) and every block
+// limit from 1 block up: each element is visited exactly once with its own index and
+// its tensor's Meta (so mta::locate finds every block's tensor and chunk); nothing
+// outside a tensor is touched; no table exceeds the block limit or its tensor slots,
+// and a table's blocks are its slots' blocks; chunk sizes other than kChunk; both
+// table sizes (4 KB and the 32 KB kLargeArgs); mta::fits_one_table agrees with the
+// packing; the table capacities and launch counts for Adam-sized tables (the
+// GPT-2-small list, 1,000 small tensors); mta::chunk_for takes whole waves of equal
+// chunks.
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <random>
 #include <tuple>
@@ -91,16 +93,22 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
     entries.push_back(e);
   }
   int tables = 0;
-  const bool one_table =
-      mta::fits_one_table<BYTES, ProbeOp>(mta::call_size(entries, chunk), limit);
+  const mta::CallSize size = mta::call_size(entries, chunk);
+  const bool one_table = mta::fits_one_table<BYTES, ProbeOp>(size);
   const cudaError_t err = mta::for_each_table<BYTES>(
       entries, ProbeOp{}, limit, [&](const Tab& tab, int blocks) {
         ++tables;
-        EXPECT(blocks >= 1 && blocks <= limit && blocks <= Cap::kBlocks,
-               "table of %d blocks, limit %d", blocks, limit);
+        EXPECT(blocks >= 1 && blocks <= limit, "table of %d blocks, limit %d", blocks, limit);
+        EXPECT(tab.tensors >= 1 && tab.tensors <= Cap::kTensors, "table of %d tensors",
+               int(tab.tensors));
+        EXPECT(tab.block_end[tab.tensors - 1] == blocks, "slots end at block %d of %d",
+               int(tab.block_end[tab.tensors - 1]), blocks);
         EXPECT(tab.chunk == chunk, "table chunk %d, want %d", int(tab.chunk), chunk);
         for (int b = 0; b < blocks; ++b) {
-          EXPECT(tab.block_tensor[b] < Cap::kTensors, "slot %d", int(tab.block_tensor[b]));
+          int slot = -1, c = -1;
+          mta::locate(tab, b, slot, c);
+          EXPECT(slot >= 0 && slot < tab.tensors && c >= 0 && int64_t(c) * chunk < tab.numel[slot],
+                 "block %d: slot %d, chunk %d", b, slot, c);
           for (int th = 0; th < mta::kBlockSize; ++th)
             mta::run_thread(tab, b, th, mta::kBlockSize);
         }
@@ -129,13 +137,21 @@ void check_one(const std::vector<int64_t>& sizes, bool misalign_some, int limit,
       }
     }
   }
-  int64_t chunks = 0;
-  for (int64_t n : sizes) chunks += (n + chunk - 1) / chunk;
-  EXPECT(chunks == 0 ? tables == 0 : tables >= (chunks + limit - 1) / limit,
-         "%d tables for %lld chunks at limit %d", tables, (long long)chunks, limit);
-  // fits_one_table says whether the packing above took (at most) one table
-  EXPECT(one_table == (tables <= 1), "fits_one_table %d but %d tables (%zu tensors, limit %d, "
-         "chunk %d, %d-byte tables)", int(one_table), tables, sizes.size(), limit, chunk, BYTES);
+  const int64_t chunks = size.blocks;
+  // as few tables as the block limit and the tensor slots allow: a table is launched
+  // only when one of them runs out (a tensor cut by the limit takes a slot in both)
+  const int64_t by_blocks = (chunks + limit - 1) / limit;
+  const int64_t by_slots = (size.tensors + Cap::kTensors - 1) / Cap::kTensors;
+  // (a tensor carried over into the next table takes a slot there too)
+  const int64_t most = by_blocks + (size.tensors + by_blocks + Cap::kTensors - 1) / Cap::kTensors;
+  EXPECT(chunks == 0 ? tables == 0 : tables >= std::max(by_blocks, by_slots) && tables <= most,
+         "%d tables for %lld chunks of %lld tensors at limit %d", tables, (long long)chunks,
+         (long long)size.tensors, limit);
+  // fits_one_table says whether the packing above took (at most) one table, where the
+  // block limit is not what cuts it
+  if (chunks <= limit)
+    EXPECT(one_table == (tables <= 1), "fits_one_table %d but %d tables (%zu tensors, "
+           "chunk %d, %d-byte tables)", int(one_table), tables, sizes.size(), chunk, BYTES);
 }
 
 // An Op with Adam's table footprint (6 lists, an int32 Meta, 48 bytes of Op: AdamOp's
@@ -148,8 +164,8 @@ struct AdamShapedOp {
   char shared[48];  // optim_adam.cu asserts AdamOp's size
 };
 
-// How many launches mta::launch_tables makes for `sizes` in tables of BYTES on a GPU
-// that holds `resident` blocks at once, with multi_tensor_apply's chunk_for chunks.
+// How many launches multi_tensor_apply makes for `sizes` in tables of BYTES on a GPU
+// that holds `resident` blocks at once (its chunk_for chunks, no block limit).
 template <int BYTES>
 int launches_for(const std::vector<int64_t>& sizes, int resident) {
   std::vector<mta::TensorEntry<6, int32_t>> entries;
@@ -166,23 +182,14 @@ int launches_for(const std::vector<int64_t>& sizes, int resident) {
     ++launches;
     return cudaSuccess;
   };
-  const int chunk = mta::chunk_for(total, resident);
-  mta::launch_tables<BYTES>(entries, AdamShapedOp{}, mta::call_size(entries, chunk), resident,
-                            chunk, count);
+  mta::for_each_table<BYTES>(entries, AdamShapedOp{}, mta::kMaxBlocks, count,
+                             mta::chunk_for(total, resident));
   return launches;
 }
 
 }  // namespace
 
 int main() {
-  // wave_blocks: whole waves of resident blocks, or the whole table
-  EXPECT(mta::wave_blocks(264, 320) == 264, "264 resident, 320 per table");
-  EXPECT(mta::wave_blocks(100, 320) == 300, "100 resident");
-  EXPECT(mta::wave_blocks(320, 320) == 320, "a table holds one wave exactly");
-  EXPECT(mta::wave_blocks(400, 320) == 320, "more resident than a table holds");
-  EXPECT(mta::wave_blocks(0, 320) == 320, "unknown occupancy");
-  EXPECT(mta::wave_blocks(-1, 320) == 320, "failed query");
-
   // chunk_for: whole waves of equal chunks when kChunk would leave the GPU part idle
   EXPECT(mta::chunk_for(10000000, 264) == 38912, "10M on 264 slots: %d",
          mta::chunk_for(10000000, 264));
@@ -222,11 +229,10 @@ int main() {
       for (int limit : {1, 2, 3, 264, 1 << 20}) check_one(sizes, mis, limit);
       for (int chunk : {mta::kMinChunk, 38912}) check_one(sizes, mis, 264, chunk);
     }
-  // 32 KB tables (kLargeArgs): hundreds of tensor slots and thousands of blocks a table
+  // 32 KB tables (kLargeArgs): hundreds of tensor slots a table
   using LargeCap = mta::Table<ProbeOp, mta::kLargeArgs>::Cap;
-  EXPECT(LargeCap::kTensors >= 300 && LargeCap::kBlocks >= 2600 &&
-             sizeof(mta::Table<ProbeOp, mta::kLargeArgs>) <= 32764,
-         "large table: %d tensors, %d blocks, %zu bytes", LargeCap::kTensors, LargeCap::kBlocks,
+  EXPECT(LargeCap::kTensors >= 700 && sizeof(mta::Table<ProbeOp, mta::kLargeArgs>) <= 32764,
+         "large table: %d tensors, %zu bytes", LargeCap::kTensors,
          sizeof(mta::Table<ProbeOp, mta::kLargeArgs>));
   EXPECT(sizeof(mta::Table<ProbeOp>) <= 4096, "small table: %zu bytes",
          sizeof(mta::Table<ProbeOp>));
@@ -256,18 +262,16 @@ int main() {
   for (int i = 0; i < 1000; ++i) tiny.push_back(1024 + (i * 2654435761u) % 3072);
   using AdamSmall = mta::Table<AdamShapedOp>::Cap;
   using AdamLarge = mta::Table<AdamShapedOp, mta::kLargeArgs>::Cap;
-  EXPECT(AdamSmall::kTensors == 32 && AdamSmall::kBlocks == 326, "4 KB: %d tensors, %d blocks",
-         AdamSmall::kTensors, AdamSmall::kBlocks);
-  EXPECT(AdamLarge::kTensors == 271 && AdamLarge::kBlocks == 2603,
-         "32 KB: %d tensors, %d blocks", AdamLarge::kTensors, AdamLarge::kBlocks);
+  EXPECT(AdamSmall::kTensors == 60, "4 KB: %d tensors", AdamSmall::kTensors);
+  EXPECT(AdamLarge::kTensors == 498, "32 KB: %d tensors", AdamLarge::kTensors);
   EXPECT(gpt2.size() == 148, "gpt2: %zu tensors", gpt2.size());
-  EXPECT(launches_for<mta::kSmallArgs>(gpt2, 264) == 9, "gpt2, 4 KB tables: %d launches",
+  EXPECT(launches_for<mta::kSmallArgs>(gpt2, 264) == 3, "gpt2, 4 KB tables: %d launches",
          launches_for<mta::kSmallArgs>(gpt2, 264));
   EXPECT(launches_for<mta::kLargeArgs>(gpt2, 264) == 1, "gpt2, 32 KB tables: %d launches",
          launches_for<mta::kLargeArgs>(gpt2, 264));
-  EXPECT(launches_for<mta::kSmallArgs>(tiny, 264) == 32, "tiny, 4 KB tables: %d launches",
+  EXPECT(launches_for<mta::kSmallArgs>(tiny, 264) == 17, "tiny, 4 KB tables: %d launches",
          launches_for<mta::kSmallArgs>(tiny, 264));
-  EXPECT(launches_for<mta::kLargeArgs>(tiny, 264) == 4, "tiny, 32 KB tables: %d launches",
+  EXPECT(launches_for<mta::kLargeArgs>(tiny, 264) == 3, "tiny, 32 KB tables: %d launches",
          launches_for<mta::kLargeArgs>(tiny, 264));
 
   // chunks below one vector per thread (DLOPT_CUDA_CHUNK), on the small lists

@@ -2,8 +2,8 @@
 
 One optimizer over many tensors goes in 32 KB launch tables where the GPU takes them
 (csrc/include/dlopt/multi_tensor_apply.cuh, kLargeArgs), or in several 4 KB tables
-(DLOPT_CUDA_SMALL_TABLES=1), with big tensors cut across two tables; one optimizer per
-tensor fits one 4 KB table. Each element's update is the same arithmetic either way
+(DLOPT_CUDA_SMALL_TABLES=1), blocks finding their tensor by a search over the table
+(mta::locate); one optimizer per tensor fits one 4 KB table. Each element's update is the same arithmetic either way
 (position invariance: test_position_invariance.py), so the list step must match the
 per-tensor steps bit for bit, in both table sizes. The switch is read once per process,
 hence the subprocesses. Needs a GPU (the CUDA backend).
@@ -29,8 +29,8 @@ def _cuda_ready() -> bool:
 
 
 def _sizes(gen: torch.Generator) -> list[int]:
-    """~600 tensors: many small (more than a 4 KB table's 32 slots, and more than a
-    32 KB table's ~300), a few over 64K elements (several chunks, cut across tables)."""
+    """~600 tensors: many small (more than a 4 KB table's 60 of Adam's slots, and more
+    than a 32 KB table's ~500), a few over 64K elements (several chunks each)."""
     small = torch.randint(1, 5000, (600,), generator=gen).tolist()
     big = torch.randint(65_537, 300_000, (6,), generator=gen).tolist()
     return small[:200] + big[:3] + small[200:] + big[3:]

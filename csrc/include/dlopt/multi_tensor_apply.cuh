@@ -8,12 +8,12 @@
 // into a table that travels by value as the kernel argument (no device-side
 // buffer, no host->device copy, nothing that breaks CUDA graph capture): under
 // the classic 4 KB parameter limit, or 32 KB where CUDA 12.1+ allows it and the
-// call needs more than one 4 KB table (kLargeArgs). Each tensor is cut into chunks of the table's
-// `chunk` elements (kChunk, or less when a call is too small to fill the GPU:
-// chunk_for), one thread block per chunk. When the table runs out of tensor slots
-// or block slots it is launched and refilled; a tensor whose chunks straddle
-// two launches is carried over into slot 0 of the next table. Indices are
-// 64-bit (numel, chunk start), so tensors over 2^31 elements are fine.
+// call needs more than one 4 KB table (kLargeArgs). Each tensor is cut into chunks
+// of the table's `chunk` elements (kChunk, or less when a call is too small to fill
+// the GPU: chunk_for), one thread block per chunk; a block finds its tensor from the
+// slots' running block counts (locate), so a table's size bounds its tensors, not
+// its blocks. When the table runs out of tensor slots it is launched and refilled.
+// Indices are 64-bit (numel, chunk start), so tensors over 2^31 elements are fine.
 //
 // Device side (run_thread): each thread handles kILP elements per iteration.
 // The functor never touches memory: run_thread loads every list into fp32
@@ -97,32 +97,33 @@ struct TensorEntry {
 // Kernel-argument budgets of a table. kSmallArgs fits the classic 4 KB parameter
 // limit of every CUDA version; kLargeArgs needs the 32,764 bytes CUDA 12.1 allows
 // (toolkit and driver 12.1+, sm_70+: large_args_supported). Why large tables: a
-// 4 KB table holds 32 of Adam's tensors and 326 blocks, so the GPT-2-small list
-// (148 tensors, ~2,200 chunks) took 9 launches of at most one wave each, and every
-// kernel boundary idles the GPU while the wave's last blocks finish; 1,000 small
-// tensors took 32 launches of 32 blocks each (a quarter of an H100's SMs busy). A
-// 32 KB table takes GPT-2 in one launch and 1,000 small tensors in four (counted by
-// tests/cuda_emulation/mta_emulation.cu).
+// 4 KB table holds 60 of Adam's tensors, so the GPT-2-small list (148 tensors) took
+// three launches and 1,000 small tensors 17, and every kernel boundary idles the GPU
+// while the launch's last blocks finish. A 32 KB table holds 498: GPT-2 in one launch,
+// 1,000 small tensors in three (counted by tests/cuda_emulation/mta_emulation.cu).
 constexpr int kSmallArgs = kArgBudget;
 constexpr int kLargeArgs = 32000;
 
-// Table capacities from an argument budget of BYTES: room for RESERVED blocks per
-// launch (4 KB: 320 blocks, 20M fp32 elements; 32 KB: 2600 blocks, enough for the
-// nine waves of 264 (an H100's) that the GPT-2-small list takes), the rest for tensor
-// slots (4 KB: 32 of Adam's 6 lists; 32 KB: 271).
+// Blocks per launch at most (a grid's x dimension takes 2^31 - 1).
+constexpr int kMaxBlocks = 1 << 30;
+
+// Tensor slots of a table from an argument budget of BYTES: a slot holds the N
+// addresses, the numel, the Meta and the slot's end in the launch's blocks.
+// (64: padding; 12: the chunk size, slot 0's first chunk and the slot count.)
 template <int N, class Meta, class Op, int BYTES = kSmallArgs>
 struct Capacity {
-  static constexpr int kReserved = BYTES > kSmallArgs ? 2600 : 320;
-  static constexpr int kPerTensor = N * 8 + 8 + static_cast<int>(sizeof(Meta));
-  static constexpr int kPerBlock = 4 + 2;  // chunk index + tensor slot
-  // 64: padding; 8: the chunk size
-  static constexpr int kFree = BYTES - static_cast<int>(sizeof(Op)) - 64 - 8;
-  static constexpr int kTensors = (kFree - kReserved * kPerBlock) / kPerTensor;
-  static constexpr int kBlocks = (kFree - kTensors * kPerTensor) / kPerBlock;
+  static constexpr int kPerTensor = N * 8 + 8 + static_cast<int>(sizeof(Meta)) + 4;
+  static constexpr int kFree = BYTES - static_cast<int>(sizeof(Op)) - 64 - 12;
+  static constexpr int kTensors = kFree / kPerTensor;
   static_assert(kTensors >= 8, "multi_tensor_apply: per-tensor data too large for the table");
-  static_assert(kTensors <= 65536, "block_tensor is 16-bit");
 };
 
+// One launch's tensors. Block b works on one chunk of `chunk` elements of the slot s
+// with block_end[s - 1] <= b < block_end[s] (`locate`): the blocks of a slot are its
+// tensor's chunks in order, from chunk 0, except in slot 0, which may hold the rest
+// of a tensor begun in the previous table (from chunk first_chunk). No per-block
+// entries: a table's blocks are bounded only by kMaxBlocks, so a call's chunk size is
+// free of the table's size and a call of up to kTensors tensors is one launch.
 template <class Op, int BYTES = kSmallArgs>
 struct Table {
   static constexpr int N = Op::kLists;
@@ -132,11 +133,34 @@ struct Table {
   void* ptr[N][Cap::kTensors];
   int64_t numel[Cap::kTensors];
   Meta meta[Cap::kTensors];
+  int32_t block_end[Cap::kTensors];  // blocks of slots 0..s together
   Op op;
-  int32_t chunk;  // elements per block (the last chunk of a tensor may be shorter)
-  int32_t block_chunk[Cap::kBlocks];
-  uint16_t block_tensor[Cap::kBlocks];
+  // int32 chunk indices: 2^31 chunks of kMinChunk elements (2^42) exceed any GPU's
+  // memory (a DLOPT_CUDA_CHUNK below kMinChunk is for timing small cases only)
+  int32_t first_chunk;  // slot 0's first chunk
+  int32_t chunk;        // elements per block (the last chunk of a tensor may be shorter)
+  int32_t tensors;      // slots in use
 };
+
+// Block `block`'s slot and the index of its chunk in that slot's tensor. The slot is
+// how many slots end at or before the block (block_end only grows), counted by a
+// search over powers of two: nine steps for 498 slots, once per block (run_thread),
+// against tens of thousands of elements a block moves.
+template <class Tab>
+DLOPT_HD void locate(const Tab& tab, int block, int& slot, int& chunk) {
+  constexpr int kTop = [] {
+    int p = 1;
+    while (p * 2 <= Tab::Cap::kTensors) p *= 2;
+    return p;
+  }();
+  const int last = tab.tensors - 1;  // the last slot ends after every block of the table
+  int lo = 0;
+#pragma unroll
+  for (int step = kTop; step > 0; step >>= 1)
+    if (lo + step <= last && tab.block_end[lo + step - 1] <= block) lo += step;
+  slot = lo;
+  chunk = lo == 0 ? tab.first_chunk + block : block - tab.block_end[lo - 1];
+}
 
 template <class T>
 struct alignas(sizeof(T) * kILP) Vec {
@@ -162,8 +186,25 @@ template <class Op, int BYTES, class... Acc>
 DLOPT_HD void run_thread(const Table<Op, BYTES>& tab, int block, int thread, int nthreads,
                          Acc&... acc) {
   constexpr int N = Op::kLists;
-  const int slot = tab.block_tensor[block];
-  const int64_t begin = static_cast<int64_t>(tab.block_chunk[block]) * tab.chunk;
+  // Where the block works. On the GPU thread 0 searches and the block reads its answer
+  // from shared memory: searched by every thread, the slot's values took registers
+  // the loop needed (ptxas spilled in the six-list Adam and RMSprop kernels), read
+  // from shared memory they did not. Every thread of a block calls run_thread.
+  int slot = 0, chunk = 0;
+#ifdef __CUDA_ARCH__
+  __shared__ int where[2];
+  if (thread == 0) {
+    locate(tab, block, slot, chunk);
+    where[0] = slot;
+    where[1] = chunk;
+  }
+  __syncthreads();
+  slot = where[0];
+  chunk = where[1];
+#else
+  locate(tab, block, slot, chunk);
+#endif
+  const int64_t begin = static_cast<int64_t>(chunk) * tab.chunk;
   const int64_t left = tab.numel[slot] - begin;
   const int n = left < tab.chunk ? static_cast<int>(left) : tab.chunk;
 
@@ -275,29 +316,13 @@ std::map<std::pair<cuda::DType, cuda::DType>, std::vector<TensorEntry<N, Meta>>>
 // The Meta of ops that need only the tensor's index.
 inline int32_t tensor_index(const cuda::ParamEntry& e) { return e.index; }
 
-// Blocks per launch: as many whole waves of `resident` blocks (the kernel's blocks
-// per SM times the SMs) as a table of `cap` blocks holds, or the whole table when
-// it holds less than a wave (or `resident` is unknown, 0).
-//
-// Why: every block of a launch has the same work (one chunk), so a full table (at
-// least 320 blocks for every Op: Capacity) on a GPU that holds 264
-// at once (132 SMs x 2 blocks: ptxas gives these kernels 56-64 registers a thread,
-// `nvcc --resource-usage`) runs a full wave and then a wave of 64 blocks with most of
-// the GPU idle. That tail is a suspected cause (not yet measured on its own) of the
-// 52% of D2D copy bandwidth the H200 run got on the GPT-2 list (torch's fused Adam,
-// with 320-block launches: 51%). Launches of whole waves leave no such tail.
-inline int wave_blocks(int resident, int cap) {
-  if (resident <= 0 || resident >= cap) return cap;
-  return cap / resident * resident;
-}
-
 // Elements per block for a launch of `total` elements on a GPU that holds `resident`
 // blocks at once: kChunk, less when that would leave the last wave partly empty. The
 // call then takes whole waves of equal chunks (in multiples of kMinChunk): one 10M
 // fp32 tensor would be 153 chunks of 64K on 264 slots (an H200 holds 132 SMs x 2
 // blocks), leaving 111 SMs with half the work of the others; as 257 chunks of 38912
 // every slot works alike. Calls of many waves keep kChunk (within a few percent).
-// Not yet measured on a GPU: tools/gpu_check.sh A/Bs it against DLOPT_CUDA_CHUNK=65536.
+// Measured on an H100 (session 9) against DLOPT_CUDA_CHUNK=65536: within the spread.
 inline int chunk_for(int64_t total, int resident) {
   if (resident <= 0 || total <= 0) return kChunk;
   const int64_t wave = static_cast<int64_t>(resident) * kChunk;
@@ -308,14 +333,10 @@ inline int chunk_for(int64_t total, int resident) {
 }
 
 // How many blocks of `kernel` (with `threads` threads a block) the current device holds
-// at once: the occupancy query runs once per (kernel, device). 0 when unknown (a failed
-// query, whose error is cleared: it is not sticky) or when the environment variable
-// DLOPT_CUDA_FULL_TABLES is set: then launches take full tables of kChunk chunks, the
-// launch shape before whole waves, for the A/B of tools/gpu_check.sh.
+// at once (chunk_for's waves): the occupancy query runs once per (kernel, device). 0
+// when unknown (a failed query, whose error is cleared: it is not sticky).
 template <class Kernel>
 int resident_blocks(Kernel* kernel, int threads) {
-  static const bool full_tables = std::getenv("DLOPT_CUDA_FULL_TABLES") != nullptr;
-  if (full_tables) return 0;
   constexpr int kMaxDevices = 64;
   static int resident[kMaxDevices] = {};  // per instantiation: 0 = not asked yet
   int dev = 0;
@@ -349,9 +370,10 @@ inline int chunk_override() {
 
 // Packs the non-empty entries, cut into chunks of `chunk` elements (a multiple of
 // kILP), into tables of BYTES (kSmallArgs or kLargeArgs) of at most max_blocks blocks
-// (and the table's capacity) and calls fn(table, number_of_blocks) -> cudaError_t for
-// each, stopping at the first error; host-only and CUDA-free (multi_tensor_apply
-// launches from fn).
+// and calls fn(table, number_of_blocks) -> cudaError_t for each, stopping at the first
+// error; host-only and CUDA-free (multi_tensor_apply launches from fn). A table is
+// launched when its tensor slots or max_blocks run out; a tensor whose chunks do not
+// all fit goes on in slot 0 of the next table.
 template <int BYTES = kSmallArgs, class Op, class Fn>
 cudaError_t for_each_table(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
@@ -362,40 +384,37 @@ cudaError_t for_each_table(
   static_assert(sizeof(Tab) <= 32764, "multi_tensor_apply: kernel argument over 32,764 bytes");
   static_assert(std::is_trivially_copyable<Op>::value, "Op must be trivially copyable");
   constexpr int N = Op::kLists;
-  using Entry = TensorEntry<N, typename Op::Meta>;
 
-  const int limit = std::max(1, std::min<int>(Cap::kBlocks, max_blocks));
-  std::vector<const Entry*> todo;
-  for (const auto& e : entries)
-    if (e.numel > 0) todo.push_back(&e);
+  const int64_t limit = std::max(1, std::min(kMaxBlocks, max_blocks));
   Tab tab;  // 32 KB at most: on the stack, like any kernel argument
   tab.op = op;
   tab.chunk = chunk;
-  int nt = 0, nb = 0;
-  auto put = [&](int s, const Entry& e) {
-    for (int k = 0; k < N; ++k) tab.ptr[k][s] = e.ptr[k];
-    tab.numel[s] = e.numel;
-    tab.meta[s] = e.meta;
+  tab.first_chunk = 0;
+  int nt = 0;
+  int64_t nb = 0;
+  auto launch = [&]() {
+    tab.tensors = nt;
+    const cudaError_t err = fn(static_cast<const Tab&>(tab), static_cast<int>(nb));
+    nt = 0;
+    nb = 0;
+    return err;
   };
-  for (size_t t = 0; t < todo.size(); ++t) {
-    const Entry& e = *todo[t];
-    // int32 chunk indices: 2^31 chunks of kMinChunk elements (2^42) exceed any GPU's
-    // memory (a DLOPT_CUDA_CHUNK below kMinChunk is for timing small cases only).
+  for (const auto& e : entries) {
+    if (e.numel <= 0) continue;
     const int64_t chunks = (e.numel + chunk - 1) / chunk;
-    put(nt++, e);
-    for (int64_t c = 0; c < chunks; ++c) {
-      tab.block_tensor[nb] = static_cast<uint16_t>(nt - 1);
-      tab.block_chunk[nb] = static_cast<int32_t>(c);
-      ++nb;
-      const bool last_chunk = c == chunks - 1;
-      if (nb == limit || (last_chunk && (nt == Cap::kTensors || t + 1 == todo.size()))) {
-        DLOPT_CUDA_TRY(fn(static_cast<const Tab&>(tab), nb));
-        nb = 0;
-        nt = 0;
-        if (!last_chunk) put(nt++, e);  // the rest of this tensor goes in the next table
-      }
+    for (int64_t c = 0; c < chunks;) {
+      if (nt == 0) tab.first_chunk = static_cast<int32_t>(c);
+      const int64_t take = std::min(chunks - c, limit - nb);
+      for (int k = 0; k < N; ++k) tab.ptr[k][nt] = e.ptr[k];
+      tab.numel[nt] = e.numel;
+      tab.meta[nt] = e.meta;
+      nb += take;
+      tab.block_end[nt++] = static_cast<int32_t>(nb);
+      c += take;
+      if (nb == limit || nt == Cap::kTensors) DLOPT_CUDA_TRY(launch());
     }
   }
+  if (nt > 0) DLOPT_CUDA_TRY(launch());
   return cudaSuccess;
 }
 
@@ -451,39 +470,22 @@ CallSize call_size(const std::vector<TensorEntry<N, Meta>>& entries, int chunk) 
   return s;
 }
 
-// Whether a call of `size` fits one table of BYTES of at most `max_blocks` blocks: then
-// a larger table gains nothing (one launch either way) and costs a longer kernel
-// argument to copy.
+// Whether a call of `size` fits one table of BYTES: then a larger table gains nothing
+// (one launch either way) and costs a longer kernel argument to copy.
 template <int BYTES, class Op>
-bool fits_one_table(const CallSize& size, int max_blocks) {
-  using Cap = typename Table<Op, BYTES>::Cap;
-  return size.tensors <= Cap::kTensors &&
-         size.blocks <= std::min<int64_t>(Cap::kBlocks, max_blocks);
-}
-
-// The launches of a call in tables of BYTES: whole waves of `resident` blocks per launch
-// (wave_blocks) unless the call fits one table, then one launch. launch(table, blocks)
-// -> cudaError_t queues one.
-template <int BYTES, class Op, class Launch>
-cudaError_t launch_tables(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                          const Op& op, const CallSize& size, int resident, int chunk,
-                          Launch& launch) {
-  constexpr int cap = Table<Op, BYTES>::Cap::kBlocks;
-  const bool one = fits_one_table<BYTES, Op>(size, cap);
-  return for_each_table<BYTES>(entries, op, one ? cap : wave_blocks(resident, cap), launch,
-                               chunk);
+bool fits_one_table(const CallSize& size) {
+  return size.tensors <= Table<Op, BYTES>::Cap::kTensors && size.blocks <= kMaxBlocks;
 }
 
 // The launches of a call of Op (multi_tensor_apply, multi_tensor_reduce), each by
 // launch(table, blocks), generic over the table's size (Table::kBytes). A call that
 // needs more than one 4 KB table goes in 32 KB tables where the device takes them
-// (large_args_supported; the kernels' occupancy does not depend on the argument size,
-// so `resident` serves both); should the first 32 KB launch still be refused (nothing
+// (large_args_supported); should the first 32 KB launch still be refused (nothing
 // has run then), 32 KB tables are switched off for the process and the call goes in
 // 4 KB tables.
 template <class Op, class Launch>
 cudaError_t launch_call(const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries,
-                        const Op& op, int resident, int chunk, Launch&& launch) {
+                        const Op& op, int chunk, Launch&& launch) {
   int launched = 0;
   auto counted = [&](const auto& tab, int blocks) {
     ++launched;
@@ -492,15 +494,13 @@ cudaError_t launch_call(const std::vector<TensorEntry<Op::kLists, typename Op::M
   const CallSize size = call_size(entries, chunk);  // one walk, for both table sizes
 #if DLOPT_LARGE_ARGS
   static std::atomic<bool> large_refused{false};
-  if (!large_refused && large_args_supported() &&
-      !fits_one_table<kSmallArgs, Op>(size, wave_blocks(resident, Table<Op>::Cap::kBlocks))) {
-    const cudaError_t err =
-        launch_tables<kLargeArgs>(entries, op, size, resident, chunk, counted);
+  if (!large_refused && large_args_supported() && !fits_one_table<kSmallArgs, Op>(size)) {
+    const cudaError_t err = for_each_table<kLargeArgs>(entries, op, kMaxBlocks, counted, chunk);
     if (err == cudaSuccess || launched > 1) return err;
     large_refused = true;  // the first launch failed: nothing ran
   }
 #endif
-  return launch_tables<kSmallArgs>(entries, op, size, resident, chunk, counted);
+  return for_each_table<kSmallArgs>(entries, op, kMaxBlocks, counted, chunk);
 }
 
 // Launches Op over every entry on `stream` (of the current device, which the host
@@ -513,7 +513,7 @@ cudaError_t multi_tensor_apply(
   int64_t total = 0;
   for (const auto& e : entries) total += e.numel;
   const int chunk = chunk_override() > 0 ? chunk_override() : chunk_for(total, resident);
-  return launch_call(entries, op, resident, chunk, [&](const auto& tab, int blocks) {
+  return launch_call(entries, op, chunk, [&](const auto& tab, int blocks) {
     constexpr int kBytes = std::decay_t<decltype(tab)>::kBytes;
     multi_tensor_kernel<Op, kBytes><<<blocks, kBlockSize, 0, stream>>>(tab);
     return cudaGetLastError();

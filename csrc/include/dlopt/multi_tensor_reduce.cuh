@@ -87,8 +87,9 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   for (int r = 0; r < R; ++r) v[r] = acc[r];
   block_reduce<R>(v, tab.op);
   if (threadIdx.x == 0) {
-    const int slot = tab.block_tensor[blockIdx.x];
-    const int64_t c = tab.meta[slot].chunk_base + tab.block_chunk[blockIdx.x];
+    int slot = 0, chunk = 0;
+    locate(tab, blockIdx.x, slot, chunk);
+    const int64_t c = tab.meta[slot].chunk_base + chunk;
 #pragma unroll
     for (int r = 0; r < R; ++r) tab.op.partials[c * R + r] = v[r];
   }
@@ -103,8 +104,7 @@ cudaError_t multi_tensor_reduce(
   // kChunk chunks always: the ops size their partials by chunk_bases() before the call;
   // a block's partial goes to its chunk's slot whatever table carried it (4 KB or 32 KB:
   // launch_call)
-  const int resident = resident_blocks(multi_tensor_reduce_kernel<Op, kSmallArgs>, kBlockSize);
-  return launch_call(entries, op, resident, kChunk, [&](const auto& tab, int blocks) {
+  return launch_call(entries, op, kChunk, [&](const auto& tab, int blocks) {
     constexpr int kBytes = std::decay_t<decltype(tab)>::kBytes;
     multi_tensor_reduce_kernel<Op, kBytes><<<blocks, kBlockSize, 0, stream>>>(tab);
     return cudaGetLastError();
