@@ -17,7 +17,8 @@ What it does, so each benchmark module only describes its cases:
   written (``optimizer_bytes_per_param``). GB/s = bytes/param x numel / time.
 - **Reporting.** ``format_report`` prints one table per case; ``write_results``
   merges a benchmark's section into ``benchmarks/results/<device>-<date>.json``
-  without clobbering the other benchmarks' sections in that file.
+  without clobbering the other benchmarks' sections in that file (``report.py``; the
+  run's environment comes from ``environment.py``).
 
 Nothing here is specific to Adam: a new optimizer benchmark builds ``Case`` objects
 from ``optimizer_impl(...)`` and hands them to ``run_cases``.
@@ -26,20 +27,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import importlib.metadata
-import json
 import os
-import platform
-import re
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+
+# where it ran and how it is reported, kept in their own modules; re-exported here, the
+# one module every benchmark imports
+from dlopt_kernels.bench.environment import _loadavg, device_slug, environment  # noqa: F401
+from dlopt_kernels.bench.report import format_report, results_path, write_results  # noqa: F401
 
 ROLES = ("ours", "baseline", "diag")
 
@@ -605,229 +604,3 @@ def run_cases(benchmark: str, cases: Sequence[Case], device: torch.device, setti
             "load_average_start": load_start,
             "settings": settings.__dict__.copy(), "bandwidth": bandwidth,
             "cases": case_results}
-
-
-# ----------------------------------------------------------------------------------------
-# environment
-# ----------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def _slug(text: str) -> str:
-    text = re.sub(r"\((R|TM|tm|r)\)", "", text)
-    text = re.sub(r"@.*$", "", text)
-    text = re.sub(r"\b(CPU|Processor|[0-9]+-Core)\b", "", text, flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def device_slug(device: torch.device) -> str:
-    """'cpu-<model>-<N>c' for the CPU, the GPU name (e.g. 'nvidia-h100-80gb-hbm3') for CUDA."""
-    if device.type == "cuda":
-        return _slug(torch.cuda.get_device_name(device))
-    return f"cpu-{_slug(cpu_model())}-{_cpu_count()}c"
-
-
-def _version(pkg: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_info() -> dict[str, Any]:
-    """The checkout's commit and whether tracked files differ from it. DLOPT_GIT_COMMIT,
-    if set, names the commit instead: a GPU lease's copy of .git was seen to be an older
-    snapshot than the tree it came with, so tools/gpu_check.sh passes the commit sent."""
-    named = os.environ.get("DLOPT_GIT_COMMIT")
-    if named:
-        return {"commit": named, "dirty": None, "source": "DLOPT_GIT_COMMIT"}
-    root = Path(__file__).resolve().parents[2]
-    info: dict[str, Any] = {"commit": None, "dirty": None}
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True,  # noqa: E731
-                                        text=True, timeout=10, check=True).stdout.strip()
-        info["commit"] = run("rev-parse", "HEAD")
-        # results/ itself is left out: a run of several benchmarks rewrites it between them
-        info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                 ":(exclude)benchmarks/results"))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def _loadavg() -> Optional[list[float]]:
-    """1/5/15-minute load averages: other work on the machine skews every number."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def command_line() -> str:
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    return shlex.join(argv)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "device": device_slug(device),
-        "device_type": device.type,
-        "cpu_model": cpu_model(),
-        "cpu_cores": _cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "dlopt_kernels": _version("dlopt_kernels"),
-        "command": command_line(),
-        "cwd": os.getcwd(),
-        "git": git_info(),
-        "load_average": _loadavg(),
-        # settings that change what runs (launch sizes, A/B switches)
-        "dlopt_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DLOPT_")},
-    }
-    try:
-        from dlopt_kernels import _lib
-        env["dlopt_build"] = _lib.build_info()
-        env["dlopt_load_errors"] = dict(_lib.LOAD_ERRORS)
-    except Exception as exc:  # noqa: BLE001
-        env["dlopt_build"] = f"unavailable: {exc}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update({"device_name": props.name,
-                    "gpu_capability": f"{props.major}.{props.minor}",
-                    "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                    "gpu_sms": props.multi_processor_count,
-                    "cuda": torch.version.cuda})
-    else:
-        env["device_name"] = env["cpu_model"]
-    return env
-
-
-# ----------------------------------------------------------------------------------------
-# reporting
-# ----------------------------------------------------------------------------------------
-def _fmt(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def format_report(section: dict[str, Any]) -> str:
-    """The tables of a section, as text."""
-    env, bw = section["env"], section["bandwidth"]
-    lines = [
-        f"{section['benchmark']}{' (quick)' if section['quick'] else ''} on {env['device']} "
-        f"({env['device_name']}, {env['cpu_cores']} cores, torch {env['torch']}, "
-        f"{env['torch_threads']} threads)",
-        f"measured bandwidth: {bw['gbps']:.1f} GB/s = {bw['method']}, "
-        f"{bw['numel'] / 2**20:g}M elements, {bw['bytes_per_elem']} B/elem, median of "
-        f"{len(bw['samples_ms'])} (before / after the cases: "
-        + " / ".join(f"{g:.1f}" for g in bw.get("gbps_per_measurement", [])) + " GB/s)",
-        "speedup = baseline median / our median; GB/s = bytes/param x params / median time",
-    ]
-    load = section.get("load_average_start")
-    if env["device_type"] == "cpu" and load and load[0] > 0.5 * env["cpu_cores"]:
-        lines.append(f"WARNING: load average {load[0]:.2f} on {env['cpu_cores']} cores before "
-                     "the run: other work shares these cores, so the timings are unreliable")
-    for case in section["cases"]:
-        lines.append("")
-        lines.append(f"[{case['name']}] {case['title']}: {case['numel']:,} params in "
-                     f"{case['num_tensors']} tensors; {case['rounds']} rounds after "
-                     f"{case['warmup']} warm-up steps")
-        bases = [r["label"] for r in case["results"] if r["role"] == "baseline" and "median_ms" in r]
-        sp = {(s["ours"], s["baseline"]): s["speedup"] for s in case["speedups"]}
-        width = max([len(r["label"]) for r in case["results"]] + [14])
-        head = (f"  {'implementation':<{width}}  {'role':<8} {'median ms':>10} {'min ms':>9} "
-                f"{'B/param':>7} {'GB/s':>7} {'% BW':>6}")
-        head += "".join(f"  {'vs ' + b:>{max(10, len(b) + 3)}}" for b in bases)
-        lines.append(head)
-        for r in case["results"]:
-            if "error" in r:
-                lines.append(f"  {r['label']:<{width}}  {r['role']:<8} FAILED: {r['error']}")
-                continue
-            line = (f"  {r['label']:<{width}}  {r['role']:<8} {r['median_ms']:>10.3f} "
-                    f"{r['min_ms']:>9.3f} {r['bytes_per_param']:>7.1f} {r['gbps']:>7.1f} "
-                    f"{_fmt(r['pct_bandwidth'], '5.0f'):>5}%")
-            for b in bases:
-                s = sp.get((r["label"], b))
-                line += f"  {(_fmt(s, '.2f') + 'x') if s is not None else '':>{max(10, len(b) + 3)}}"
-            lines.append(line)
-        notes = [f"    {r['label']}: {r['note']}" for r in case["results"] if r.get("note")]
-        if notes:
-            lines += ["  notes:"] + notes
-    targets = section.get("targets")
-    if targets is not None:
-        lines.append("")
-        if not targets:
-            lines.append(f"targets: none defined for {env['device_type']}")
-        else:
-            lines.append("targets:")
-            for t in targets:
-                val = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
-                status = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
-                lines.append(f"  {status:<6} {t['case']}: {t['what']} = {val} "
-                             f"(target >= {t['threshold']:g}{t['unit']})")
-    lines.append("")
-    load = section.get("load_average_start"), env.get("load_average")
-    lines.append(f"total wall time {section['wall_s']:.1f} s; machine load average (1 min) at "
-                 f"start / end: {_fmt(load[0] and load[0][0], '.2f')} / "
-                 f"{_fmt(load[1] and load[1][0], '.2f')} on {env['cpu_cores']} cores")
-    return "\n".join(lines)
-
-
-def results_path(section: dict[str, Any], out: os.PathLike | str) -> Path:
-    """`out` is a .json file, or a folder that gets <device>-<YYYY-MM-DD>.json."""
-    out = Path(out)
-    if out.suffix == ".json":
-        return out
-    day = section["started_utc"][:10]
-    return out / f"{section['env']['device']}-{day}.json"
-
-
-def write_results(section: dict[str, Any], out: os.PathLike | str, key: Optional[str] = None) -> Path:
-    """Merge `section` into the results file under benchmarks[key] (default: the
-    benchmark's name), keeping every other benchmark's section; return the path."""
-    path = results_path(section, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
-    env = section["env"]
-    data["device"] = env["device"]
-    data["device_info"] = {k: env[k] for k in ("device_name", "device_type", "cpu_model",
-                                               "cpu_cores", "platform") if k in env}
-    benchmarks = data.get("benchmarks")
-    if not isinstance(benchmarks, dict):
-        benchmarks = {}
-    benchmarks[key or section["benchmark"]] = section
-    data["benchmarks"] = dict(sorted(benchmarks.items()))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (torch.dtype, torch.device, Path)):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
