@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from dlopt_kernels.bench import common  # noqa: E402
 from dlopt_kernels.bench.optim_adam import HPARAMS, _OpRunner  # noqa: E402
+from dlopt_kernels.triton import _common  # noqa: E402
 
 # the first is the default before this sweep (one 4096-element block a program)
 VARIANTS = ["4096,1,8", "4096,2,8", "4096,4,8", "4096,8,8", "2048,4,4", "2048,8,4",
@@ -118,6 +119,7 @@ def main() -> int:
             record(case, "dlopt[cuda] op", _OpRunner(shapes, dev, "cuda", "op"))
         for v in variants:
             os.environ.update({k: str(x) for k, x in zip(VARS, v)})
+            _common.reset_launch_sizes()  # read once per process otherwise
             try:
                 record(case, "triton %d,%d,%d" % v, _OpRunner(shapes, dev, "triton", "op"))
             except Exception as exc:  # noqa: BLE001 - one variant's failure is a result
@@ -126,6 +128,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     for k in VARS:
         os.environ.pop(k, None)
+    _common.reset_launch_sizes()
 
     def score(v):
         ts = [r["op_ms"] for r in rows if r["impl"] == "triton %d,%d,%d" % v]
@@ -134,6 +137,7 @@ def main() -> int:
 
     best = min(variants, key=score)
     env = common.environment(dev)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton_sizes.json"), "w") as f:
         json.dump({"env": env, "hparams": HPARAMS, "rows": rows, "best": best}, f, indent=1,
                   default=str)

@@ -35,12 +35,29 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# What the environment says about launch sizes, read once per process (a step reads it
+# on every call, and the variables cost ~1 us each to look up): gpu_sizes' flag and
+# launch_sizes' triple. reset_launch_sizes() after changing a variable.
+_SIZES: dict = {}
+
+
+def reset_launch_sizes() -> None:
+    """Forget the launch sizes read from the environment, so the next launch reads
+    DLOPT_TRITON_BLOCK / _ITERS / _WARPS (and DLOPT_TRITON_GPU_SIZES) again: for
+    tools/triton_sizes.py, which times one setting after another, and tests."""
+    _SIZES.clear()
+
+
 def gpu_sizes() -> bool:
     """Whether launches take a GPU's sizes (blocks, tiles, warps). Not in the
     interpreter, which pays ~0.9 ms per program instance and so gets few, huge
     programs; except when tools/check_triton.py records the launches a GPU would
     compile (DLOPT_TRITON_GPU_SIZES=1)."""
-    return not interpreted() or os.environ.get("DLOPT_TRITON_GPU_SIZES", "0") == "1"
+    hit = _SIZES.get("gpu")
+    if hit is None:
+        hit = _SIZES["gpu"] = (not interpreted()
+                               or os.environ.get("DLOPT_TRITON_GPU_SIZES", "0") == "1")
+    return hit
 
 
 def block_size() -> int:
@@ -55,19 +72,24 @@ _SIZE_VARS = (("DLOPT_TRITON_BLOCK", 64, 1 << 17), ("DLOPT_TRITON_ITERS", 1, 256
 
 
 def launch_sizes() -> tuple[int, int, int]:
-    """(BLOCK, ITERS, num_warps) of the element-wise kernels."""
-    sizes = [block_size(), 1, 8 if gpu_sizes() else 4]
-    for k, (var, lo, hi) in enumerate(_SIZE_VARS):
-        raw = os.environ.get(var)
-        if raw:
-            try:
-                v = int(raw)
-            except ValueError:
-                v = 0
-            if not (lo <= v <= hi and v & (v - 1) == 0):
-                raise ValueError(f"dlopt: {var}={raw!r} must be a power of two in [{lo}, {hi}]")
-            sizes[k] = v
-    return sizes[0], sizes[1], sizes[2]
+    """(BLOCK, ITERS, num_warps) of the element-wise kernels (the variables are read
+    once: reset_launch_sizes)."""
+    hit = _SIZES.get("launch")
+    if hit is None:
+        sizes = [block_size(), 1, 8 if gpu_sizes() else 4]
+        for k, (var, lo, hi) in enumerate(_SIZE_VARS):
+            raw = os.environ.get(var)
+            if raw:
+                try:
+                    v = int(raw)
+                except ValueError:
+                    v = 0
+                if not (lo <= v <= hi and v & (v - 1) == 0):
+                    raise ValueError(f"dlopt: {var}={raw!r} must be a power of two in "
+                                     f"[{lo}, {hi}]")
+                sizes[k] = v
+        hit = _SIZES["launch"] = (sizes[0], sizes[1], sizes[2])
+    return hit
 
 
 # ---------------------------------------------------------------- device side
@@ -501,10 +523,11 @@ def _upload(groups, chunk, device):
     """_C.triton_tables' groups with their tables on `device` (cached by content)."""
     out = []
     for key, aligned, rows, bmap, programs in groups:
-        table = _cached(("table", device, rows), lambda: torch.frombuffer(
-            bytearray(rows), dtype=torch.int64).to(device))
-        block_map = _cached(("map", device, chunk, rows), lambda: torch.frombuffer(
-            bytearray(bmap), dtype=torch.int32).to(device))
+        # one entry for both (the rows and the chunk size fix the map): hashing the
+        # rows, ~10 KB for the GPT-2 list, is most of a cache lookup
+        table, block_map = _cached(("tables", device, chunk, rows), lambda: (
+            torch.frombuffer(bytearray(rows), dtype=torch.int64).to(device),
+            torch.frombuffer(bytearray(bmap), dtype=torch.int32).to(device)))
         out.append((tuple(CODE_DTYPES[c] for c in key[:-1]), key[-1], aligned, table,
                     block_map, programs))
     return out

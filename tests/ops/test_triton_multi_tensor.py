@@ -271,13 +271,34 @@ def test_native_tables_refuse_what_they_cannot_read():
 @pytest.mark.parametrize("var,value", [("DLOPT_TRITON_BLOCK", "1000"),
                                        ("DLOPT_TRITON_ITERS", "0"),
                                        ("DLOPT_TRITON_WARPS", "many")])
-def test_launch_size_variables_are_checked(var, value, monkeypatch):
+def test_launch_size_variables_are_checked(var, value, monkeypatch, fresh_launch_sizes):
     """The A/B launch sizes take powers of two in range; anything else is a ValueError
     naming the variable, not a failed compile."""
-    from dlopt_kernels.triton._common import launch_sizes
     monkeypatch.setenv(var, value)
+    fresh_launch_sizes.reset_launch_sizes()
     with pytest.raises(ValueError, match=var):
-        launch_sizes()
+        fresh_launch_sizes.launch_sizes()
+
+
+@pytest.fixture
+def fresh_launch_sizes():
+    """triton._common with its launch sizes read again after the test (which changes
+    the variables they are read from)."""
+    from dlopt_kernels.triton import _common
+    yield _common
+    _common.reset_launch_sizes()
+
+
+def test_launch_sizes_are_read_once_until_reset(monkeypatch, fresh_launch_sizes):
+    """A step reads the launch sizes on every call: they come from the environment once
+    (tools/triton_sizes.py calls reset_launch_sizes between the settings it times)."""
+    c = fresh_launch_sizes
+    c.reset_launch_sizes()
+    before = c.launch_sizes()
+    monkeypatch.setenv("DLOPT_TRITON_ITERS", "4")
+    assert c.launch_sizes() == before
+    c.reset_launch_sizes()
+    assert c.launch_sizes() == (before[0], 4, before[2])
 
 
 @needs_cpp
