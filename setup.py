@@ -59,8 +59,13 @@ def shared_libstdcxx() -> list:
     return [os.path.realpath(path)] if os.path.isabs(path) and os.path.exists(path) else []
 
 
+# -ffp-contract=off: g++ fuses `a + b * c` into one FMA by default, even under -std=c++17
+# (ISO mode turns contraction off for C only), which nvcc (--fmad=false below) and Triton
+# (enable_fp_fusion=False) do not: Adam's m + (1 - beta1) * (g - m) came out one ulp
+# apart on the CPU and on CUDA (tests/test_cuda_launch_emulation.py found it). The
+# maths headers write every FMA they want (`fmadd`), which stays fused.
 cxx_flags = ["-O3", "-std=c++17", f"-march={os.environ.get('DLOPT_CPU_ARCH', 'native')}",
-             "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+             "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     # gcc's -march=native keeps 256-bit vectors even where AVX-512 exists. The step
     # loops carry a sqrt and a divide per element, and with 512-bit vectors they kept
@@ -73,7 +78,7 @@ LINK_STDCXX = shared_libstdcxx()
 # pairs it fused differed between the vector and the scalar loop of multi_tensor_apply,
 # so an element's result depended on its tensor's alignment (an H100 run, RMSprop and
 # LAMB on views at odd offsets). The maths headers name each FMA they want (`fmadd`);
-# the C++ CPU build (ISO C++, no contraction) and Triton (enable_fp_fusion=False) do the
+# the C++ CPU build (-ffp-contract=off, above) and Triton (enable_fp_fusion=False) do the
 # same. The kernels are memory-bound: on that H100, CUDA Adam on the GPT-2 list ran at
 # 1.27x torch fused with this flag and 1.22x without (two runs, within their spread:
 # benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-26-notes.md).

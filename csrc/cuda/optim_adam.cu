@@ -153,8 +153,13 @@ cudaError_t launch_adam_step(const Launch& l, double beta1, double beta2, double
   auto* coeffs = static_cast<AdamTensorCoeffs*>(l.scratch.get(l.n * sizeof(AdamTensorCoeffs)));
   if (coeffs == nullptr) return cudaErrorMemoryAllocation;
   DLOPT_CUDA_TRY(for_each_step_batch(l, [&](const StepBatch& b) {
+#ifdef DLOPT_EMULATE  // a host-only build (multi_tensor_apply.cuh emulate_blocks)
+    for (int k = 0; k < b.count; ++k) adam_prepare_one(b, h, coeffs, k);
+    return cudaSuccess;
+#else
     adam_prepare_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, h, coeffs);
     return cudaGetLastError();
+#endif
   }));
 
   // Phase 2.

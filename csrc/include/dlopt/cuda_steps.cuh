@@ -74,8 +74,14 @@ cudaError_t for_each_step_batch(const Launch& l, Fn&& fn) {
 // steps[i] += 1 for every i unless found_inf is set, on the call's stream.
 inline cudaError_t bump_steps(const Launch& l) {
   return for_each_step_batch(l, [&](const StepBatch& b) {
+#ifdef DLOPT_EMULATE  // a host-only build (multi_tensor_apply.cuh emulate_blocks)
+    for (int k = 0; k < b.count; ++k)
+      if (!skip_step(l.found_inf)) bump_step(b, k);
+    return cudaSuccess;
+#else
     bump_steps_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, l.found_inf);
     return cudaGetLastError();
+#endif
   });
 }
 

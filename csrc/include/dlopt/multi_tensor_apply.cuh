@@ -293,6 +293,19 @@ __global__ void __launch_bounds__(kBlockSize, 2)
   run_thread(tab, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
+#ifdef DLOPT_EMULATE
+// DLOPT_EMULATE (a host-only build: tests/cuda_emulation/launchers.cu): launches run on
+// the CPU, every thread of every block in a loop (exact: the threads of a block never
+// talk to each other in run_thread), chunked as on an H100 (132 SMs x 2 blocks).
+constexpr int kEmulatedResident = 264;
+
+template <class Tab>
+void emulate_blocks(const Tab& tab, int blocks) {
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < kBlockSize; ++t) run_thread(tab, b, t, kBlockSize);
+}
+#endif
+
 // The call's non-empty entries as TensorEntry lists, one per (param dtype, state
 // dtype) group (each group is one template instantiation of the Op); meta(entry) gives
 // an entry's Meta.
@@ -423,7 +436,9 @@ cudaError_t for_each_table(
 // us and the driver, and compute capability 7.0+ (DLOPT_LARGE_ARGS); DLOPT_CUDA_SMALL_TABLES (any value)
 // turns them off, for the A/B of tools/gpu_check.sh. Queried once per device.
 inline bool large_args_supported() {
-#if DLOPT_LARGE_ARGS
+#ifdef DLOPT_EMULATE
+  return std::getenv("DLOPT_CUDA_SMALL_TABLES") == nullptr;  // read per call: tests switch
+#elif DLOPT_LARGE_ARGS
   static const bool off = std::getenv("DLOPT_CUDA_SMALL_TABLES") != nullptr;
   static int driver = -1;
   constexpr int kMaxDevices = 64;
@@ -509,14 +524,24 @@ template <class Op>
 cudaError_t multi_tensor_apply(
     const std::vector<TensorEntry<Op::kLists, typename Op::Meta>>& entries, const Op& op,
     cudaStream_t stream) {
+#ifdef DLOPT_EMULATE
+  (void)stream;
+  const int resident = kEmulatedResident;
+#else
   const int resident = resident_blocks(multi_tensor_kernel<Op, kSmallArgs>, kBlockSize);
+#endif
   int64_t total = 0;
   for (const auto& e : entries) total += e.numel;
   const int chunk = chunk_override() > 0 ? chunk_override() : chunk_for(total, resident);
   return launch_call(entries, op, chunk, [&](const auto& tab, int blocks) {
+#ifdef DLOPT_EMULATE
+    emulate_blocks(tab, blocks);
+    return cudaSuccess;
+#else
     constexpr int kBytes = std::decay_t<decltype(tab)>::kBytes;
     multi_tensor_kernel<Op, kBytes><<<blocks, kBlockSize, 0, stream>>>(tab);
     return cudaGetLastError();
+#endif
   });
 }
 

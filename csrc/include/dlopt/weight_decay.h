@@ -6,14 +6,14 @@
 
 namespace dlopt {
 
-// a * b + c rounded once, written out wherever an expression sums two products
-// (a*b + c*d). Left to the compiler, which product such a sum fuses into an FMA is its
-// choice, and it may choose differently in the code paths of one loop (vector body,
-// masked or scalar remainder): an element's result could then depend on where it falls
-// in its tensor. Named here, every path and every element computes the same. (One full
-// test run with 512-bit vectors saw a transposed param step differently from a
-// contiguous copy in Lion; it did not recur, before or after this change.) Without
-// FMA hardware gcc contracts nothing, and neither does this.
+// a * b + c rounded once: the only FMAs of every backend. No compiler fuses on its own
+// (g++ -ffp-contract=off, nvcc --fmad=false, Triton enable_fp_fusion=False: setup.py,
+// triton/_common.py), so the fused ones are these, written where the maths wants them.
+// Left to a compiler, which product of a*b + c*d it fuses is its choice, possibly a
+// different one in the code paths of one loop (vector body, masked or scalar
+// remainder), and a backend's own (g++ fused Adam's m + (1 - beta1) * (g - m), nvcc
+// did not: tests/test_cuda_launch_emulation.py). Without FMA hardware (no __FMA__) the
+// CPU build computes a * b + c in two roundings.
 DLOPT_HD float fmadd(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);

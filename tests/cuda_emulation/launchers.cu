@@ -1,0 +1,100 @@
+// C entry point over the real CUDA launchers of the element-wise optimizers
+// (csrc/cuda/optim_{adam,sgd,adagrad,lion,rmsprop}.cu), built with -DDLOPT_EMULATE
+// into a host-only shared library by tests/test_cuda_emulation.py: every launch runs
+// on the CPU (multi_tensor_apply.cuh emulate_blocks), so the launchers' whole device
+// side (per-tensor coefficients and steps, dtype dispatch, tables, the Ops, storage
+// adapters, stochastic rounding, master weights) meets CPU tensors, which the test
+// compares with the C++ CPU kernels bit for bit. What it cannot see: the device
+// compiler's arithmetic (the GPU tests compare that).
+//
+// The arguments are flat arrays, as ctypes passes them (n params):
+//   ptrs[n * kMaxLists]  each param's lists in its launcher's order (cuda_launch.h), or 0
+//   numels[n], dtypes[2 * n] (param, state: cuda::DType codes), new_buffer[n] (SGD)
+//   steps[n], step_double[n]  the step tensors (steps may be null: SGD)
+//   scalar_ptrs[4], scalar_dtypes[4], scalar_values[4], seed_ivalue: lr, grad_scale,
+//       found_inf, sr_seed as ScalarRef (a null pointer: the value, as a CPU tensor's)
+//   store  cuda::StoreMode; hp[], flags[]  the launcher's own arguments, in its order
+// Returns the launcher's cudaError_t (0: success), or -1 for an unknown op.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "dlopt/cuda_launch.h"
+
+using namespace dlopt::cuda;
+
+namespace {
+
+// Scratch memory (Adam's per-tensor coefficients) from malloc, freed after the call.
+struct Scratches {
+  std::vector<void*> blocks;
+  ~Scratches() {
+    for (void* p : blocks) std::free(p);
+  }
+  static void* alloc(void* self, size_t bytes) {
+    void* p = std::malloc(bytes == 0 ? 1 : bytes);
+    static_cast<Scratches*>(self)->blocks.push_back(p);
+    return p;
+  }
+};
+
+ScalarRef scalar(const void* ptr, int32_t dtype, double value, int64_t ivalue) {
+  ScalarRef r;
+  r.ptr = ptr;
+  r.dtype = static_cast<DType>(dtype);
+  r.value = value;
+  r.ivalue = ivalue;
+  return r;
+}
+
+}  // namespace
+
+extern "C" int dlopt_emulate_step(const char* op, int32_t n, void* const* ptrs,
+                                  const int64_t* numels, const int32_t* dtypes,
+                                  const uint8_t* new_buffer, void* const* steps,
+                                  const uint8_t* step_double, const void* const* scalar_ptrs,
+                                  const int32_t* scalar_dtypes, const double* scalar_values,
+                                  int64_t seed_ivalue, int32_t store, const double* hp,
+                                  const int32_t* flags) {
+  std::vector<ParamEntry> entries(n);
+  std::vector<StepRef> step_refs;
+  for (int32_t i = 0; i < n; ++i) {
+    ParamEntry& e = entries[i];
+    std::memset(&e, 0, sizeof(e));
+    for (int k = 0; k < kMaxLists; ++k) e.ptr[k] = ptrs[i * kMaxLists + k];
+    e.numel = numels[i];
+    e.index = i;
+    e.param = static_cast<DType>(dtypes[2 * i]);
+    e.state = static_cast<DType>(dtypes[2 * i + 1]);
+    e.new_buffer = new_buffer[i] != 0;
+    if (steps != nullptr) step_refs.push_back({steps[i], step_double[i] != 0});
+  }
+  Scratches scratch;
+  Launch l{};
+  l.entries = entries.data();
+  l.n = n;
+  l.steps = steps != nullptr ? step_refs.data() : nullptr;
+  l.lr = scalar(scalar_ptrs[0], scalar_dtypes[0], scalar_values[0], 0);
+  l.grad_scale = scalar(scalar_ptrs[1], scalar_dtypes[1], scalar_values[1], 1);
+  l.found_inf = scalar(scalar_ptrs[2], scalar_dtypes[2], scalar_values[2], 0);
+  l.seed = scalar(scalar_ptrs[3], scalar_dtypes[3], scalar_values[3], seed_ivalue);
+  l.store = static_cast<StoreMode>(store);
+  l.stream = nullptr;
+  l.scratch = {&Scratches::alloc, &scratch};
+  const auto name = [&](const char* s) { return std::strcmp(op, s) == 0; };
+  cudaError_t err;
+  if (name("adam"))
+    err = launch_adam_step(l, hp[0], hp[1], hp[2], hp[3], flags[0], flags[1], flags[2]);
+  else if (name("sgd"))
+    err = launch_sgd_step(l, hp[0], hp[1], hp[2], flags[0], flags[1]);
+  else if (name("adagrad"))
+    err = launch_adagrad_step(l, hp[0], hp[1], hp[2], flags[0]);
+  else if (name("lion"))
+    err = launch_lion_step(l, hp[0], hp[1], hp[2], flags[0]);
+  else if (name("rmsprop"))
+    err = launch_rmsprop_step(l, hp[0], hp[1], hp[2], hp[3], flags[0], flags[1]);
+  else
+    return -1;
+  return static_cast<int>(err);
+}

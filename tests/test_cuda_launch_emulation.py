@@ -1,0 +1,336 @@
+"""The CUDA launchers of the element-wise optimizers, run on the CPU and compared with
+the C++ CPU kernels bit for bit.
+
+csrc/cuda/optim_{adam,sgd,adagrad,lion,rmsprop}.cu are built with -DDLOPT_EMULATE into
+a host-only shared library (tests/cuda_emulation/launchers.cu is its C entry point):
+each kernel launch runs as a loop over every thread of every block, on CPU tensors. So
+everything the GPU would do but the device compiler's arithmetic is checked without a
+GPU: the per-tensor coefficients and step counts (prepare kernels), the dtype dispatch,
+the launch tables (4 KB and 32 KB), the Ops, the storage adapters (bf16 and fp16
+rounding, stochastic rounding with the CPU kernels' random bits), master weights,
+grad_scale / found_inf and hyperparameters read from memory or passed as values. The
+CUDA and CPU kernels share their maths headers, and neither contracts a multiply and an
+add that the headers do not name, so the results must agree to the bit.
+(The GPU tests compare the real kernels.)
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dlopt_kernels  # noqa: F401  (registers torch.ops.dlopt)
+from dlopt_kernels import _lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from check_cuda import find_nvcc  # noqa: E402
+
+NVCC = find_nvcc()
+OPS = ("adam", "sgd", "adagrad", "lion", "rmsprop")
+MAX_LISTS = 6  # cuda_launch.h kMaxLists
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3,
+              torch.int64: 4, torch.int32: 5}
+NEAREST, MASTER, STOCHASTIC = 0, 1, 2  # cuda::StoreMode
+
+pytestmark = [pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit), not a GPU"),
+              pytest.mark.skipif(not _lib.LOADED["cpu"], reason="needs the C++ CPU library")]
+
+
+def build_library(path: str) -> ctypes.CDLL:
+    """Build the launchers as a host-only library at `path` and load it."""
+    srcs = [os.path.join(ROOT, "tests", "cuda_emulation", "launchers.cu")]
+    srcs += [os.path.join(ROOT, "csrc", "cuda", f"optim_{op}.cu") for op in OPS]
+    # as the C++ CPU build: no contraction the headers do not write, and its -march, so
+    # that `fmadd` (weight_decay.h) is the same fused multiply-add on both sides
+    march = os.environ.get("DLOPT_CPU_ARCH", "native")
+    subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-arch=sm_90",
+                    "-DDLOPT_EMULATE", "-shared",
+                    "-Xcompiler", f"-fPIC,-ffp-contract=off,-march={march}",
+                    "-diag-suppress", "177", "-I" + os.path.join(ROOT, "csrc", "include"),
+                    "-o", path, *srcs], check=True)
+    dll = ctypes.CDLL(path)
+    dll.dlopt_emulate_step.restype = ctypes.c_int
+    return dll
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The launchers as a host-only library, loaded with ctypes."""
+    return build_library(str(tmp_path_factory.mktemp("emulation") / "libdlopt_emulated.so"))
+
+
+def _array(ctype, values):
+    return (ctype * max(1, len(values)))(*values)
+
+
+class Scalar:
+    """A hyperparameter tensor as the CPU op takes it, and as the launcher's ScalarRef:
+    read from memory (a tensor on the GPU) or as the value a CPU tensor gives."""
+
+    def __init__(self, tensor, in_memory):
+        self.tensor, self.in_memory = tensor, in_memory
+
+    def ref(self, default):
+        t = self.tensor
+        if t is None:  # absent: the launcher's default (host half: HostCall::scalar)
+            return None, 0, default, int(default)
+        if self.in_memory:
+            return t.data_ptr(), DTYPE_CODE[t.dtype], 0.0, 0
+        return None, 0, float(t.item()), int(t.item())
+
+
+def run_emulated(dll, op, lists, steps, scalars, store, hp, flags, new_buffer=None):
+    """Call the op's launcher on `lists` (its launcher's order; None: absent)."""
+    params = lists[0]
+    n = len(params)
+    ptrs = []
+    for i in range(n):
+        row = [0] * MAX_LISTS
+        if params[i].numel():
+            for k, lst in enumerate(lists):
+                if lst is not None:
+                    row[k] = lst[i].data_ptr()
+        ptrs += row
+    state_of = lists[2] if len(lists) > 2 and lists[2] is not None else None
+    dtypes = []
+    for i in range(n):
+        dtypes += [DTYPE_CODE[params[i].dtype],
+                   DTYPE_CODE[state_of[i].dtype] if state_of is not None else 0]
+    refs = [(s or Scalar(None, False)).ref(d) for s, d in zip(scalars, (0.0, 1.0, 0.0, 0.0))]
+    err = dll.dlopt_emulate_step(
+        op.encode(), n, _array(ctypes.c_void_p, ptrs),
+        _array(ctypes.c_int64, [p.numel() for p in params]), _array(ctypes.c_int32, dtypes),
+        _array(ctypes.c_uint8, new_buffer or [0] * n),
+        _array(ctypes.c_void_p, [s.data_ptr() for s in steps]) if steps else None,
+        _array(ctypes.c_uint8, [s.dtype == torch.float64 for s in steps] or [0]),
+        _array(ctypes.c_void_p, [r[0] for r in refs]), _array(ctypes.c_int32, [r[1] for r in refs]),
+        _array(ctypes.c_double, [r[2] for r in refs]), ctypes.c_int64(refs[3][3]),
+        ctypes.c_int32(store), _array(ctypes.c_double, hp), _array(ctypes.c_int32, flags))
+    assert err == 0, f"{op} launcher returned cudaError {err}"
+
+
+# ---------------------------------------------------------------------------- inputs
+
+SHAPES = [(1,), (4097,), (3, 33), (0,), (70001,), (8, 8)]  # 70001: chunks of 64K and a tail
+PRECISIONS = {  # name: (param dtype, state dtype, store)
+    "fp32": (torch.float32, torch.float32, NEAREST),
+    "bf16": (torch.bfloat16, torch.float32, NEAREST),
+    "bf16_states": (torch.bfloat16, torch.bfloat16, NEAREST),
+    "bf16_sr": (torch.bfloat16, torch.float32, STOCHASTIC),
+    "bf16_master": (torch.bfloat16, torch.float32, MASTER),
+    "fp16_states": (torch.float16, torch.float16, NEAREST),
+    "fp16_master": (torch.float16, torch.float32, MASTER),
+}
+
+
+def make_inputs(precision, gen, n_states, positive=()):
+    """params, grads, n_states state lists, masters, steps (count 3), seeded values; the
+    state lists named in `positive` hold squares (Adam's exp_avg_sq, ...)."""
+    pdt, sdt, store = PRECISIONS[precision]
+    params, grads, masters = [], [], []
+    states = [[] for _ in range(n_states)]
+    for shape in SHAPES:
+        p32 = torch.randn(shape, generator=gen)
+        params.append(p32.to(pdt))
+        grads.append(torch.randn(shape, generator=gen).to(pdt))
+        masters.append(p32.clone() if store == MASTER else None)
+        for k in range(n_states):
+            s = torch.randn(shape, generator=gen)
+            states[k].append((s * s if k in positive else s * 0.1).to(sdt))
+    steps = [torch.full((), 3.0) for _ in SHAPES]
+    masters = [m for m in masters if m is not None]
+    return params, grads, states, masters, steps, store
+
+
+def clone(lists):
+    return [None if lst is None else [t.clone() for t in lst] for lst in lists]
+
+
+def assert_same(name, got, want):
+    for k, (g, w) in enumerate(zip(got, want)):
+        if g is None:
+            continue
+        for i, (a, b) in enumerate(zip(g, w)):
+            assert torch.equal(a.view(-1).view(torch.int16 if a.element_size() == 2 else
+                                               torch.int32 if a.element_size() == 4 else
+                                               torch.int64),
+                               b.view(-1).view(torch.int16 if b.element_size() == 2 else
+                                               torch.int32 if b.element_size() == 4 else
+                                               torch.int64)), (
+                f"{name}: list {k}, tensor {i} (shape {tuple(a.shape)}) differs from the CPU "
+                f"kernel's bits: max |diff| {(a.double() - b.double()).abs().max().item():g}")
+
+
+def gradscaler_inputs(case):
+    """(grad_scale, found_inf) tensors for a case: none, a scale, or a found inf."""
+    if case == "plain":
+        return None, None
+    if case == "scaled":
+        return torch.tensor(512.0), torch.tensor(0.0)
+    return torch.tensor(512.0), torch.tensor(1.0)  # "found_inf": nothing may change
+
+
+CASES = ["plain", "scaled", "found_inf"]
+
+
+# ------------------------------------------------------------------------------ ops
+
+
+def _sr_seed(store, gen):
+    return (torch.randint(0, 2**31 - 1, (), generator=gen, dtype=torch.int64)
+            if store == STOCHASTIC else None)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("variant", ["adamw", "adam_l2_amsgrad_maximize", "adam_no_wd"])
+def test_adam_launcher_matches_cpu_kernel(emulated, variant, precision, case):
+    gen = torch.Generator().manual_seed(hash((variant, precision, case)) % 2**31)
+    params, grads, (m, v, vmax), masters, steps, store = make_inputs(
+        precision, gen, 3, positive=(1, 2))
+    amsgrad = "amsgrad" in variant
+    maximize = "maximize" in variant
+    decoupled = variant == "adamw"
+    wd = 0.0 if variant == "adam_no_wd" else 0.05
+    beta1, beta2, eps = 0.9, 0.99, 1e-6
+    lr = torch.tensor(3e-3, dtype=torch.float64)
+    gs, fi = gradscaler_inputs(case)
+    seed = _sr_seed(store, gen)
+    # (CPU op list order) params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps
+    want = clone([params, grads, m, v, vmax, masters, steps])
+    torch.ops.dlopt.adam_step(want[0], want[1], want[2], want[3], want[4] if amsgrad else [],
+                              want[5], want[6], lr, beta1, beta2, wd, eps, amsgrad, maximize,
+                              decoupled, gs, fi, seed, "cpu")
+    got = clone([params, grads, m, v, vmax, masters, steps])
+    run_emulated(emulated, "adam",
+                 [got[0], got[1], got[2], got[3], got[4] if amsgrad else None, got[5] or None],
+                 got[6], [Scalar(lr, case == "scaled"), Scalar(gs, True), Scalar(fi, True),
+                          Scalar(seed, case != "plain")],
+                 store, [beta1, beta2, wd, eps], [amsgrad, maximize, decoupled])
+    assert_same(f"adam {variant} {precision} {case}", got, want)
+    if case == "found_inf":
+        assert_same("found_inf leaves everything", got, clone([params, grads, m, v, vmax,
+                                                               masters, steps]))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("variant", ["momentum_nesterov_wd", "momentum_dampening_new_buffers",
+                                     "plain_maximize"])
+def test_sgd_launcher_matches_cpu_kernel(emulated, variant, precision, case):
+    gen = torch.Generator().manual_seed(hash((variant, precision, case)) % 2**31)
+    params, grads, (bufs,), masters, _, store = make_inputs(precision, gen, 1)
+    momentum = 0.0 if variant.startswith("plain") else 0.9
+    nesterov = "nesterov" in variant
+    dampening = 0.1 if "dampening" in variant else 0.0
+    wd = 0.01 if "wd" in variant else 0.0
+    maximize = "maximize" in variant
+    new = [i % 2 == 0 for i in range(len(params))] if "new_buffers" in variant else []
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    gs, fi = gradscaler_inputs(case)
+    seed = _sr_seed(store, gen)
+    want = clone([params, grads, bufs, masters])
+    torch.ops.dlopt.sgd_step(want[0], want[1], want[2] if momentum else [], want[3], lr, wd,
+                             momentum, dampening, nesterov, maximize, new, gs, fi, seed, "cpu")
+    got = clone([params, grads, bufs, masters])
+    run_emulated(emulated, "sgd", [got[0], got[1], got[2] if momentum else None, got[3] or None],
+                 [], [Scalar(lr, case == "scaled"), Scalar(gs, True), Scalar(fi, True),
+                      Scalar(seed, case != "plain")],
+                 store, [wd, momentum, dampening], [nesterov, maximize],
+                 new_buffer=[int(b) for b in new] if new and momentum else None)
+    assert_same(f"sgd {variant} {precision} {case}", got, want)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_adagrad_launcher_matches_cpu_kernel(emulated, precision, case):
+    gen = torch.Generator().manual_seed(hash(("adagrad", precision, case)) % 2**31)
+    params, grads, (sums,), masters, steps, store = make_inputs(precision, gen, 1, positive=(0,))
+    lr = torch.tensor(0.02, dtype=torch.float64)
+    lr_decay, wd, eps, maximize = 0.01, 0.02, 1e-10, case == "scaled"
+    gs, fi = gradscaler_inputs(case)
+    seed = _sr_seed(store, gen)
+    want = clone([params, grads, sums, masters, steps])
+    torch.ops.dlopt.adagrad_step(want[0], want[1], want[2], want[3], want[4], lr, lr_decay, wd,
+                                 eps, maximize, gs, fi, seed, "cpu")
+    got = clone([params, grads, sums, masters, steps])
+    run_emulated(emulated, "adagrad", [got[0], got[1], got[2], got[3] or None], got[4],
+                 [Scalar(lr, True), Scalar(gs, True), Scalar(fi, True), Scalar(seed, True)],
+                 store, [lr_decay, wd, eps], [maximize])
+    assert_same(f"adagrad {precision} {case}", got, want)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_lion_launcher_matches_cpu_kernel(emulated, precision, case):
+    gen = torch.Generator().manual_seed(hash(("lion", precision, case)) % 2**31)
+    params, grads, (m,), masters, steps, store = make_inputs(precision, gen, 1)
+    lr = torch.tensor(1e-3, dtype=torch.float64)
+    beta1, beta2, wd, maximize = 0.9, 0.99, 0.1, case == "scaled"
+    gs, fi = gradscaler_inputs(case)
+    seed = _sr_seed(store, gen)
+    want = clone([params, grads, m, masters, steps])
+    torch.ops.dlopt.lion_step(want[0], want[1], want[2], want[3], want[4], lr, beta1, beta2, wd,
+                              maximize, gs, fi, seed, "cpu")
+    got = clone([params, grads, m, masters, steps])
+    run_emulated(emulated, "lion", [got[0], got[1], got[2], got[3] or None], got[4],
+                 [Scalar(lr, False), Scalar(gs, True), Scalar(fi, True), Scalar(seed, False)],
+                 store, [beta1, beta2, wd], [maximize])
+    assert_same(f"lion {precision} {case}", got, want)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("variant", ["centered_momentum", "plain"])
+def test_rmsprop_launcher_matches_cpu_kernel(emulated, variant, precision, case):
+    gen = torch.Generator().manual_seed(hash((variant, precision, case)) % 2**31)
+    params, grads, (sq, ga, bufs), masters, steps, store = make_inputs(
+        precision, gen, 3, positive=(0,))
+    centered = momentum = variant == "centered_momentum"
+    if centered:  # square_avg above grad_avg^2, as a run keeps it
+        sq = [(s.float() + g.float() ** 2 + 0.1).to(s.dtype) for s, g in zip(sq, ga)]
+    mom = 0.9 if momentum else 0.0
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    alpha, eps, wd, maximize = 0.99, 1e-8, 0.01, case == "scaled"
+    gs, fi = gradscaler_inputs(case)
+    seed = _sr_seed(store, gen)
+    want = clone([params, grads, sq, ga, bufs, masters, steps])
+    torch.ops.dlopt.rmsprop_step(want[0], want[1], want[2], want[3] if centered else [],
+                                 want[4] if momentum else [], want[5], want[6], lr, alpha, eps,
+                                 wd, mom, centered, maximize, gs, fi, seed, "cpu")
+    got = clone([params, grads, sq, ga, bufs, masters, steps])
+    run_emulated(emulated, "rmsprop",
+                 [got[0], got[1], got[2], got[3] if centered else None,
+                  got[4] if momentum else None, got[5] or None], got[6],
+                 [Scalar(lr, True), Scalar(gs, True), Scalar(fi, True), Scalar(seed, True)],
+                 store, [alpha, eps, wd, mom], [centered, maximize])
+    assert_same(f"rmsprop {variant} {precision} {case}", got, want)
+
+
+@pytest.mark.parametrize("small_tables", [False, True], ids=["32KB", "4KB"])
+def test_many_tensors_in_several_tables(emulated, small_tables, monkeypatch):
+    """~600 tensors: more than one table of either size (60 / 498 of Adam's slots), so
+    launches are cut where the CPU kernel runs one loop."""
+    if small_tables:
+        monkeypatch.setenv("DLOPT_CUDA_SMALL_TABLES", "1")
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.randint(1, 3000, (600,), generator=gen).tolist()
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    m = [torch.randn(n, generator=gen) * 0.1 for n in sizes]
+    v = [torch.rand(n, generator=gen) for n in sizes]
+    steps = [torch.full((), float(i % 5)) for i in range(len(sizes))]
+    lr = torch.tensor(1e-3, dtype=torch.float64)
+    want = clone([params, grads, m, v, steps])
+    torch.ops.dlopt.adam_step(want[0], want[1], want[2], want[3], [], [], want[4], lr, 0.9,
+                              0.999, 0.01, 1e-8, False, False, True, None, None, None, "cpu")
+    got = clone([params, grads, m, v, steps])
+    run_emulated(emulated, "adam", [got[0], got[1], got[2], got[3], None, None], got[4],
+                 [Scalar(lr, False), None, None, None], NEAREST, [0.9, 0.999, 0.01, 1e-8],
+                 [False, False, True])
+    assert_same(f"adam, 600 tensors, {'4 KB' if small_tables else '32 KB'} tables", got, want)
