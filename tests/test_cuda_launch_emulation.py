@@ -128,19 +128,19 @@ PRECISIONS = {  # name: (param dtype, state dtype, store)
 }
 
 
-def make_inputs(precision, gen, n_states, positive=()):
+def make_inputs(precision, n_states, positive=()):
     """params, grads, n_states state lists, masters, steps (count 3), seeded values; the
     state lists named in `positive` hold squares (Adam's exp_avg_sq, ...)."""
     pdt, sdt, store = PRECISIONS[precision]
     params, grads, masters = [], [], []
     states = [[] for _ in range(n_states)]
     for shape in SHAPES:
-        p32 = torch.randn(shape, generator=gen)
+        p32 = torch.randn(shape)
         params.append(p32.to(pdt))
-        grads.append(torch.randn(shape, generator=gen).to(pdt))
+        grads.append(torch.randn(shape).to(pdt))
         masters.append(p32.clone() if store == MASTER else None)
         for k in range(n_states):
-            s = torch.randn(shape, generator=gen)
+            s = torch.randn(shape)
             states[k].append((s * s if k in positive else s * 0.1).to(sdt))
     steps = [torch.full((), 3.0) for _ in SHAPES]
     masters = [m for m in masters if m is not None]
@@ -181,18 +181,16 @@ CASES = ["plain", "scaled", "found_inf"]
 # ------------------------------------------------------------------------------ ops
 
 
-def _sr_seed(store, gen):
-    return (torch.randint(0, 2**31 - 1, (), generator=gen, dtype=torch.int64)
-            if store == STOCHASTIC else None)
+def _sr_seed(store):
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if store == STOCHASTIC else None
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("variant", ["adamw", "adam_l2_amsgrad_maximize", "adam_no_wd"])
 def test_adam_launcher_matches_cpu_kernel(emulated, variant, precision, case):
-    gen = torch.Generator().manual_seed(hash((variant, precision, case)) % 2**31)
     params, grads, (m, v, vmax), masters, steps, store = make_inputs(
-        precision, gen, 3, positive=(1, 2))
+        precision, 3, positive=(1, 2))
     amsgrad = "amsgrad" in variant
     maximize = "maximize" in variant
     decoupled = variant == "adamw"
@@ -200,7 +198,7 @@ def test_adam_launcher_matches_cpu_kernel(emulated, variant, precision, case):
     beta1, beta2, eps = 0.9, 0.99, 1e-6
     lr = torch.tensor(3e-3, dtype=torch.float64)
     gs, fi = gradscaler_inputs(case)
-    seed = _sr_seed(store, gen)
+    seed = _sr_seed(store)
     # (CPU op list order) params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps
     want = clone([params, grads, m, v, vmax, masters, steps])
     torch.ops.dlopt.adam_step(want[0], want[1], want[2], want[3], want[4] if amsgrad else [],
@@ -223,8 +221,7 @@ def test_adam_launcher_matches_cpu_kernel(emulated, variant, precision, case):
 @pytest.mark.parametrize("variant", ["momentum_nesterov_wd", "momentum_dampening_new_buffers",
                                      "plain_maximize"])
 def test_sgd_launcher_matches_cpu_kernel(emulated, variant, precision, case):
-    gen = torch.Generator().manual_seed(hash((variant, precision, case)) % 2**31)
-    params, grads, (bufs,), masters, _, store = make_inputs(precision, gen, 1)
+    params, grads, (bufs,), masters, _, store = make_inputs(precision, 1)
     momentum = 0.0 if variant.startswith("plain") else 0.9
     nesterov = "nesterov" in variant
     dampening = 0.1 if "dampening" in variant else 0.0
@@ -233,7 +230,7 @@ def test_sgd_launcher_matches_cpu_kernel(emulated, variant, precision, case):
     new = [i % 2 == 0 for i in range(len(params))] if "new_buffers" in variant else []
     lr = torch.tensor(0.05, dtype=torch.float64)
     gs, fi = gradscaler_inputs(case)
-    seed = _sr_seed(store, gen)
+    seed = _sr_seed(store)
     want = clone([params, grads, bufs, masters])
     torch.ops.dlopt.sgd_step(want[0], want[1], want[2] if momentum else [], want[3], lr, wd,
                              momentum, dampening, nesterov, maximize, new, gs, fi, seed, "cpu")
@@ -246,51 +243,38 @@ def test_sgd_launcher_matches_cpu_kernel(emulated, variant, precision, case):
     assert_same(f"sgd {variant} {precision} {case}", got, want)
 
 
+# the ops of one state list: (CPU op, hyperparameters, the state's values are squares)
+ONE_STATE = {"adagrad": (torch.ops.dlopt.adagrad_step, [0.01, 0.02, 1e-10], True),  # lr_decay, wd, eps
+             "lion": (torch.ops.dlopt.lion_step, [0.9, 0.99, 0.1], False)}  # beta1, beta2, wd
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_adagrad_launcher_matches_cpu_kernel(emulated, precision, case):
-    gen = torch.Generator().manual_seed(hash(("adagrad", precision, case)) % 2**31)
-    params, grads, (sums,), masters, steps, store = make_inputs(precision, gen, 1, positive=(0,))
+@pytest.mark.parametrize("op", list(ONE_STATE))
+def test_one_state_launchers_match_cpu_kernel(emulated, op, precision, case):
+    cpu_op, hp, squares = ONE_STATE[op]
+    params, grads, (state,), masters, steps, store = make_inputs(
+        precision, 1, positive=(0,) if squares else ())
     lr = torch.tensor(0.02, dtype=torch.float64)
-    lr_decay, wd, eps, maximize = 0.01, 0.02, 1e-10, case == "scaled"
+    maximize = case == "scaled"
     gs, fi = gradscaler_inputs(case)
-    seed = _sr_seed(store, gen)
-    want = clone([params, grads, sums, masters, steps])
-    torch.ops.dlopt.adagrad_step(want[0], want[1], want[2], want[3], want[4], lr, lr_decay, wd,
-                                 eps, maximize, gs, fi, seed, "cpu")
-    got = clone([params, grads, sums, masters, steps])
-    run_emulated(emulated, "adagrad", [got[0], got[1], got[2], got[3] or None], got[4],
-                 [Scalar(lr, True), Scalar(gs, True), Scalar(fi, True), Scalar(seed, True)],
-                 store, [lr_decay, wd, eps], [maximize])
-    assert_same(f"adagrad {precision} {case}", got, want)
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_lion_launcher_matches_cpu_kernel(emulated, precision, case):
-    gen = torch.Generator().manual_seed(hash(("lion", precision, case)) % 2**31)
-    params, grads, (m,), masters, steps, store = make_inputs(precision, gen, 1)
-    lr = torch.tensor(1e-3, dtype=torch.float64)
-    beta1, beta2, wd, maximize = 0.9, 0.99, 0.1, case == "scaled"
-    gs, fi = gradscaler_inputs(case)
-    seed = _sr_seed(store, gen)
-    want = clone([params, grads, m, masters, steps])
-    torch.ops.dlopt.lion_step(want[0], want[1], want[2], want[3], want[4], lr, beta1, beta2, wd,
-                              maximize, gs, fi, seed, "cpu")
-    got = clone([params, grads, m, masters, steps])
-    run_emulated(emulated, "lion", [got[0], got[1], got[2], got[3] or None], got[4],
-                 [Scalar(lr, False), Scalar(gs, True), Scalar(fi, True), Scalar(seed, False)],
-                 store, [beta1, beta2, wd], [maximize])
-    assert_same(f"lion {precision} {case}", got, want)
+    seed = _sr_seed(store)
+    want = clone([params, grads, state, masters, steps])
+    cpu_op(want[0], want[1], want[2], want[3], want[4], lr, *hp, maximize, gs, fi, seed, "cpu")
+    got = clone([params, grads, state, masters, steps])
+    in_memory = op == "adagrad"  # lr and the seed read from memory, or passed as values
+    run_emulated(emulated, op, [got[0], got[1], got[2], got[3] or None], got[4],
+                 [Scalar(lr, in_memory), Scalar(gs, True), Scalar(fi, True),
+                  Scalar(seed, in_memory)], store, hp, [maximize])
+    assert_same(f"{op} {precision} {case}", got, want)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("variant", ["centered_momentum", "plain"])
 def test_rmsprop_launcher_matches_cpu_kernel(emulated, variant, precision, case):
-    gen = torch.Generator().manual_seed(hash((variant, precision, case)) % 2**31)
     params, grads, (sq, ga, bufs), masters, steps, store = make_inputs(
-        precision, gen, 3, positive=(0,))
+        precision, 3, positive=(0,))
     centered = momentum = variant == "centered_momentum"
     if centered:  # square_avg above grad_avg^2, as a run keeps it
         sq = [(s.float() + g.float() ** 2 + 0.1).to(s.dtype) for s, g in zip(sq, ga)]
@@ -298,7 +282,7 @@ def test_rmsprop_launcher_matches_cpu_kernel(emulated, variant, precision, case)
     lr = torch.tensor(0.01, dtype=torch.float64)
     alpha, eps, wd, maximize = 0.99, 1e-8, 0.01, case == "scaled"
     gs, fi = gradscaler_inputs(case)
-    seed = _sr_seed(store, gen)
+    seed = _sr_seed(store)
     want = clone([params, grads, sq, ga, bufs, masters, steps])
     torch.ops.dlopt.rmsprop_step(want[0], want[1], want[2], want[3] if centered else [],
                                  want[4] if momentum else [], want[5], want[6], lr, alpha, eps,
@@ -318,12 +302,11 @@ def test_many_tensors_in_several_tables(emulated, small_tables, monkeypatch):
     launches are cut where the CPU kernel runs one loop."""
     if small_tables:
         monkeypatch.setenv("DLOPT_CUDA_SMALL_TABLES", "1")
-    gen = torch.Generator().manual_seed(7)
-    sizes = torch.randint(1, 3000, (600,), generator=gen).tolist()
-    params = [torch.randn(n, generator=gen) for n in sizes]
-    grads = [torch.randn(n, generator=gen) for n in sizes]
-    m = [torch.randn(n, generator=gen) * 0.1 for n in sizes]
-    v = [torch.rand(n, generator=gen) for n in sizes]
+    sizes = torch.randint(1, 3000, (600,)).tolist()
+    params = [torch.randn(n) for n in sizes]
+    grads = [torch.randn(n) for n in sizes]
+    m = [torch.randn(n) * 0.1 for n in sizes]
+    v = [torch.rand(n) for n in sizes]
     steps = [torch.full((), float(i % 5)) for i in range(len(sizes))]
     lr = torch.tensor(1e-3, dtype=torch.float64)
     want = clone([params, grads, m, v, steps])
