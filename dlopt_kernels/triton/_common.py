@@ -23,11 +23,12 @@ from dlopt_kernels.backends.checks import check_elementwise_lists  # noqa: E402,
 
 
 # Every launch passes these. No FMA contraction: a compiled kernel then rounds each
-# multiply and add as the C++ CPU kernels (ISO C++, no contraction) and the interpreter
-# do, and, more to the point, the same maths gives the same bits whatever Triton
-# specializes (a grad_scale present or not, aligned or offset views): with contraction
-# the compiler fused different pairs in different specializations (seen on an H200).
-# The kernels are memory-bound, so the extra instructions cost nothing measurable.
+# multiply and add as the C++ CPU kernels (-ffp-contract=off) and the interpreter do
+# (the fused ones are written out: `fmadd`), and, more to the point, the same maths
+# gives the same bits whatever Triton specializes (a grad_scale present or not,
+# aligned or offset views): with contraction the compiler fused different pairs in
+# different specializations (seen on an H200). The kernels are memory-bound, so the
+# extra instructions cost nothing measurable.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
@@ -234,10 +235,24 @@ def adam_bias_corrections(lr, step, beta1, beta2):
 
 
 @triton.jit
+def fmadd(a, b, c):
+    """weight_decay.h fmadd: a * b + c rounded once, where the C++ and CUDA kernels
+    round once (the kernels' only FMAs: LAUNCH_OPTIONS fuses nothing else), so every
+    backend computes the same bits."""
+    return tl.math.fma(a, b, c)
+
+
+@triton.jit
+def decayed_minus(p, decay_factor, delta):
+    """weight_decay.h decayed_minus: p * decay_factor - delta, one rounding."""
+    return fmadd(p, decay_factor, -delta)
+
+
+@triton.jit
 def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
     """adam_moments (fp32): the new (m, v)."""
     m = m + one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * (g * g)
+    v = fmadd(beta2, v, one_minus_beta2 * (g * g))
     return m, v
 
 

@@ -35,6 +35,7 @@ from dlopt_kernels.triton._common import (
     _cached,
     block_mask,
     count_steps,
+    decayed_minus,
     decoupled_decay_factor,
     f64,
     gpu_sizes,
@@ -268,8 +269,9 @@ def _apply_kernel(table_ptr, map_ptr, den_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, g
                                                         eps1_sq, BR, BC)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
         if WD:
-            p = p * decay
-        p = p - step * u
+            p = decayed_minus(p, decay, step * u)
+        else:
+            p = p - step * u
         store = (rows[:, None] < _limit(fi_ptr, R, HAS_FI)) & (cols[None, :] < C)
         write_param(p_ptr, master_ptr, p, offs, store, seed_ptr, tensor_index, MASTER, SR)
 
@@ -332,8 +334,9 @@ def _vector_apply_kernel(table_ptr, map_ptr, sum_p2_ptr, sum_u2_ptr, lr_ptr, gs_
     u = _direction(g, v, eps1_sq)
     p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
     if WD:
-        p = p * decay
-    p = p - step * u
+        p = decayed_minus(p, decay, step * u)
+    else:
+        p = p - step * u
     store = block_mask(offs, _limit(fi_ptr, n, HAS_FI), ALIGNED)
     write_param(p_ptr, master_ptr, p, offs, store, seed_ptr, tensor_index, MASTER, SR)
 

@@ -26,6 +26,7 @@ from dlopt_kernels.triton._common import (
     bf16_stochastic,
     block_mask,
     check_elementwise_lists,
+    decayed_minus,
     elementwise_step,
     f64,
     next_step,
@@ -91,9 +92,7 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
             p = tl.load(master_ptr + offs, mask=mask)
         else:
             p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        if WD == 2:  # _WD_DECOUPLED (AdamW)
-            p = p * (1.0 - lr * wd).to(tl.float32)
-        elif WD == 1:  # _WD_L2 (Adam)
+        if WD == 1:  # _WD_L2 (Adam)
             g = g + wd.to(tl.float32) * p
         m, v = adam_moments(g, m, v, omb1, beta2_f, omb2)
         v_hat = v
@@ -102,7 +101,11 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
             vmax = tl.where(vmax > v, vmax, v)  # as C++ `vmax > v ? vmax : v`, NaN included
             store_f32(vmax_ptr + offs, vmax, mask)
             v_hat = vmax
-        p = p - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f)
+        step_p = adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f)
+        if WD == 2:  # _WD_DECOUPLED (AdamW): p * (1 - lr * wd) - step, one rounding
+            p = decayed_minus(p, (1.0 - lr * wd).to(tl.float32), step_p)
+        else:
+            p = p - step_p
 
         store_f32(m_ptr + offs, m, mask)
         store_f32(v_ptr + offs, v, mask)

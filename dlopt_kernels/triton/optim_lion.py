@@ -14,9 +14,11 @@ import triton.language as tl
 from dlopt_kernels.triton._common import (
     block_mask,
     check_elementwise_lists,
+    decayed_minus,
     decoupled_decay_factor,
     elementwise_step,
     f64,
+    fmadd,
     grad_multiplier,
     load_param,
     store_f32,
@@ -61,12 +63,14 @@ def _lion_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, beta1: tl
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
-        if WD:
-            p = p * decoupled_decay_factor(lr, f64(weight_decay))
-        u = b1 * m + omb1 * g
+        u = fmadd(b1, m, omb1 * g)
         sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u * 0.0))  # lion_math.h sign_of
-        p = p - lr_f * sign
-        m = b2 * m + omb2 * g
+        step = lr_f * sign
+        if WD:
+            p = decayed_minus(p, decoupled_decay_factor(lr, f64(weight_decay)), step)
+        else:
+            p = p - step
+        m = fmadd(b2, m, omb2 * g)
 
         store_f32(m_ptr + offs, m, mask)
         write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)

@@ -17,6 +17,7 @@ from dlopt_kernels.triton._common import (
     check_elementwise_lists,
     elementwise_step,
     f64,
+    fmadd,
     grad_multiplier,
     load_param,
     store_f32,
@@ -64,7 +65,7 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
         if WD:
             g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
-        v = a * v + oma * (g * g)
+        v = fmadd(a, v, oma * (g * g))
         store_f32(v_ptr + offs, v, mask)
         # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
         if CENTERED:

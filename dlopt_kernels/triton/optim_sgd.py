@@ -16,6 +16,7 @@ from dlopt_kernels.triton._common import (
     check_elementwise_lists,
     elementwise_step,
     f64,
+    fmadd,
     grad_multiplier,
     load_param,
     store_f32,
@@ -64,7 +65,7 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                 buf = g
             else:
                 buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
-                buf = mom * buf + omd * g
+                buf = fmadd(mom, buf, omd * g)
             store_f32(buf_ptr + offs, buf, mask)
             if NESTEROV:
                 g = g + mom * buf

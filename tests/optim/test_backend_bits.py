@@ -1,0 +1,103 @@
+"""Every optimizer steps to the same bits on every compiled backend.
+
+The C++ CPU, CUDA and Triton kernels compute each element with the same fp32 operations
+in the same order (the maths headers, and their Triton transcription), with the same
+fused multiply-adds (`fmadd` in csrc/include/dlopt/weight_decay.h, `_common.fmadd` in
+Triton) and no others (g++ -ffp-contract=off, nvcc --fmad=false, Triton
+enable_fp_fusion=False), IEEE division and square roots, and the same random bits for
+stochastic rounding. So a run gives the same params, states and steps whichever backend
+steps it: a checkpoint moves between them and training goes on identically.
+
+Here: the C++ CPU kernels against the Triton kernels (through the interpreter on a CPU,
+compiled on a GPU), three steps of every optimizer from the same values, over fp32,
+bf16 with stochastic rounding and bf16 / fp16 with master weights. (The CUDA launchers
+are held to the CPU kernels' bits by tests/test_cuda_launch_emulation.py.) What can
+differ in principle: per-tensor coefficients computed in fp64 by different code
+(Triton's pow is square-and-multiply) that round to another fp32 value, a chance of
+the order of 1e-8 per coefficient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import GPU, device_backends
+from dlopt_kernels import optim
+
+CASES = {
+    "AdamW": (optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    "Adam_amsgrad_l2": (optim.Adam, dict(lr=0.01, weight_decay=0.01, amsgrad=True)),
+    "SGD_nesterov": (optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "SGD_dampening": (optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1)),
+    "SGD_plain": (optim.SGD, dict(lr=0.1, maximize=True)),
+    "Adagrad": (optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),
+    "RMSprop_centered": (optim.RMSprop, dict(lr=0.01, momentum=0.9, centered=True,
+                                             weight_decay=0.01)),
+    "RMSprop": (optim.RMSprop, dict(lr=0.01)),
+    "Lion": (optim.Lion, dict(lr=0.01, weight_decay=0.1)),
+    "LAMB": (optim.LAMB, dict(lr=0.01)),
+    "Adafactor": (optim.Adafactor, dict(lr=0.01, weight_decay=0.1)),
+}
+PRECISIONS = {
+    "fp32": (torch.float32, {}),
+    "bf16_sr": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "bf16_master": (torch.bfloat16, dict(master_weights=True)),
+    "fp16_master": (torch.float16, dict(master_weights=True)),
+}
+# odd sizes (vector remainders), a 2-D tensor (Adafactor factors it), several 64K chunks
+SHAPES = [(1,), (4097,), (3, 33), (70001,), (64, 130)]
+# the compiled backend each device's Triton run is held to
+PAIRS = [(dev, "triton", be) for dev, be in device_backends() if be in ("cpu", "cuda")
+         if (dev, "triton") in device_backends()]
+
+
+def _steps(cls, kwargs, extra, dtype, device, backend, seed):
+    """Params after three steps from values drawn from `seed` (stochastic rounding draws
+    its per-step seed from the global generator, seeded alike for both runs)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
+    params = [nn.Parameter(v.to(dtype).to(device)) for v in values]
+    opt = cls(params, backend=backend, **kwargs, **extra)
+    for k in range(3):
+        for p, g in zip(params, grads[k]):
+            p.grad = g.to(dtype).to(device)
+        torch.manual_seed(seed + k)
+        opt.step()
+    return params, opt
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().reshape(-1)
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("device,backend,twin", PAIRS)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_backends_step_to_the_same_bits(case, precision, device, backend, twin):
+    cls, kwargs = CASES[case]
+    dtype, extra = PRECISIONS[precision]
+    seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh per run (tests/conftest.py seeds it)
+    got, opt = _steps(cls, kwargs, extra, dtype, device, backend, seed)
+    want, twin_opt = _steps(cls, kwargs, extra, dtype, device, twin, seed)
+    for i, (a, b) in enumerate(zip(got, want)):
+        differ = int((_bits(a) != _bits(b)).sum())
+        assert differ == 0, (f"{case} {precision}: param {i} (shape {tuple(a.shape)}): {differ} "
+                             f"of {a.numel()} elements differ between {backend} and {twin}")
+    for i, (p, q) in enumerate(zip(got, want)):
+        sa, sb = opt.state[p], twin_opt.state[q]
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            if torch.is_tensor(sa[key]):
+                assert torch.equal(_bits(sa[key]), _bits(sb[key])), (
+                    f"{case} {precision}: state {key!r} of param {i} differs between "
+                    f"{backend} and {twin}")
+
+
+def test_pairs_cover_the_cpu_kernels():
+    """On a CPU machine the pair is the C++ kernels and the interpreted Triton kernels
+    (so this test cannot pass by having nothing to compare)."""
+    if not GPU:
+        assert ("cpu", "triton", "cpu") in PAIRS, PAIRS
