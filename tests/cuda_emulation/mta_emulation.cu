@@ -1,7 +1,7 @@
 // Runs multi-tensor apply's host packing (mta::for_each_table) and its per-thread
 // device code (mta::run_thread) on the CPU: every (block, thread) of every table is
-// emulated in a loop, which is exact because the threads of a block never talk to
-// each other. Built by nvcc as a host-only program (no GPU, no CUDA call) by
+// emulated in a loop, which is exact because the threads of a block share nothing but
+// where the block works (each emulated thread finds it alike). Built by nvcc as a host-only program (no GPU, no CUDA call) by
 // tests/test_cuda_emulation.py, which runs it and expects "ok" on the last line.
 //
 // Checks, for odd tensor sizes, misaligned pointers (the scalar path) and every block

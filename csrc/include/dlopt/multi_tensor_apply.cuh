@@ -178,8 +178,9 @@ DLOPT_HD void static_for(F&& f) {
 }
 
 // The work of thread `thread` of block `block`. Host-callable too: threads of a
-// block never talk to each other, so a CPU loop over (block, thread) emulates
-// a launch exactly, which lets CPU-only machines test this indexing.
+// block share nothing but where the block works (which each would find alike), so a
+// CPU loop over (block, thread) emulates a launch exactly, which lets CPU-only
+// machines test this indexing.
 // `acc...` (none for element-wise ops) is passed on to every functor call: a
 // per-thread accumulator of reducing ops (dlopt/multi_tensor_reduce.cuh).
 template <class Op, int BYTES, class... Acc>
@@ -295,8 +296,8 @@ __global__ void __launch_bounds__(kBlockSize, 2)
 
 #ifdef DLOPT_EMULATE
 // DLOPT_EMULATE (a host-only build: tests/cuda_emulation/launchers.cu): launches run on
-// the CPU, every thread of every block in a loop (exact: the threads of a block never
-// talk to each other in run_thread), chunked as on an H100 (132 SMs x 2 blocks).
+// the CPU, every thread of every block in a loop (exact: see run_thread), chunked as on
+// an H100 (132 SMs x 2 blocks).
 constexpr int kEmulatedResident = 264;
 
 template <class Tab>
