@@ -41,3 +41,10 @@ def device_backends():
     if GPU:
         pairs += [("cuda", b) for b in available_backends("cuda")]
     return pairs
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's elements as integers of their width, on the CPU, flattened: equal bits
+    compare equal (NaN included, and -0 against 0 not)."""
+    t = t.detach().cpu().reshape(-1)
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

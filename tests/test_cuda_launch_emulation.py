@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import dlopt_kernels  # noqa: F401  (registers torch.ops.dlopt)
+from conftest import bits
 from dlopt_kernels import _lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,12 +157,7 @@ def assert_same(name, got, want):
         if g is None:
             continue
         for i, (a, b) in enumerate(zip(g, w)):
-            assert torch.equal(a.view(-1).view(torch.int16 if a.element_size() == 2 else
-                                               torch.int32 if a.element_size() == 4 else
-                                               torch.int64),
-                               b.view(-1).view(torch.int16 if b.element_size() == 2 else
-                                               torch.int32 if b.element_size() == 4 else
-                                               torch.int64)), (
+            assert torch.equal(bits(a), bits(b)), (
                 f"{name}: list {k}, tensor {i} (shape {tuple(a.shape)}) differs from the CPU "
                 f"kernel's bits: max |diff| {(a.double() - b.double()).abs().max().item():g}")
 
@@ -317,3 +313,19 @@ def test_many_tensors_in_several_tables(emulated, small_tables, monkeypatch):
                  [Scalar(lr, False), None, None, None], NEAREST, [0.9, 0.999, 0.01, 1e-8],
                  [False, False, True])
     assert_same(f"adam, 600 tensors, {'4 KB' if small_tables else '32 KB'} tables", got, want)
+
+
+def test_unknown_op_is_refused(emulated):
+    """The entry point names the launcher it runs; any other name is refused (-1), no
+    launcher is called."""
+    p = torch.zeros(3)
+    before = p.clone()
+    run = emulated.dlopt_emulate_step
+    zero = _array(ctypes.c_int64, [3])
+    assert run(b"adamw_typo", 1, _array(ctypes.c_void_p, [p.data_ptr()] + [0] * 5), zero,
+               _array(ctypes.c_int32, [0, 0]), _array(ctypes.c_uint8, [0]), None,
+               _array(ctypes.c_uint8, [0]), _array(ctypes.c_void_p, [0] * 4),
+               _array(ctypes.c_int32, [0] * 4), _array(ctypes.c_double, [0.1, 1, 0, 0]),
+               ctypes.c_int64(0), ctypes.c_int32(0), _array(ctypes.c_double, [0.0] * 4),
+               _array(ctypes.c_int32, [0] * 3)) == -1
+    assert torch.equal(p, before)

@@ -60,8 +60,7 @@ extern "C" int dlopt_emulate_step(const char* op, int32_t n, void* const* ptrs,
   std::vector<ParamEntry> entries(n);
   std::vector<StepRef> step_refs;
   for (int32_t i = 0; i < n; ++i) {
-    ParamEntry& e = entries[i];
-    std::memset(&e, 0, sizeof(e));
+    ParamEntry& e = entries[i];  // value-initialized: zero
     for (int k = 0; k < kMaxLists; ++k) e.ptr[k] = ptrs[i * kMaxLists + k];
     e.numel = numels[i];
     e.index = i;

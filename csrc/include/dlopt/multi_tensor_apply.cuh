@@ -145,7 +145,7 @@ struct Table {
 // Block `block`'s slot and the index of its chunk in that slot's tensor. The slot is
 // how many slots end at or before the block (block_end only grows), counted by a
 // search over powers of two: nine steps for 498 slots, once per block (run_thread),
-// against tens of thousands of elements a block moves.
+// against the thousands of elements (kMinChunk at least) a block moves.
 template <class Tab>
 DLOPT_HD void locate(const Tab& tab, int block, int& slot, int& chunk) {
   constexpr int kTop = [] {
