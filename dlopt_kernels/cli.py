@@ -103,6 +103,11 @@ def info_lines(problems: Optional[list] = None) -> list[str]:
             avail = [b for b in registry.BACKENDS
                      if registry.why_unavailable(b, dt) is None and (op, b) in registry._KERNELS]
             add(f"    {dt} tensors: auto -> {chosen}")
+            if not chosen.startswith("ERROR"):
+                wide = registry.resolve(op, torch.device(dt), "auto", torch.float64,
+                                        quiet=True)[0]
+                if wide != chosen:
+                    add(f"      float64 params: auto -> {wide} (in float64)")
             add(f"      available: {', '.join(avail) or 'none'}")
             for b in registry.BACKENDS:
                 if b not in avail:

@@ -64,8 +64,8 @@ void HostCall::set_optimizer(at::TensorList state_steps, const at::Tensor& lr,
                              const std::optional<at::Tensor>& sr_seed, bool use_master) {
   for (const at::Tensor& p : tensors_) {
     const auto pt = p.scalar_type();
-    TORCH_CHECK(pt == at::kFloat || pt == at::kBFloat16 || pt == at::kHalf,
-                "dlopt: unsupported param dtype ", pt);
+    TORCH_CHECK_TYPE(pt == at::kFloat || pt == at::kBFloat16 || pt == at::kHalf,
+                     "dlopt: unsupported param dtype ", pt, kDtypeHint);
   }
   steps_.reserve(state_steps.size());
   for (size_t i = 0; i < state_steps.size(); ++i) {

@@ -9,10 +9,12 @@ from dlopt_kernels import _lib
 
 
 def check_elementwise_lists(params, grads, states, master_params, state_steps, use_sr,
-                            op="dlopt", has_steps=True):
+                            op="dlopt", has_steps=True, wide=False):
     """Python twin of tensor_lists.h check_elementwise_lists (host metadata only, no
     syncs): `states` maps a name to a list of per-param tensors shaped like the param.
-    has_steps=False: the op keeps no step counts (SGD); `state_steps` may be empty."""
+    has_steps=False: the op keeps no step counts (SGD); `state_steps` may be empty.
+    wide=True (the reference kernels): float64 params are taken too, with float64
+    states and no master weights."""
     n = len(params)
     named = [("grads", grads, False), *((k, v, False) for k, v in states.items()),
              ("master_params", master_params, True),
@@ -25,15 +27,15 @@ def check_elementwise_lists(params, grads, states, master_params, state_steps, u
                                             [list(v) for v in states.values()],
                                             list(master_params), list(state_steps),
                                             bool(use_sr))
-    if ok is None:
+    if ok is None or (not ok and wide):  # the C++ verdict knows no float64
         ok = _elementwise_lists_ok(params, grads, list(states.values()), master_params,
-                                   state_steps, use_sr)
+                                   state_steps, use_sr, wide)
     if ok:
         return
     # Something is off: find the first tensor at fault, for the error message.
     for i, p in enumerate(params):
-        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{op}: unsupported param dtype {p.dtype}")
+        if p.dtype not in (_WIDE_DTYPES if wide else _PARAM_DTYPES):
+            raise TypeError(f"{op}: unsupported param dtype {p.dtype} (params[{i}])")
         if grads[i].dtype != p.dtype:
             raise TypeError(f"dlopt: grads[{i}] dtype {grads[i].dtype} != params dtype {p.dtype}")
         others = [grads[i], *(lst[i] for lst in states.values())]
@@ -50,6 +52,9 @@ def check_elementwise_lists(params, grads, states, master_params, state_steps, u
         if master_params and (master_params[i].dtype != torch.float32
                               or not sts <= {torch.float32}):
             raise TypeError("dlopt: master weights must be float32, with float32 states")
+        if master_params and p.dtype == torch.float64:
+            raise TypeError(f"dlopt: params[{i}] is float64: master weights are for bfloat16, "
+                            f"float16 and float32 params")
         if use_sr and p.dtype == torch.float16:
             raise TypeError("dlopt: stochastic rounding supports bfloat16 and float32 params, "
                             "not float16")
@@ -59,6 +64,7 @@ def check_elementwise_lists(params, grads, states, master_params, state_steps, u
 
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_WIDE_DTYPES = _PARAM_DTYPES + (torch.float64,)
 
 
 def _native_lists_ok():
@@ -67,7 +73,8 @@ def _native_lists_ok():
     return _lib.c_function("elementwise_lists_ok")
 
 
-def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use_sr):
+def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use_sr,
+                          wide=False):
     """check_elementwise_lists' verdict in a few passes over whole lists (a step's
     host time is spent here per tensor: 1,000 tensors took milliseconds one by one);
     the dtype rules are checked once per distinct combination of dtypes."""
@@ -81,10 +88,11 @@ def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use
     combos = set(zip(*([t.dtype for t in lst] for lst in (params, *lists))))
     for dts in combos:
         p_dt, g_dt, st = dts[0], dts[1], set(dts[2:2 + len(states)])
-        if p_dt not in _PARAM_DTYPES or g_dt != p_dt or len(st) > 1 or not st <= {
-                torch.float32, p_dt}:
+        if p_dt not in (_WIDE_DTYPES if wide else _PARAM_DTYPES) or g_dt != p_dt or len(
+                st) > 1 or not st <= {torch.float32, p_dt}:
             return False
-        if master_params and (dts[-1] != torch.float32 or not st <= {torch.float32}):
+        if master_params and (dts[-1] != torch.float32 or not st <= {torch.float32}
+                              or p_dt == torch.float64):
             return False
         if use_sr and p_dt == torch.float16:
             return False
@@ -93,12 +101,13 @@ def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use
 
 
 def check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
-                         state_steps, use_sr, op="dlopt::adafactor_step"):
+                         state_steps, use_sr, op="dlopt::adafactor_step", wide=False):
     """Python twin of the checks of csrc/cpu/optim_adafactor.cpp: row_vars / col_vars
     hold one tensor per >= 2-D param (the param's shape with dim -1 / -2 set to 1) and
     variances one per 0-/1-D param (the param's shape), each in param order; states of
     one dtype per param, float32 or the param dtype."""
-    check_elementwise_lists(params, grads, {}, master_params, state_steps, use_sr, op=op)
+    check_elementwise_lists(params, grads, {}, master_params, state_steps, use_sr, op=op,
+                            wide=wide)
     kf = kv = 0
     for i, p in enumerate(params):
         if p.dim() >= 2:

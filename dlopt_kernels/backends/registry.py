@@ -10,6 +10,12 @@ picks one per call from the tensors' device and the requested backend:
   compiled library is logged once.
 - an explicit backend that cannot run here raises `BackendUnavailableError`
   saying why.
+
+An op may also name the param dtypes a backend's kernels take (`register(...,
+dtypes=...)`): the compiled and Triton optimizer kernels take float32, bfloat16 and
+float16 params, so float64 params (and complex128, stepped as float64 views) run on
+the reference backend, in float64, under ``auto``, and an explicit backend that cannot
+take them is refused.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from dlopt_kernels import _lib
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _KERNELS: dict[tuple[str, str], Callable] = {}
+_DTYPES: dict[tuple[str, str], tuple] = {}  # (op, backend) -> param dtypes, where limited
 _CACHE: dict[tuple, tuple[str, Callable]] = {}
 _LOGGED: set = set()
 log = logging.getLogger("dlopt_kernels")
@@ -35,12 +42,17 @@ class BackendUnavailableError(ValueError):
     """An explicitly requested backend cannot run on this machine or device."""
 
 
-def register(op: str, backend: str, kernel: Callable | str) -> None:
+def register(op: str, backend: str, kernel: Callable | str, dtypes: tuple | None = None) -> None:
     """Register `kernel` for (`op`, `backend`): a callable, or "module:function",
-    imported on first use (so triton is only imported when a triton kernel runs)."""
+    imported on first use (so triton is only imported when a triton kernel runs).
+    `dtypes`: the param dtypes the kernel takes (None: any the op takes)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _KERNELS[(op, backend)] = kernel
+    if dtypes is None:
+        _DTYPES.pop((op, backend), None)
+    else:
+        _DTYPES[(op, backend)] = tuple(dtypes)
     _CACHE.clear()
 
 
@@ -96,10 +108,22 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def resolve(op: str, device: torch.device, backend: str = "auto") -> tuple[str, Callable]:
-    """The (backend name, kernel) that runs `op` on `device` for the request `backend`."""
+def why_not_dtype(op: str, backend: str, dtype: torch.dtype | None) -> str | None:
+    """None if `backend`'s kernel of `op` takes params of `dtype`, else the reason."""
+    dtypes = _DTYPES.get((op, backend))
+    if dtype is None or dtypes is None or dtype in dtypes:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    return f"its kernels take {names} params, not {str(dtype).replace('torch.', '')}"
+
+
+def resolve(op: str, device: torch.device, backend: str = "auto",
+            dtype: torch.dtype | None = None, quiet: bool = False) -> tuple[str, Callable]:
+    """The (backend name, kernel) that runs `op` on `device` for the request `backend`,
+    for params of `dtype` (None: any, as for ops whose kernels take every dtype).
+    quiet: do not log a fall back (`dlopt-kernels info` reports it itself)."""
     requested = requested_backend(backend)
-    key = (op, device.type, requested)
+    key = (op, device.type, requested, dtype)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
@@ -107,14 +131,27 @@ def resolve(op: str, device: torch.device, backend: str = "auto") -> tuple[str, 
         reason = why_unavailable(requested, device.type)
         if reason is None and (op, requested) not in _KERNELS:
             reason = f"op {op!r} has no {requested} kernel"
+        if reason is None:
+            reason = why_not_dtype(op, requested, dtype)
+            if reason is not None:
+                reason += "; backend='auto' or 'reference' runs them, in their own precision"
         if reason is not None:
             raise BackendUnavailableError(f"backend={requested!r} cannot run {op}: {reason}")
         choice = requested
     else:
         order = _AUTO_ORDER.get(device.type, ("reference",))
-        choice = next(b for b in order
-                      if (op, b) in _KERNELS and why_unavailable(b, device.type) is None)
-        if choice != order[0] and (op, device.type) not in _LOGGED:
+        usable = [b for b in order if (op, b) in _KERNELS and why_unavailable(b, device.type) is None]
+        choice = next(b for b in usable if why_not_dtype(op, b, dtype) is None)
+        if quiet:
+            pass
+        elif choice != usable[0] and (op, device.type, dtype) not in _LOGGED:
+            # a dtype the fast kernels do not take (float64): said once, not per step
+            _LOGGED.add((op, device.type, dtype))
+            log.warning("dlopt_kernels: %s runs %s params on %s with the %s backend, in "
+                        "their own precision (the %s backend: %s)", op,
+                        str(dtype).replace("torch.", ""), device.type, choice, usable[0],
+                        why_not_dtype(op, usable[0], dtype))
+        elif choice != order[0] and (op, device.type) not in _LOGGED:
             _LOGGED.add((op, device.type))
             log.warning("dlopt_kernels: %s on %s uses the %s backend (%s)", op, device.type,
                         choice, why_unavailable(order[0], device.type))

@@ -363,7 +363,8 @@ def _adafactor_locally(func, a) -> bool:
             not _is_dt(v) or v.placements != p.placements for v, p in zip(a["variances"], var_of)):
         return False
     check_factored_lists(params, a["grads"], a["row_vars"], a["col_vars"], a["variances"],
-                         a["master_params"], a["state_steps"], a["sr_seed"] is not None)
+                         a["master_params"], a["state_steps"], a["sr_seed"] is not None,
+                         wide=True)  # the reference kernel runs: float64 params too
     local = dict(a)
     for name, mutated in _tensor_lists(func):
         if name in ("row_vars", "col_vars"):

@@ -20,8 +20,7 @@ param dtype's machine epsilon). `grad_scale` divides the grads (GradScaler), `sr
 """
 from __future__ import annotations
 
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "adafactor_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] row_vars, "
@@ -30,22 +29,7 @@ SCHEMA = (
     "float weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, row_vars, col_vars, variances, master_params, state_steps, lr,
-          beta2_decay, eps1, eps2, d, weight_decay, maximize, grad_scale, found_inf, sr_seed,
-          backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("adafactor_step", params[0].device, backend)
-    kernel(params, grads, row_vars, col_vars, variances, master_params, state_steps, lr,
-           beta2_decay, eps1, eps2, d, weight_decay, maximize, grad_scale, found_inf, sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-adafactor_step = define(SCHEMA, _impl, _fake, backends={
+adafactor_step = define_step(SCHEMA, complex_params=False, backends={
     "cpu": compiled("adafactor_step"),
     "cuda": compiled("adafactor_step"),
     "triton": "dlopt_kernels.triton.optim_adafactor:adafactor_step",

@@ -22,8 +22,7 @@ stochastic rounding of bf16 params. `backend` is "auto" | "cpu" | "cuda" | "trit
 """
 from __future__ import annotations
 
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "adagrad_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
@@ -31,21 +30,7 @@ SCHEMA = (
     "float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, state_sums, master_params, state_steps, lr, lr_decay, weight_decay,
-          eps, maximize, grad_scale, found_inf, sr_seed, backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("adagrad_step", params[0].device, backend)
-    kernel(params, grads, state_sums, master_params, state_steps, lr, lr_decay, weight_decay, eps,
-           maximize, grad_scale, found_inf, sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-adagrad_step = define(SCHEMA, _impl, _fake, backends={
+adagrad_step = define_step(SCHEMA, complex_params=True, backends={
     "cpu": compiled("adagrad_step"),
     "cuda": compiled("adagrad_step"),
     "triton": "dlopt_kernels.triton.optim_adagrad:adagrad_step",

@@ -11,10 +11,7 @@ incremented by one, unless `found_inf` is non-zero: then nothing at all changes)
 """
 from __future__ import annotations
 
-import torch
-
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -23,23 +20,7 @@ SCHEMA = (
     "float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
     "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-          lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
-          grad_scale, found_inf, sr_seed, backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("adam_step", params[0].device, backend)
-    kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
-           lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
-           grad_scale, found_inf, sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-adam_step = define(SCHEMA, _impl, _fake, backends={
+adam_step = define_step(SCHEMA, complex_params=True, backends={
     "cpu": compiled("adam_step"),
     "cuda": compiled("adam_step"),
     "triton": "dlopt_kernels.triton.optim_adam:adam_step",

@@ -25,8 +25,7 @@ None) turns on stochastic rounding of bf16 params. `backend` is "auto" | "cpu" |
 """
 from __future__ import annotations
 
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -35,23 +34,7 @@ SCHEMA = (
     "bool bias_correction, float max_grad_norm, Tensor? global_grad_norm, "
     "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr, beta1, beta2,
-          weight_decay, eps, bias_correction, max_grad_norm, global_grad_norm, grad_scale,
-          found_inf, sr_seed, backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("lamb_step", params[0].device, backend)
-    kernel(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr, beta1, beta2,
-           weight_decay, eps, bias_correction, max_grad_norm, global_grad_norm, grad_scale,
-           found_inf, sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-lamb_step = define(SCHEMA, _impl, _fake, backends={
+lamb_step = define_step(SCHEMA, complex_params=False, backends={
     "cpu": compiled("lamb_step"),
     "cuda": compiled("lamb_step"),
     "triton": "dlopt_kernels.triton.optim_lamb:lamb_step",

@@ -20,8 +20,7 @@ stochastic rounding of bf16 params. `backend` is "auto" | "cpu" | "cuda" | "trit
 """
 from __future__ import annotations
 
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -29,21 +28,7 @@ SCHEMA = (
     "float beta2, float weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, exp_avgs, master_params, state_steps, lr, beta1, beta2, weight_decay,
-          maximize, grad_scale, found_inf, sr_seed, backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("lion_step", params[0].device, backend)
-    kernel(params, grads, exp_avgs, master_params, state_steps, lr, beta1, beta2, weight_decay,
-           maximize, grad_scale, found_inf, sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-lion_step = define(SCHEMA, _impl, _fake, backends={
+lion_step = define_step(SCHEMA, complex_params=False, backends={
     "cpu": compiled("lion_step"),
     "cuda": compiled("lion_step"),
     "triton": "dlopt_kernels.triton.optim_lion:lion_step",

@@ -25,8 +25,7 @@ stochastic rounding of bf16 params. `backend` is "auto" | "cpu" | "cuda" | "trit
 """
 from __future__ import annotations
 
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "rmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
@@ -35,23 +34,7 @@ SCHEMA = (
     "float momentum, bool centered, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps,
-          lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale, found_inf,
-          sr_seed, backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("rmsprop_step", params[0].device, backend)
-    kernel(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params, state_steps,
-           lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale, found_inf,
-           sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-rmsprop_step = define(SCHEMA, _impl, _fake, backends={
+rmsprop_step = define_step(SCHEMA, complex_params=True, backends={
     "cpu": compiled("rmsprop_step"),
     "cuda": compiled("rmsprop_step"),
     "triton": "dlopt_kernels.triton.optim_rmsprop:rmsprop_step",

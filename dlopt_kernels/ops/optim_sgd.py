@@ -23,8 +23,7 @@ stochastic rounding of bf16 params. `backend` is "auto" | "cpu" | "cuda" | "trit
 """
 from __future__ import annotations
 
-from dlopt_kernels.backends.registry import resolve
-from dlopt_kernels.ops._library import compiled, define
+from dlopt_kernels.ops._library import compiled, define_step
 
 SCHEMA = (
     "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
@@ -32,22 +31,7 @@ SCHEMA = (
     "float dampening, bool nesterov, bool maximize, bool[] new_buffers, "
     "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
-
-def _impl(params, grads, momentum_buffers, master_params, lr, weight_decay, momentum, dampening,
-          nesterov, maximize, new_buffers, grad_scale, found_inf, sr_seed,
-          backend="auto") -> None:
-    if not params:
-        return
-    _, kernel = resolve("sgd_step", params[0].device, backend)
-    kernel(params, grads, momentum_buffers, master_params, lr, weight_decay, momentum, dampening,
-           nesterov, maximize, new_buffers, grad_scale, found_inf, sr_seed)
-
-
-def _fake(*args) -> None:
-    return None
-
-
-sgd_step = define(SCHEMA, _impl, _fake, backends={
+sgd_step = define_step(SCHEMA, complex_params=True, backends={
     "cpu": compiled("sgd_step"),
     "cuda": compiled("sgd_step"),
     "triton": "dlopt_kernels.triton.optim_sgd:sgd_step",

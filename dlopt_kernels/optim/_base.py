@@ -23,7 +23,10 @@ from dlopt_kernels.ops._dtensor import register_if_loaded
 from dlopt_kernels.ops._library import run_kernel
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 params run on the reference backend, in float64 (ops/_library.py); complex
+# ones (where the class allows them) as their real views, as torch.optim steps them.
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
 def check_hparam(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None,
@@ -114,6 +117,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _has_step: bool = True
     # GradScaler hands us grad_scale / found_inf instead of unscaling grads itself.
     _step_supports_amp_scaling = True
+    # Whether complex params are stepped (as their real views, as the torch.optim twin
+    # does); classes whose maths torch does not define for complex params refuse them.
+    _complex_params: bool = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str,
                  master_weights: bool, stochastic_rounding: bool, differentiable: bool,
@@ -167,13 +173,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError("master_weights=True and stochastic_rounding=True exclude each other")
         self._check_group_hparams(group)
         device_types = set()
+        wide = None  # the first float64 or complex128 param: the reference backend's
+        name = type(self).__name__
         for i, p in enumerate(group["params"]):
             if p.is_complex():
-                raise TypeError(f"params[{i}] is complex ({p.dtype}); dlopt_kernels optimizers "
-                                "support float32, bfloat16 and float16 params")
-            if p.dtype not in _SUPPORTED_DTYPES:
-                raise TypeError(f"params[{i}] has dtype {p.dtype}; dlopt_kernels optimizers "
-                                "support float32, bfloat16 and float16 params")
+                if not self._complex_params:
+                    raise TypeError(f"params[{i}] is complex ({p.dtype}); {name} supports "
+                                    "real params only (float32, bfloat16, float16, float64)")
+                if p.dtype not in _COMPLEX_DTYPES:
+                    raise TypeError(f"params[{i}] has dtype {p.dtype}; {name} supports "
+                                    "complex64 and complex128 complex params")
+            elif p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"params[{i}] has dtype {p.dtype}; {name} supports float32, "
+                                "bfloat16, float16 and float64 params"
+                                + (" and complex64 and complex128 ones" if self._complex_params
+                                   else ""))
+            if wide is None and p.dtype in (torch.float64, torch.complex128):
+                wide = (i, p.dtype)
             if p.is_sparse:
                 raise TypeError(f"params[{i}] is a sparse tensor, which is not supported")
             if group["stochastic_rounding"] and p.dtype == torch.float16:
@@ -186,6 +202,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 reason = registry.why_unavailable(requested, dt)
                 if reason is not None:
                     raise registry.BackendUnavailableError(f"backend={requested!r}: {reason}")
+            if wide is not None and requested != "reference":
+                raise registry.BackendUnavailableError(
+                    f"backend={requested!r}: params[{wide[0]}] is {wide[1]}; the {requested} "
+                    f"kernels take float32, bfloat16 and float16 params (and complex64 as "
+                    f"float32 views). float64 params run on backend='auto' or 'reference', "
+                    f"in float64")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -263,8 +285,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- step -------------------------------------------------------------------------
     @staticmethod
     def _sr_seed(group: dict[str, Any], device: torch.device, dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-        if not group["stochastic_rounding"] or dtype == torch.float32:
-            return None
+        if not group["stochastic_rounding"] or dtype != torch.bfloat16:
+            return None  # stochastic rounding rounds to bfloat16 only
         return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
 
     @staticmethod
@@ -272,20 +294,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A GradScaler tensor (grad_scale, found_inf) on the bucket's device, no sync."""
         return None if t is None else t.to(device, non_blocking=True)
 
-    def _lr_tensor(self, lr: Any, device: torch.device) -> Tensor:
+    def _lr_tensor(self, lr: Any, device: torch.device,
+                   param_dtype: Optional[torch.dtype] = None) -> Tensor:
         """lr as the 1-element tensor the kernels take (float64 on the CPU, where the
-        kernel reads it on the host; float32 on a GPU). A float lr's tensor is kept
-        between eager steps while the value stays the same: building it is a torch op
-        call per step (and a host-to-device copy on a GPU). The kernels never write it."""
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        kernel reads it on the host; float32 on a GPU, but float64 for float64 and
+        complex128 params, whose step is float64 throughout). A float lr's tensor is
+        kept between eager steps while the value stays the same: building it is a torch
+        op call per step (and a host-to-device copy on a GPU). The kernels never write it."""
+        wide = device.type == "cpu" or param_dtype in (torch.float64, torch.complex128)
+        dtype = torch.float64 if wide else torch.float32
         if isinstance(lr, Tensor):
             return lr.to(device=device, dtype=dtype)
         if torch.compiler.is_compiling():
             return torch.tensor(lr, dtype=dtype, device=device)
-        cache = self.__dict__.setdefault("_lr_cache", {})  # device -> (value, tensor)
-        hit = cache.get(device)
+        cache = self.__dict__.setdefault("_lr_cache", {})  # (device, dtype) -> (value, tensor)
+        hit = cache.get((device, dtype))
         if hit is None or hit[0] != lr or type(hit[0]) is not type(lr):
-            hit = cache[device] = (lr, torch.tensor(lr, dtype=dtype, device=device))
+            hit = cache[(device, dtype)] = (lr, torch.tensor(lr, dtype=dtype, device=device))
         return hit[1]
 
     @torch.no_grad()

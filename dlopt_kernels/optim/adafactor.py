@@ -135,7 +135,7 @@ class Adafactor(FusedOptimizer):
                 else:
                     variances.append(st["variance"])
             self._run(adafactor_step, params, grads, row_vars, col_vars, variances, masters, steps,
-                           self._lr_tensor(group["lr"], device), float(group["beta2_decay"]),
+                           self._lr_tensor(group["lr"], device, dtype), float(group["beta2_decay"]),
                            float(eps1), float(eps2), float(group["d"]),
                            float(group["weight_decay"]), group["maximize"],
                            self._on_device(grad_scale, device), self._on_device(found_inf, device),

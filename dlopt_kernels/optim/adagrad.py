@@ -48,6 +48,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _state_keys = ("sum",)
+    _complex_params = True  # stepped as real views, as torch.optim does
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0,
@@ -90,7 +91,10 @@ class Adagrad(FusedOptimizer):
         # group's). No master copy here: _collect makes it on the first step, so a
         # checkpoint loaded into the model after building the optimizer is honoured.
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["sum"] = torch.full_like(p, self.defaults["initial_accumulator_value"],
+        init = self.defaults["initial_accumulator_value"]
+        if p.is_complex():  # torch: both the real and the imaginary part start at it
+            init = complex(init, init)
+        state["sum"] = torch.full_like(p, init,
                                        dtype=self._state_dtype(p, group),
                                        memory_format=torch.preserve_format)
 
@@ -105,7 +109,7 @@ class Adagrad(FusedOptimizer):
         for (device, dtype), lists in self._collect(group, "Adagrad").items():
             params, grads, steps, masters, sums = lists
             self._run(adagrad_step, params, grads, sums, masters, steps,
-                         self._lr_tensor(group["lr"], device), float(group["lr_decay"]),
+                         self._lr_tensor(group["lr"], device, dtype), float(group["lr_decay"]),
                          float(group["weight_decay"]), float(group["eps"]), group["maximize"],
                          self._on_device(grad_scale, device), self._on_device(found_inf, device),
                          self._sr_seed(group, device, dtype), group["backend"])

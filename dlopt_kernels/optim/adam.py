@@ -48,6 +48,7 @@ class Adam(FusedOptimizer):
                "decoupled_weight_decay=True)")
 
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _complex_params = True  # stepped as real views, as torch.optim does
     _name = "Adam"
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3,
@@ -112,7 +113,7 @@ class Adam(FusedOptimizer):
             params, grads, steps, masters, exp_avgs, exp_avg_sqs = lists[:6]
             max_sqs = lists[6] if amsgrad else []
             self._run(adam_step, params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps,
-                      self._lr_tensor(group["lr"], device), beta1, beta2,
+                      self._lr_tensor(group["lr"], device, dtype), beta1, beta2,
                       float(group["weight_decay"]), float(group["eps"]), amsgrad,
                       group["maximize"], group["decoupled_weight_decay"],
                       _on(grad_scale, device), _on(found_inf, device),

@@ -116,8 +116,7 @@ class LAMB(FusedOptimizer):
                     if p.grad is not None:
                         grads, _ = by_device.setdefault(p.grad.device, ([], group["backend"]))
                         grads.append(p.grad)
-            totals = [multi_tensor_norm(grads, 2.0, backend)[1]
-                      for grads, backend in by_device.values()]
+            totals = [_total_norm(grads, backend) for grads, backend in by_device.values()]
             if len(totals) == 1:
                 total = totals[0]
             else:
@@ -134,9 +133,18 @@ class LAMB(FusedOptimizer):
         for (device, dtype), lists in self._collect(group, "LAMB").items():
             params, grads, steps, masters, exp_avgs, exp_avg_sqs = lists
             self._run(lamb_step, params, grads, exp_avgs, exp_avg_sqs, masters, steps,
-                      self._lr_tensor(group["lr"], device), beta1, beta2,
+                      self._lr_tensor(group["lr"], device, dtype), beta1, beta2,
                       float(group["weight_decay"]), float(group["eps"]),
                       group["bias_correction"], max_norm,
                       self._global_grad_norm(device) if max_norm > 0 else None,
                       self._on_device(grad_scale, device), self._on_device(found_inf, device),
                       self._sr_seed(group, device, dtype), group["backend"])
+
+
+def _total_norm(grads: list[Tensor], backend: str) -> Tensor:
+    """The L2 norm of `grads` (one device): one fused multi_tensor_norm (an fp32
+    result), or in float64 when a grad is float64, whose step is float64 throughout."""
+    if any(g.dtype == torch.float64 for g in grads):
+        return torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]))
+    return multi_tensor_norm(grads, 2.0, backend)[1]

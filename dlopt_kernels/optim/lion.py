@@ -82,7 +82,7 @@ class Lion(FusedOptimizer):
         for (device, dtype), lists in self._collect(group, "Lion").items():
             params, grads, steps, masters, exp_avgs = lists
             self._run(lion_step, params, grads, exp_avgs, masters, steps,
-                      self._lr_tensor(group["lr"], device), beta1, beta2,
+                      self._lr_tensor(group["lr"], device, dtype), beta1, beta2,
                       float(group["weight_decay"]), group["maximize"],
                       self._on_device(grad_scale, device), self._on_device(found_inf, device),
                       self._sr_seed(group, device, dtype), group["backend"])

@@ -52,6 +52,7 @@ class RMSprop(FusedOptimizer):
     """
 
     _state_keys = ("square_avg", "momentum_buffer", "grad_avg")
+    _complex_params = True  # stepped as real views, as torch.optim does
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
@@ -115,7 +116,7 @@ class RMSprop(FusedOptimizer):
             named = dict(zip(keys, lists[4:]))
             self._run(rmsprop_step, params, grads, named["square_avg"], named.get("grad_avg", []),
                          named.get("momentum_buffer", []), masters, steps,
-                         self._lr_tensor(group["lr"], device), float(group["alpha"]),
+                         self._lr_tensor(group["lr"], device, dtype), float(group["alpha"]),
                          float(group["eps"]), float(group["weight_decay"]), momentum, centered,
                          group["maximize"], self._on_device(grad_scale, device),
                          self._on_device(found_inf, device), self._sr_seed(group, device, dtype),

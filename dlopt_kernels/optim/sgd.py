@@ -51,6 +51,7 @@ class SGD(FusedOptimizer):
     """
 
     _state_keys = ("momentum_buffer",)
+    _complex_params = True  # stepped as real views, as torch.optim does
     _has_step = False
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3, momentum: float = 0,
@@ -128,7 +129,7 @@ class SGD(FusedOptimizer):
             params, grads, _, masters = lists[:4]
             bufs = lists[4] if momentum != 0.0 else []
             new_flags = [id(p) in new for p in params] if new else []
-            self._run(sgd_step, params, grads, bufs, masters, self._lr_tensor(group["lr"], device),
+            self._run(sgd_step, params, grads, bufs, masters, self._lr_tensor(group["lr"], device, dtype),
                      weight_decay, momentum, float(group["dampening"]), group["nesterov"],
                      group["maximize"], new_flags, self._on_device(grad_scale, device),
                      self._on_device(found_inf, device), self._sr_seed(group, device, dtype),

@@ -114,9 +114,10 @@ def assert_same_training(ours, ps_ours, ref, ps_ref, tolerance=FP32, normwise=Tr
 
 
 def twin_run(cls, twin_cls, kwargs, params, n_steps, ours=None, ref=None, ps_ref=None,
-             grad_scales=None, normwise=True):
+             grad_scales=None, normwise=True, tolerance=FP32):
     """Build (or continue) ours and the torch twin (for-loop implementation) on the same
-    params and grads, comparing after every step (normwise: see assert_same_training)."""
+    params and grads, comparing after every step (normwise: see assert_same_training)
+    within `tolerance` (the fp32 row of the table unless told)."""
     ps_ref = clone_params(params) if ps_ref is None else ps_ref
     ours = cls(params, **kwargs) if ours is None else ours
     if ref is None:
@@ -128,7 +129,7 @@ def twin_run(cls, twin_cls, kwargs, params, n_steps, ours=None, ref=None, ps_ref
         set_grads(ps_ref, grads)
         ours.step()
         ref.step()
-        assert_same_training(ours, params, ref, ps_ref, normwise=normwise)
+        assert_same_training(ours, params, ref, ps_ref, tolerance, normwise=normwise)
     return ours, ref, ps_ref
 
 
@@ -405,7 +406,8 @@ def _checkpoint_handover(make_first, make_second, params):
     return first, second, fresh, sd
 
 
-def check_torch_checkpoint_into_ours(make_ref, make_ours, params, group_keys, normwise=True):
+def check_torch_checkpoint_into_ours(make_ref, make_ours, params, group_keys, normwise=True,
+                                     tolerance=FP32):
     """torch (make_ref(params)) trains 3 steps and saves; ours (make_ours on fresh params,
     with other hyperparameters) loads that checkpoint, takes the groups' hyperparameters
     (group_keys) from it and continues exactly as torch continues. Returns ours and its
@@ -414,18 +416,20 @@ def check_torch_checkpoint_into_ours(make_ref, make_ours, params, group_keys, no
     for g_ours, g_ref in zip(ours.param_groups, ref.param_groups):
         for key in group_keys:
             assert g_ours[key] == g_ref[key], key
-    assert_same_training(ours, mine, ref, params, normwise=normwise)
-    twin_run(None, None, {}, mine, 3, ours=ours, ref=ref, ps_ref=params, normwise=normwise)
+    assert_same_training(ours, mine, ref, params, tolerance, normwise=normwise)
+    twin_run(None, None, {}, mine, 3, ours=ours, ref=ref, ps_ref=params, normwise=normwise,
+             tolerance=tolerance)
     return ours, mine
 
 
-def check_ours_checkpoint_into_torch(make_ours, make_ref, params, normwise=True):
+def check_ours_checkpoint_into_torch(make_ours, make_ref, params, normwise=True, tolerance=FP32):
     """Ours trains 3 steps and saves; torch (make_ref on fresh params, with other
     hyperparameters) loads that checkpoint and continues exactly as ours continues.
     Returns the (round-tripped) checkpoint."""
     ours, ref, theirs, sd = _checkpoint_handover(make_ours, make_ref, params)
-    assert_same_training(ours, params, ref, theirs, normwise=normwise)
-    twin_run(None, None, {}, params, 3, ours=ours, ref=ref, ps_ref=theirs, normwise=normwise)
+    assert_same_training(ours, params, ref, theirs, tolerance, normwise=normwise)
+    twin_run(None, None, {}, params, 3, ours=ours, ref=ref, ps_ref=theirs, normwise=normwise,
+             tolerance=tolerance)
     return sd
 
 

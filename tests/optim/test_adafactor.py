@@ -243,10 +243,9 @@ def test_construction_refused(case):
 
 @pytest.mark.parametrize("params,name", [
     (lambda: [torch.zeros(3, dtype=torch.int64)], "params"),
-    (lambda: [nn.Parameter(torch.randn(3, dtype=torch.float64))], "params"),
     (lambda: [nn.Parameter(torch.randn(3, dtype=torch.complex64))], "params"),
     (lambda: make_params(dtype=torch.float16), "stochastic_rounding")],
-    ids=["int", "float64", "complex", "sr_fp16"])
+    ids=["int", "complex", "sr_fp16"])
 def test_bad_params_refused(params, name):
     kwargs = dict(stochastic_rounding=True) if name == "stochastic_rounding" else {}
     exc = ValueError if name == "stochastic_rounding" else TypeError

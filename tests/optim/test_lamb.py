@@ -241,8 +241,8 @@ def test_bad_step_inputs_change_nothing():
     for i, st in opt.state_dict()["state"].items():
         for key, value in st.items():
             assert torch.equal(value, before["state"][i][key])
-    with pytest.raises(TypeError, match="float64"):
-        LAMB([nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+    with pytest.raises(TypeError, match="complex"):
+        LAMB([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
 
 
 def test_training_matches_reference():

@@ -308,7 +308,7 @@ CONSTRUCTION = construction_cases({
                        lambda: make_params(dtype=torch.float16), ValueError,
                        "stochastic_rounding"),
     "int_params": (dict(), lambda: [torch.zeros(3, dtype=torch.int64)], TypeError, "params"),
-    "float64_params": (dict(), lambda: [nn.Parameter(torch.randn(3, dtype=torch.float64))],
+    "complex_params": (dict(), lambda: [nn.Parameter(torch.randn(3, dtype=torch.complex64))],
                        TypeError, "params"),
     "empty_params": (dict(), lambda: [], ValueError, "param"),
 })

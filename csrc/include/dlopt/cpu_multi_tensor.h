@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dlopt/cpu_storage.h"
+#include "dlopt/tensor_lists.h"
 
 namespace dlopt {
 
@@ -90,7 +91,9 @@ auto pick_storage(at::ScalarType pt, at::ScalarType st, Store store, Args... arg
       return f32_state ? Pick<F16, F32, Store::kNearest>::get(args...)
                        : Pick<F16, F16, Store::kNearest>::get(args...);
     default:
-      TORCH_CHECK(false, "dlopt: unsupported param dtype ", pt);
+      // float64 reaches here only in a list whose first param is not float64 (the
+      // first decides the backend: ops/_library.py)
+      TORCH_CHECK_TYPE(false, "dlopt: unsupported param dtype ", pt, kDtypeHint);
   }
 }
 

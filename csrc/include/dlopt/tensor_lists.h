@@ -13,6 +13,11 @@
 
 namespace dlopt {
 
+// The end of the "unsupported param dtype" error of the compiled optimizer kernels.
+inline constexpr const char* kDtypeHint =
+    " (the compiled kernels take float32, bfloat16 and float16 params; float64 params run "
+    "on backend='auto' or 'reference', in a call of their own)";
+
 // Kernels walk a param and all its per-param tensors (grad, states) with one
 // flat index, which is only right when they share one dense memory layout.
 // torch's own fused CPU AdamW skips this and silently mis-updates a param whose

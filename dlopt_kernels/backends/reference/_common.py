@@ -65,26 +65,41 @@ def decoupled_decay_factor(lr: float, weight_decay: float) -> float:
     return 1.0 - lr * weight_decay
 
 
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The arithmetic's dtype for param `p`: float32 (the kernels'), or float64 for
+    float64 params (which only this backend runs, in their own precision, as torch)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def rounded(x: float, dtype: torch.dtype) -> float:
+    """`x` as the kernels use a coefficient they keep in fp32: rounded to float32,
+    unless the arithmetic is float64."""
+    return x if dtype == torch.float64 else float(torch.tensor(x, dtype=torch.float32))
+
+
 def each_tensor(params, grads, master_params, state_steps, grad_mul: float):
     """The loop every element-wise reference step runs: each param's step counted first
     (all of them, zero-size ones included, as torch counts them; `state_steps` empty for
-    ops without steps), then for each param with elements (i, p, pf, g, master): its fp32
-    value (a copy of the master under master weights, else the param upcast: for an
-    fp32 param the param itself, which the caller must not change before store_param),
-    its fp32 grad times `grad_mul`, and its master or None."""
+    ops without steps), then for each param with elements (i, p, pf, g, master): its
+    value in the arithmetic's dtype (compute_dtype: fp32, fp64 for fp64 params; a copy
+    of the master under master weights, else the param upcast: for an fp32 or fp64
+    param the param itself, which the caller must not change before store_param), its
+    grad in that dtype times `grad_mul`, and its master or None. States are read with
+    `.to(pf.dtype)`."""
     for i, p in enumerate(params):
         if state_steps:
             state_steps[i].add_(1)
         if p.numel() == 0:
             continue
         master = master_params[i] if master_params else None
-        pf = master.clone() if master is not None else p.float()
-        yield i, p, pf, grads[i].float() * grad_mul, master
+        cd = compute_dtype(p)
+        pf = master.clone() if master is not None else p.to(cd)
+        yield i, p, pf, grads[i].to(cd) * grad_mul, master
 
 
 def store_param(p: Tensor, pf: Tensor, master: Optional[Tensor], seed: Optional[int],
                 tensor_index: int) -> None:
-    """Write the fp32 result `pf` back: into the fp32 master (if any) and the param,
+    """Write the result `pf` (fp32, or fp64 for fp64 params) back: into the fp32 master (if any) and the param,
     rounded to nearest, or stochastically for bf16 params under a seed without master."""
     if master is not None:
         master.copy_(pf)

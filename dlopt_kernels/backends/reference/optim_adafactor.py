@@ -1,5 +1,5 @@
 """Pure-torch Adafactor step (the maths of csrc/include/dlopt/adafactor_math.h: torch's
-Adafactor in fp32 arithmetic, sums of squares in float64)."""
+Adafactor in fp32 arithmetic, or fp64 for fp64 params, sums of squares in float64)."""
 from __future__ import annotations
 
 import math
@@ -10,27 +10,32 @@ from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_factored_lists
 from dlopt_kernels.backends.reference._common import (
+    compute_dtype,
     decoupled_decay_factor,
     grad_multiplier,
+    rounded,
     skip_step,
     store_param,
 )
 
 
-def adafactor_coeffs(lr: float, step: float, beta2_decay: float, weight_decay: float):
-    """adafactor_math.h adafactor_coeffs: (lerp weight as fp32, rho, decay factor)."""
-    w = float(torch.tensor(step**beta2_decay, dtype=torch.float32))
+def adafactor_coeffs(lr: float, step: float, beta2_decay: float, weight_decay: float,
+                     dtype: torch.dtype = torch.float32):
+    """adafactor_math.h adafactor_coeffs: (lerp weight in the arithmetic's `dtype`, rho,
+    decay factor)."""
+    w = rounded(step**beta2_decay, dtype)
     return w, min(lr, 1.0 / math.sqrt(step)), decoupled_decay_factor(lr, weight_decay)
 
 
 def adafactor_step_size(sum_p2: float, sum_u2: float, numel: int, eps2: float, rho: float,
-                        d: float) -> float:
-    """adafactor_math.h adafactor_step_size, rounded to fp32 as the kernels use it."""
+                        d: float, dtype: torch.dtype = torch.float32) -> float:
+    """adafactor_math.h adafactor_step_size, rounded to the arithmetic's `dtype` (fp32 as
+    the kernels use it)."""
     sqrt_n = math.sqrt(numel)
     rms_p, rms_u = math.sqrt(sum_p2) / sqrt_n, math.sqrt(sum_u2) / (sqrt_n * d)
     alpha = (eps2 if math.isnan(rms_p) else max(eps2, rms_p)) * rho
     denom = 1.0 if math.isnan(rms_u) else max(1.0, rms_u)
-    return float(torch.tensor(alpha / denom, dtype=torch.float32))
+    return rounded(alpha / denom, dtype)
 
 
 class LocalBlock(NamedTuple):
@@ -68,7 +73,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
     collective calls, in param order, also for an empty block)."""
     if shards is None:  # (the DTensor rule checks the whole tensors before)
         check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
-                             state_steps, sr_seed is not None)
+                             state_steps, sr_seed is not None, wide=True)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)
@@ -91,11 +96,12 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
             numel = math.prod(shape)
             if numel == 0:  # nothing to update (torch divides by zero here)
                 continue
+            cd = compute_dtype(p)  # fp32, or fp64 for fp64 params
             w, rho, decay = adafactor_coeffs(lr_v, float(state_steps[i]), beta2_decay,
-                                             weight_decay)
+                                             weight_decay, cd)
             master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
+            pf = master.clone() if master is not None else p.to(cd)
+            g = grads[i].to(cd) * grad_mul
             sum_p2 = pf.double().square().sum()
             if factored:
                 rows, cols = shape[-2], shape[-1]
@@ -104,10 +110,10 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
                 if shard is not None:
                     row_sums = _whole_sums(row_sums, -1, shard, p.shape)
                     col_sums = _whole_sums(col_sums, -2, shard, p.shape)
-                rv.copy_(torch.lerp(rv.float(), (row_sums / cols).float(), w))
-                cv.copy_(torch.lerp(cv.float(), (col_sums / rows).float(), w))
-                rvf, cvf = rv.float(), cv.float()
-                den = (rvf.double().sum(-2, keepdim=True) / rows).float().clamp(min=eps1)
+                rv.copy_(torch.lerp(rv.to(cd), (row_sums / cols).to(cd), w))
+                cv.copy_(torch.lerp(cv.to(cd), (col_sums / rows).to(cd), w))
+                rvf, cvf = rv.to(cd), cv.to(cd)
+                den = (rvf.double().sum(-2, keepdim=True) / rows).to(cd).clamp(min=eps1)
                 if shard is not None:  # this block's rows, columns and batch entries
                     at = [slice(o, o + n) for o, n in zip(shard.offset, p.shape)]
                     batch = tuple(at[:-2])
@@ -116,13 +122,14 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
                     den = den[batch]
                 v = (rvf * cvf) / den
             else:
-                var.copy_(torch.lerp(var.float(), g * g, w))
-                v = var.float()
+                var.copy_(torch.lerp(var.to(cd), g * g, w))
+                v = var.to(cd)
             u = g * (1.0 / v.clamp(min=eps1_sq).sqrt())
             sums = torch.stack([sum_p2, u.double().square().sum()])
             if shard is not None:
                 shard.reduce(sums)
-            step_size = adafactor_step_size(float(sums[0]), float(sums[1]), numel, eps2, rho, d)
+            step_size = adafactor_step_size(float(sums[0]), float(sums[1]), numel, eps2, rho, d,
+                                            cd)
             if weight_decay != 0.0:
                 pf = pf * decay
             store_param(p, pf - step_size * u, master, seed, i)

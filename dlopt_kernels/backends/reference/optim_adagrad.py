@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
                                                       store_param)
 
@@ -14,6 +15,9 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tens
                  lr_decay: float, weight_decay: float, eps: float, maximize: bool,
                  grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                  sr_seed: Optional[Tensor]) -> None:
+    check_elementwise_lists(params, grads, {"state_sums": state_sums}, master_params,
+                            state_steps, sr_seed is not None, op="dlopt::adagrad_step",
+                            wide=True)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)
@@ -25,6 +29,6 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tens
             clr = lr_v / (1.0 + (float(state_steps[i]) - 1.0) * lr_decay)
             if weight_decay != 0.0:
                 g = g + weight_decay * pf
-            s = state_sums[i].float() + g * g
+            s = state_sums[i].to(pf.dtype) + g * g
             state_sums[i].copy_(s)
             store_param(p, pf - clr * g / (s.sqrt() + eps), master, seed, i)

@@ -23,7 +23,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         states["max_exp_avg_sqs"] = max_exp_avg_sqs
     # refuse a malformed call before anything is written (steps included)
     check_elementwise_lists(params, grads, states, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::adam_step")
+                            sr_seed is not None, op="dlopt::adam_step", wide=True)
     if found_inf is not None and float(found_inf) != 0.0:
         return
     lr_v = float(lr)
@@ -34,8 +34,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                                                grad_mul):
             step = float(state_steps[i])
             step_size, inv_bc2_sqrt, decay = adam_coeffs(lr_v, step, beta1, beta2, weight_decay)
-            m = exp_avgs[i].float()
-            v = exp_avg_sqs[i].float()
+            m = exp_avgs[i].to(pf.dtype)
+            v = exp_avg_sqs[i].to(pf.dtype)
             if weight_decay != 0.0:
                 if decoupled_weight_decay:
                     pf = pf * decay
@@ -44,7 +44,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
             m, v = adam_moments(g, m, v, beta1, beta2)
             v_hat = v
             if amsgrad:
-                vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
+                vmax = torch.maximum(max_exp_avg_sqs[i].to(pf.dtype), v)
                 max_exp_avg_sqs[i].copy_(vmax)
                 v_hat = vmax
             pf = pf - adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps)

@@ -1,5 +1,5 @@
 """Pure-torch LAMB step (the maths of csrc/include/dlopt/lamb_math.h): fp32 per
-element, norms and the trust ratio in float64, no host sync beyond reading the step
+element (fp64 for fp64 params), norms and the trust ratio in float64, no host sync beyond reading the step
 count (as the Adam reference does)."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
-                                                      grad_multiplier, skip_step, store_param)
+                                                      compute_dtype, grad_multiplier, skip_step,
+                                                      store_param)
 
 
 def lamb_clip_factor(global_norm: float, max_norm: float) -> float:
@@ -31,7 +32,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
         return
     check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                             master_params, state_steps, sr_seed is not None,
-                            op="dlopt::lamb_step")
+                            op="dlopt::lamb_step", wide=True)
     if max_grad_norm > 0.0 and global_grad_norm is None:
         raise ValueError("dlopt::lamb_step: max_grad_norm > 0 needs global_grad_norm")
     if skip_step(found_inf):
@@ -53,13 +54,14 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
             else:
                 step_size, inv_bc2_sqrt = 1.0, 1.0
             master = master_params[i] if master_params else None
-            pf = master.clone() if master is not None else p.float()
-            g = grads[i].float() * grad_mul
-            m, v = adam_moments(g, exp_avgs[i].float(), exp_avg_sqs[i].float(), beta1, beta2)
+            cd = compute_dtype(p)  # fp32, or fp64 for fp64 params
+            pf = master.clone() if master is not None else p.to(cd)
+            g = grads[i].to(cd) * grad_mul
+            m, v = adam_moments(g, exp_avgs[i].to(cd), exp_avg_sqs[i].to(cd), beta1, beta2)
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
             # the update direction from the moments as stored (rounded if low precision)
-            u = adam_direction(exp_avgs[i].float(), exp_avg_sqs[i].float(), step_size,
+            u = adam_direction(exp_avgs[i].to(cd), exp_avg_sqs[i].to(cd), step_size,
                                inv_bc2_sqrt, eps)
             if weight_decay != 0.0:
                 u = u + weight_decay * pf
@@ -75,4 +77,4 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
                 continue
             p_norm, u_norm = sums[i].sqrt().unbind()
             trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
-            store_param(p, pf - (lr_v * trust).float() * u, master, seed, i)
+            store_param(p, pf - (lr_v * trust).to(pf.dtype) * u, master, seed, i)

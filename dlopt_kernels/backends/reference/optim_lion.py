@@ -20,7 +20,7 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr: Tensor, b
               beta2: float, weight_decay: float, maximize: bool, grad_scale: Optional[Tensor],
               found_inf: Optional[Tensor], sr_seed: Optional[Tensor]) -> None:
     check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs}, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::lion_step")
+                            sr_seed is not None, op="dlopt::lion_step", wide=True)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)
@@ -30,7 +30,7 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr: Tensor, b
     with torch.no_grad():
         for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
                                                grad_mul):
-            m = exp_avgs[i].float()
+            m = exp_avgs[i].to(pf.dtype)
             if weight_decay != 0.0:
                 pf = pf * decay
             u = beta1 * m + (1.0 - beta1) * g

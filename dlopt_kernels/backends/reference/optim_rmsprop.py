@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
                                                       store_param)
 
@@ -15,6 +16,11 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
                  state_steps, lr: Tensor, alpha: float, eps: float, weight_decay: float,
                  momentum: float, centered: bool, maximize: bool, grad_scale: Optional[Tensor],
                  found_inf: Optional[Tensor], sr_seed: Optional[Tensor]) -> None:
+    states = {"square_avgs": square_avgs}
+    states.update({"grad_avgs": grad_avgs} if centered else {})
+    states.update({"momentum_buffers": momentum_buffers} if momentum > 0.0 else {})
+    check_elementwise_lists(params, grads, states, master_params, state_steps,
+                            sr_seed is not None, op="dlopt::rmsprop_step", wide=True)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)
@@ -28,11 +34,11 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
             # cancels and amplifies any other order's rounding along the trajectory.
             if weight_decay != 0.0:
                 g = g.add(pf, alpha=weight_decay)
-            v = square_avgs[i].float()
+            v = square_avgs[i].to(pf.dtype)
             v.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
             square_avgs[i].copy_(v)
             if centered:
-                ga = grad_avgs[i].float()
+                ga = grad_avgs[i].to(pf.dtype)
                 ga.lerp_(g, 1.0 - alpha)
                 grad_avgs[i].copy_(ga)
                 avg = v.addcmul(ga, ga, value=-1).sqrt_()
@@ -40,7 +46,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
                 avg = v.sqrt()
             avg.add_(eps)
             if momentum > 0.0:
-                b = momentum_buffers[i].float()
+                b = momentum_buffers[i].to(pf.dtype)
                 b.mul_(momentum).addcdiv_(g, avg)
                 momentum_buffers[i].copy_(b)
                 pf.add_(b, alpha=-lr_v)
