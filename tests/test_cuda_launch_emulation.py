@@ -1,9 +1,14 @@
-"""The CUDA launchers of the element-wise optimizers, run on the CPU and compared with
-the C++ CPU kernels bit for bit.
+"""The CUDA launchers of the element-wise optimizers, LAMB and the norm, run on the CPU
+and compared with the C++ CPU kernels: bit for bit where both sum nothing (the
+element-wise optimizers); LAMB's params within the tolerance table (its trust ratios
+come from sums taken in another order; its states and steps bit for bit) and the norms
+against a float64 oracle.
 
-csrc/cuda/optim_{adam,sgd,adagrad,lion,rmsprop}.cu are built with -DDLOPT_EMULATE into
-a host-only shared library (tests/cuda_emulation/launchers.cu is its C entry point):
-each kernel launch runs as a loop over every thread of every block, on CPU tensors. So
+csrc/cuda/optim_{adam,sgd,adagrad,lion,rmsprop,lamb}.cu and multi_tensor_norm.cu are
+built with -DDLOPT_EMULATE into a host-only shared library
+(tests/cuda_emulation/launchers.cu is its C entry point): each kernel launch runs as a
+loop over every thread of every block, on CPU tensors, and a block's reduction
+(multi_tensor_reduce.cuh block_reduce) in the device's order. So
 everything the GPU would do but the device compiler's arithmetic is checked without a
 GPU: the per-tensor coefficients and step counts (prepare kernels), the dtype dispatch,
 the launch tables (4 KB and 32 KB), the Ops, the storage adapters (bf16 and fp16
@@ -16,6 +21,7 @@ add that the headers do not name, so the results must agree to the bit.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +31,9 @@ import torch
 
 import dlopt_kernels  # noqa: F401  (registers torch.ops.dlopt)
 from conftest import bits
+from reference import vector_norms_float64
+from tolerances import NORM_TOL, NORM_TOL_P, tol
+
 from dlopt_kernels import _lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from check_cuda import find_nvcc  # noqa: E402
 
 NVCC = find_nvcc()
-OPS = ("adam", "sgd", "adagrad", "lion", "rmsprop")
+OPS = ("adam", "sgd", "adagrad", "lion", "rmsprop", "lamb")
 MAX_LISTS = 6  # cuda_launch.h kMaxLists
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3,
               torch.int64: 4, torch.int32: 5}
@@ -46,6 +55,7 @@ def build_library(path: str) -> ctypes.CDLL:
     """Build the launchers as a host-only library at `path` and load it."""
     srcs = [os.path.join(ROOT, "tests", "cuda_emulation", "launchers.cu")]
     srcs += [os.path.join(ROOT, "csrc", "cuda", f"optim_{op}.cu") for op in OPS]
+    srcs.append(os.path.join(ROOT, "csrc", "cuda", "multi_tensor_norm.cu"))
     # as the C++ CPU build: no contraction the headers do not write, and its -march, so
     # that `fmadd` (weight_decay.h) is the same fused multiply-add on both sides
     march = os.environ.get("DLOPT_CPU_ARCH", "native")
@@ -56,6 +66,7 @@ def build_library(path: str) -> ctypes.CDLL:
                     "-o", path, *srcs], check=True)
     dll = ctypes.CDLL(path)
     dll.dlopt_emulate_step.restype = ctypes.c_int
+    dll.dlopt_emulate_norm.restype = ctypes.c_int
     return dll
 
 
@@ -102,7 +113,10 @@ def run_emulated(dll, op, lists, steps, scalars, store, hp, flags, new_buffer=No
     for i in range(n):
         dtypes += [DTYPE_CODE[params[i].dtype],
                    DTYPE_CODE[state_of[i].dtype] if state_of is not None else 0]
-    refs = [(s or Scalar(None, False)).ref(d) for s, d in zip(scalars, (0.0, 1.0, 0.0, 0.0))]
+    # lr, grad_scale, found_inf, sr_seed, global_grad_norm (LAMB): absent ones None
+    scalars = list(scalars) + [None] * (5 - len(scalars))
+    refs = [(s or Scalar(None, False)).ref(d)
+            for s, d in zip(scalars, (0.0, 1.0, 0.0, 0.0, 0.0))]
     err = dll.dlopt_emulate_step(
         op.encode(), n, _array(ctypes.c_void_p, ptrs),
         _array(ctypes.c_int64, [p.numel() for p in params]), _array(ctypes.c_int32, dtypes),
@@ -313,6 +327,75 @@ def test_many_tensors_in_several_tables(emulated, small_tables, monkeypatch):
                  [Scalar(lr, False), None, None, None], NEAREST, [0.9, 0.999, 0.01, 1e-8],
                  [False, False, True])
     assert_same(f"adam, 600 tensors, {'4 KB' if small_tables else '32 KB'} tables", got, want)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("variant", ["wd_bias_correction", "clipped_no_wd",
+                                     "clipped_no_bias_correction"])
+def test_lamb_launcher_matches_cpu_kernel(emulated, variant, precision, case):
+    """LAMB's four phases (prepare, moments with the per-chunk sums of p^2 and u^2,
+    per-tensor trust ratios from those sums, apply): states and steps bit for bit,
+    params within the tolerance table (the CPU kernel sums the squares in another
+    order, so a trust ratio may differ in its last bits)."""
+    params, grads, (m, v), masters, steps, store = make_inputs(precision, 2, positive=(1,))
+    wd = 0.0 if "no_wd" in variant else 0.01
+    bias_correction = "no_bias_correction" not in variant
+    max_norm = 1.0 if "clipped" in variant else 0.0
+    beta1, beta2, eps = 0.9, 0.99, 1e-6
+    lr = torch.tensor(3e-3, dtype=torch.float64)
+    gs, fi = gradscaler_inputs(case)
+    gn = torch.tensor(7.5) if max_norm else None  # above max_norm (clips) once unscaled
+    seed = _sr_seed(store)
+    want = clone([params, grads, m, v, masters, steps])
+    torch.ops.dlopt.lamb_step(want[0], want[1], want[2], want[3], want[4], want[5], lr, beta1,
+                              beta2, wd, eps, bias_correction, max_norm, gn, gs, fi, seed, "cpu")
+    got = clone([params, grads, m, v, masters, steps])
+    run_emulated(emulated, "lamb", [got[0], got[1], got[2], got[3], got[4] or None], got[5],
+                 [Scalar(lr, case != "plain"), Scalar(gs, True), Scalar(fi, True),
+                  Scalar(seed, True), Scalar(gn, case == "scaled")],
+                 store, [beta1, beta2, wd, eps, max_norm], [bias_correction])
+    name = f"lamb {variant} {precision} {case}"
+    assert_same(name, got[1:4] + got[5:], want[1:4] + want[5:])
+    for k in (0, 4):  # params, masters
+        for a, b in zip(got[k] or [], want[k] or []):
+            torch.testing.assert_close(a, b, **tol(a.dtype), msg=lambda m: f"{name}: {m}")
+    if case == "found_inf":
+        assert_same("found_inf leaves everything", got, clone([params, grads, m, v, masters,
+                                                               steps]))
+
+
+def run_emulated_norm(dll, tensors, ord):
+    """multi_tensor_norm's launcher on `tensors`: (norms, total), fp32."""
+    n = len(tensors)
+    norms, total = torch.full((n,), float("nan")), torch.full((), float("nan"))
+    err = dll.dlopt_emulate_norm(
+        n, _array(ctypes.c_void_p, [t.data_ptr() if t.numel() else 0 for t in tensors]),
+        _array(ctypes.c_int64, [t.numel() for t in tensors]),
+        _array(ctypes.c_int32, [DTYPE_CODE[t.dtype] for t in tensors]), ctypes.c_double(ord),
+        ctypes.c_void_p(norms.data_ptr()), ctypes.c_void_p(total.data_ptr()))
+    assert err == 0, f"norm launcher returned cudaError {err}"
+    return norms, total
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0])
+@pytest.mark.parametrize("many", [False, True], ids=["mixed", "600_tensors"])
+def test_norm_launcher_matches_float64(emulated, many, ord, monkeypatch):
+    """The norm's three phases (per-chunk partials, per-tensor segments, the total):
+    mixed dtypes, zero-size and multi-chunk tensors, or 600 tensors (more than one
+    segment launch of 448, and 4 KB tables: several reduce launches)."""
+    if many:
+        monkeypatch.setenv("DLOPT_CUDA_SMALL_TABLES", "1")
+        tensors = [torch.randn(n) for n in torch.randint(0, 3000, (600,)).tolist()]
+    else:
+        dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+        tensors = [torch.randn(shape).to(dtypes[i % 4]) for i, shape in enumerate(
+            [(70001,), (1,), (0,), (3, 33), (4097,), (200001,), (8, 8), (5,)])]
+    norms, total = run_emulated_norm(emulated, tensors, ord)
+    want_norms, want_total = vector_norms_float64(tensors, ord)
+    t = NORM_TOL_P if ord not in (2.0, 1.0, math.inf, -math.inf, 0.0) else NORM_TOL
+    torch.testing.assert_close(norms.double(), want_norms, **t)
+    torch.testing.assert_close(total.double(), want_total, **t)
 
 
 def test_unknown_op_is_refused(emulated):

@@ -70,10 +70,17 @@ struct NormFinish : NormReduce {
 
 constexpr int kTotalBlock = 512;
 
+// One thread's share of the total: the raw values i = thread, thread + nthreads, ...
+DLOPT_HD void norm_total_thread(const double* raw, int64_t n, const NormReduce& red, int thread,
+                                int nthreads, double (&v)[1]) {
+  v[0] = norm_identity<double>(red.kind);
+  for (int64_t i = thread; i < n; i += nthreads) v[0] = norm_total_add(red.kind, v[0], raw[i]);
+}
+
 __global__ void __launch_bounds__(kTotalBlock)
     norm_total_kernel(const double* raw, int64_t n, float* total, NormReduce red, double ord) {
-  double v[1] = {norm_identity<double>(red.kind)};
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v[0] = norm_total_add(red.kind, v[0], raw[i]);
+  double v[1];
+  norm_total_thread(raw, n, red, threadIdx.x, blockDim.x, v);
   mta::block_reduce<1>(v, red);  // partial counts (kL0) add up like sums
   if (threadIdx.x == 0) *total = static_cast<float>(norm_total_finish(red.kind, v[0], ord));
 }
@@ -123,8 +130,16 @@ cudaError_t launch_multi_tensor_norm(const Launch& l, double norm_type, float* n
   fin.norms = norms;
   fin.ord = norm_type;
   DLOPT_CUDA_TRY(mta::segment_reduce(bases, partials, fin, l.stream));
+#ifdef DLOPT_EMULATE  // a host-only build (multi_tensor_reduce.cuh block_reduce_host)
+  double v[kTotalBlock][1];
+  for (int t = 0; t < kTotalBlock; ++t) norm_total_thread(raw, l.n, NormReduce{kind}, t, kTotalBlock, v[t]);
+  mta::block_reduce_host<1>(v, kTotalBlock, NormReduce{kind});
+  *total = static_cast<float>(norm_total_finish(kind, v[0][0], norm_type));
+  return cudaSuccess;
+#else
   norm_total_kernel<<<1, kTotalBlock, 0, l.stream>>>(raw, l.n, total, NormReduce{kind}, norm_type);
   return cudaGetLastError();
+#endif
 }
 
 }  // namespace cuda

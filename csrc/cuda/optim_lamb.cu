@@ -211,8 +211,13 @@ cudaError_t launch_lamb_step(const Launch& l, const ScalarRef& global_grad_norm,
 
   // Phase 1.
   DLOPT_CUDA_TRY(for_each_step_batch(l, [&](const StepBatch& b) {
+#ifdef DLOPT_EMULATE  // a host-only build (multi_tensor_apply.cuh emulate_blocks)
+    for (int k = 0; k < b.count; ++k) lamb_prepare_one(b, h, coeffs, k);
+    return cudaSuccess;
+#else
     lamb_prepare_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, h, coeffs);
     return cudaGetLastError();
+#endif
   }));
 
   // Phases 2-4.

@@ -1,5 +1,6 @@
-// C entry point over the real CUDA launchers of the element-wise optimizers
-// (csrc/cuda/optim_{adam,sgd,adagrad,lion,rmsprop}.cu), built with -DDLOPT_EMULATE
+// C entry points over the real CUDA launchers of the element-wise optimizers
+// (csrc/cuda/optim_{adam,sgd,adagrad,lion,rmsprop}.cu), LAMB (optim_lamb.cu) and the
+// norm (multi_tensor_norm.cu), built with -DDLOPT_EMULATE
 // into a host-only shared library by tests/test_cuda_emulation.py: every launch runs
 // on the CPU (multi_tensor_apply.cuh emulate_blocks), so the launchers' whole device
 // side (per-tensor coefficients and steps, dtype dispatch, tables, the Ops, storage
@@ -11,8 +12,9 @@
 //   ptrs[n * kMaxLists]  each param's lists in its launcher's order (cuda_launch.h), or 0
 //   numels[n], dtypes[2 * n] (param, state: cuda::DType codes), new_buffer[n] (SGD)
 //   steps[n], step_double[n]  the step tensors (steps may be null: SGD)
-//   scalar_ptrs[4], scalar_dtypes[4], scalar_values[4], seed_ivalue: lr, grad_scale,
-//       found_inf, sr_seed as ScalarRef (a null pointer: the value, as a CPU tensor's)
+//   scalar_ptrs[5], scalar_dtypes[5], scalar_values[5], seed_ivalue: lr, grad_scale,
+//       found_inf, sr_seed, global_grad_norm (LAMB) as ScalarRef (a null pointer: the
+//       value, as a CPU tensor's)
 //   store  cuda::StoreMode; hp[], flags[]  the launcher's own arguments, in its order
 // Returns the launcher's cudaError_t (0: success), or -1 for an unknown op.
 #include <cstdint>
@@ -93,7 +95,32 @@ extern "C" int dlopt_emulate_step(const char* op, int32_t n, void* const* ptrs,
     err = launch_lion_step(l, hp[0], hp[1], hp[2], flags[0]);
   else if (name("rmsprop"))
     err = launch_rmsprop_step(l, hp[0], hp[1], hp[2], hp[3], flags[0], flags[1]);
+  else if (name("lamb"))
+    err = launch_lamb_step(l, scalar(scalar_ptrs[4], scalar_dtypes[4], scalar_values[4], 0), hp[0],
+                           hp[1], hp[2], hp[3], flags[0], hp[4]);
   else
     return -1;
   return static_cast<int>(err);
+}
+
+// multi_tensor_norm's launcher on n tensors (ptrs[n], numels[n], dtypes[n] as DType
+// codes): the per-tensor norms into norms[n] and the total into *total.
+extern "C" int dlopt_emulate_norm(int32_t n, void* const* ptrs, const int64_t* numels,
+                                  const int32_t* dtypes, double norm_type, float* norms,
+                                  float* total) {
+  std::vector<ParamEntry> entries(n);
+  for (int32_t i = 0; i < n; ++i) {
+    ParamEntry& e = entries[i];  // value-initialized: zero
+    e.ptr[0] = ptrs[i];
+    e.numel = numels[i];
+    e.index = i;
+    e.param = static_cast<DType>(dtypes[i]);
+  }
+  Scratches scratch;
+  Launch l{};
+  l.entries = entries.data();
+  l.n = n;
+  l.stream = nullptr;
+  l.scratch = {&Scratches::alloc, &scratch};
+  return static_cast<int>(launch_multi_tensor_norm(l, norm_type, norms, total));
 }
