@@ -228,36 +228,55 @@ def optim_db_error_inputs(name):
     return out
 
 
-def reference_kwargs(kwargs):
+def reference_kwargs(kwargs, dtype=torch.float32):
     """The same maths in torch's for-loop implementation on CPU tensors (capturable and
-    the implementation flags do not change the result; tensor betas as floats)."""
+    the implementation flags do not change the result; tensor betas as floats). For
+    float64 / complex128 params a tensor lr goes to torch as float64: with a float32 one,
+    torch computes lr / bias_correction as a float32 tensor, rounding the step size to
+    float32, where ours keeps it in double (docs/compat.md)."""
     ref = {k: v for k, v in kwargs.items()
            if k not in ("foreach", "fused", "capturable", "differentiable")}
+    if dtype in (torch.float64, torch.complex128) and isinstance(ref.get("lr"), torch.Tensor):
+        ref["lr"] = ref["lr"].double()
     if "betas" in ref:
         ref["betas"] = tuple(float(b) if isinstance(b, torch.Tensor) else b
                              for b in ref["betas"])
     return ref
 
 
-def run_optim_db_config(cls, twin_cls, kwargs, refused, normwise=True):
+def optim_db_dtypes(name, cls):
+    """The param dtypes to run optimizer `name`'s optim_db configs in: float32 and
+    float64, and complex64 where torch's OptimizerInfo says it supports complex params
+    (and ours takes them), as pytest params."""
+    co = pytest.importorskip("torch.testing._internal.common_optimizers")
+    info = next(i for i in co.optim_db if i.optim_cls.__name__ == name)
+    dtypes = [torch.float32, torch.float64]
+    if info.supports_complex and cls._complex_params:
+        dtypes.append(torch.complex64)
+    return [pytest.param(d, id=str(d).replace("torch.", "")) for d in dtypes]
+
+
+def run_optim_db_config(cls, twin_cls, kwargs, refused, normwise=True, dtype=torch.float32):
     """Ours either trains like torch for 3 steps or refuses with an error naming the
-    argument (refused: kwarg -> reason; docs/compat.md lists them). normwise: see
+    argument (refused: kwarg -> reason; docs/compat.md lists them), on params of `dtype`
+    (at its row of the tolerance table; complex64 at float32's). normwise: see
     assert_same_training."""
     kwargs = copy.deepcopy(kwargs)
-    params = [nn.Parameter(torch.randn(s)) for s in [(5, 3), (3,), (), (4, 1)]]
+    params = [nn.Parameter(torch.randn(s, dtype=dtype)) for s in [(5, 3), (3,), (), (4, 1)]]
+    tolerance = tol(torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32)
     bad = next((k for k in refused if kwargs.get(k)), None)
     if bad:
         assert_construction_refused(cls, params, kwargs, (ValueError, TypeError), bad)
         return
     ours = cls(params, **kwargs)
     ps_ref = clone_params(params)
-    ref = twin_cls(ps_ref, **reference_kwargs(kwargs), foreach=False)
+    ref = twin_cls(ps_ref, **reference_kwargs(kwargs, dtype), foreach=False)
     for _ in range(3):
         set_grads(params, rand_grads(params))
         set_grads(ps_ref, [p.grad for p in params])
         ours.step()
         ref.step()
-        assert_same_training(ours, params, ref, ps_ref, normwise=normwise)
+        assert_same_training(ours, params, ref, ps_ref, tolerance, normwise=normwise)
 
 
 def check_optim_db_error_input(cls, error_input):
@@ -330,13 +349,15 @@ def check_trains_like(make_ours, make_theirs):
 def optim_db_tests(cls, twin_cls, refused):
     """The three optim_db tests of an optimizer with a torch twin, for its test module to
     bind as test_optim_db_config, test_refusals_are_documented, test_optim_db_error_input:
-    every config torch tries trains like torch (or is refused, naming the argument), every
+    every config torch tries trains like torch (or is refused, naming the argument) with
+    float32, float64 and (where torch and ours take them) complex64 params, every
     refusal is in docs/compat.md, every bad input torch refuses is refused here too."""
     name = twin_cls.__name__
 
+    @pytest.mark.parametrize("dtype", optim_db_dtypes(name, cls))
     @pytest.mark.parametrize("kwargs", optim_db_configs(name))
-    def test_optim_db_config(kwargs):
-        run_optim_db_config(cls, twin_cls, kwargs, refused)
+    def test_optim_db_config(kwargs, dtype):
+        run_optim_db_config(cls, twin_cls, kwargs, refused, dtype=dtype)
 
     def test_refusals_are_documented():
         assert_refusals_documented(refused)

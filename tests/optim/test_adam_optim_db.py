@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from optim_twin_helpers import (assert_refusals_documented, check_optim_db_error_input,
-                                optim_db_configs, optim_db_error_inputs, run_optim_db_config)
+                                optim_db_configs, optim_db_dtypes, optim_db_error_inputs,
+                                run_optim_db_config)
 
 from dlopt_kernels.optim import Adam, AdamW
 
@@ -31,11 +32,13 @@ def _for_both(params_of):
             for name in CLASSES for p in params_of(name)]
 
 
+@pytest.mark.parametrize("dtype", optim_db_dtypes("Adam", Adam))
 @pytest.mark.parametrize("name,kwargs", _for_both(optim_db_configs))
-def test_optim_db_config(name, kwargs):
-    """Trains like torch's for-loop implementation for 3 steps, params and states
-    compared element by element, or is refused naming the argument, changing nothing."""
-    run_optim_db_config(*CLASSES[name], kwargs, REFUSED, normwise=False)
+def test_optim_db_config(name, kwargs, dtype):
+    """Trains like torch's for-loop implementation for 3 steps (float32, float64 and
+    complex64 params), params and states compared element by element, or is refused
+    naming the argument, changing nothing."""
+    run_optim_db_config(*CLASSES[name], kwargs, REFUSED, normwise=False, dtype=dtype)
 
 
 def test_refusals_are_documented():
