@@ -114,9 +114,11 @@ PyObject* collect_group(PyObject*, PyObject* args) {
       device = pt.device();
       dtype = pt.scalar_type();
       if (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::BFloat16 &&
-          dtype != c10::ScalarType::Half)
+          dtype != c10::ScalarType::Half && dtype != c10::ScalarType::Double)
         return none();
-      use_master = master_key != Py_None && dtype != c10::ScalarType::Float;
+      // master copies are kept for bf16 / fp16 params only
+      use_master = master_key != Py_None && (dtype == c10::ScalarType::BFloat16 ||
+                                             dtype == c10::ScalarType::Half);
       first = false;
     } else if (pt.device() != device || pt.scalar_type() != dtype) {
       return none();

@@ -4,26 +4,30 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "dlopt/adagrad_math.h"
 #include "dlopt/cpu_elementwise.h"
 
 namespace dlopt {
 namespace {
 
-template <bool WD>
+// C: the arithmetic's type (fp32; double for float64 params).
+template <bool WD, class C>
 struct AdagradOp {
-  using Coeffs = AdagradCoeffs;
+  using Coeffs = AdagradCoeffsOf<C>;
   static constexpr unsigned kReads = 1u, kWrites = 1u;  // state_sum
-  static DLOPT_HD void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c) {
+  static DLOPT_HD void update(C& p, C g, C (&s)[kMaxStates], const Coeffs& c) {
     adagrad_update<WD>(p, g, s[0], c);
   }
 };
 
 template <class P, class S, Store STORE>
 struct PickAdagrad {
-  static StepChunkFn<AdagradCoeffs> get(bool wd) {
-    return wd ? &step_chunk<AdagradOp<true>, P, S, STORE>
-              : &step_chunk<AdagradOp<false>, P, S, STORE>;
+  static StepChunkFn<AdagradCoeffsOf<typename P::C>> get(bool wd) {
+    using C = typename P::C;
+    return wd ? &step_chunk<AdagradOp<true, C>, P, S, STORE>
+              : &step_chunk<AdagradOp<false, C>, P, S, STORE>;
   }
 };
 
@@ -49,16 +53,18 @@ void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const Store store = store_mode(use_master, sr_seed.has_value());
   const double lr_v = scalar_value(lr, "lr");
 
+  const bool wide = float64_call(P, {state_sums}, use_master);
+
   AlignedLists L({P, grads, state_sums, master_params}, {true, false, true, true});
-  run_step<AdagradCoeffs>(L, 1, use_master, sr_seed_value(sr_seed),
-                          static_cast<float>(grad_multiplier(maximize, grad_scale)),
-                          [&](size_t i, StepArgs<AdagradCoeffs>& a) {
-                            const double step = increment_step(state_steps[i]);
-                            a.c = adagrad_coeffs(lr_v, step, lr_decay, weight_decay, eps);
-                            return pick_storage<PickAdagrad>(L[0][i].scalar_type(),
-                                                             L[2][i].scalar_type(), store,
-                                                             weight_decay != 0.0);
-                          });
+  run_step_for<AdagradCoeffsOf>(wide, L, 1, use_master, sr_seed_value(sr_seed),
+                                grad_multiplier(maximize, grad_scale), [&](size_t i, auto& a) {
+                                  using C = typename std::decay_t<decltype(a.c)>::Compute;
+                                  const double step = increment_step(state_steps[i]);
+                                  a.c = adagrad_coeffs<C>(lr_v, step, lr_decay, weight_decay, eps);
+                                  return pick_storage_for<PickAdagrad, C>(
+                                      L[0][i].scalar_type(), L[2][i].scalar_type(), store,
+                                      weight_decay != 0.0);
+                                });
   for (auto list : {params, state_sums, master_params, state_steps}) bump_versions(list);
 }
 

@@ -4,6 +4,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "dlopt/adam_math.h"
 #include "dlopt/cpu_elementwise.h"
 
@@ -12,27 +14,29 @@ namespace {
 
 enum class WeightDecay { kNone, kL2, kDecoupled };
 
-// State streams: 0 exp_avg, 1 exp_avg_sq, 2 max_exp_avg_sq (AMSGRAD).
-template <WeightDecay WD, bool AMSGRAD>
+// State streams: 0 exp_avg, 1 exp_avg_sq, 2 max_exp_avg_sq (AMSGRAD). C: the
+// arithmetic's type (fp32; double for float64 params).
+template <WeightDecay WD, bool AMSGRAD, class C>
 struct AdamOp {
-  using Coeffs = AdamCoeffs;
+  using Coeffs = AdamCoeffsOf<C>;
   static constexpr unsigned kReads = 3u | (AMSGRAD ? 4u : 0u);
   static constexpr unsigned kWrites = kReads;
-  static DLOPT_HD void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c) {
+  static DLOPT_HD void update(C& p, C g, C (&s)[kMaxStates], const Coeffs& c) {
     adam_update<WD == WeightDecay::kDecoupled, AMSGRAD, WD != WeightDecay::kNone>(p, g, s[0], s[1],
                                                                                    s[2], c);
   }
 };
 
 template <class P, class S, Store STORE, WeightDecay WD>
-StepChunkFn<AdamCoeffs> pick_amsgrad(bool amsgrad) {
-  return amsgrad ? &step_chunk<AdamOp<WD, true>, P, S, STORE>
-                 : &step_chunk<AdamOp<WD, false>, P, S, STORE>;
+StepChunkFn<AdamCoeffsOf<typename P::C>> pick_amsgrad(bool amsgrad) {
+  using C = typename P::C;
+  return amsgrad ? &step_chunk<AdamOp<WD, true, C>, P, S, STORE>
+                 : &step_chunk<AdamOp<WD, false, C>, P, S, STORE>;
 }
 
 template <class P, class S, Store STORE>
 struct PickAdam {
-  static StepChunkFn<AdamCoeffs> get(WeightDecay wd, bool amsgrad) {
+  static StepChunkFn<AdamCoeffsOf<typename P::C>> get(WeightDecay wd, bool amsgrad) {
     switch (wd) {
       case WeightDecay::kNone: return pick_amsgrad<P, S, STORE, WeightDecay::kNone>(amsgrad);
       case WeightDecay::kL2: return pick_amsgrad<P, S, STORE, WeightDecay::kL2>(amsgrad);
@@ -94,17 +98,19 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     check_step_tensor(state_steps[i], i);
   }
 
+  const bool wide = float64_call(P, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, use_master);
+
   AlignedLists L({P, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
                  {true, false, true, true, true, true});
 
-  run_step<AdamCoeffs>(L, 3, use_master, sr_seed_value(sr_seed),
-                       static_cast<float>(grad_multiplier(maximize, grad_scale)),
-                       [&](size_t i, StepArgs<AdamCoeffs>& a) {
-                         const double step = increment_step(state_steps[i]);
-                         a.c = adam_coeffs(lr_v, step, beta1, beta2, weight_decay, eps);
-                         return pick_storage<PickAdam>(L[0][i].scalar_type(),
-                                                       L[2][i].scalar_type(), store, wd, amsgrad);
-                       });
+  run_step_for<AdamCoeffsOf>(wide, L, 3, use_master, sr_seed_value(sr_seed),
+                             grad_multiplier(maximize, grad_scale), [&](size_t i, auto& a) {
+                               using C = typename std::decay_t<decltype(a.c)>::Compute;
+                               const double step = increment_step(state_steps[i]);
+                               a.c = adam_coeffs<C>(lr_v, step, beta1, beta2, weight_decay, eps);
+                               return pick_storage_for<PickAdam, C>(
+                                   L[0][i].scalar_type(), L[2][i].scalar_type(), store, wd, amsgrad);
+                             });
   for (auto list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps})
     bump_versions(list);
 }

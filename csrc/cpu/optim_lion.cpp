@@ -3,26 +3,30 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "dlopt/cpu_elementwise.h"
 #include "dlopt/lion_math.h"
 
 namespace dlopt {
 namespace {
 
-template <bool WEIGHT_DECAY>
+// C: the arithmetic's type (fp32; double for float64 params).
+template <bool WEIGHT_DECAY, class C>
 struct LionOp {
-  using Coeffs = LionCoeffs;
+  using Coeffs = LionCoeffsOf<C>;
   static constexpr unsigned kReads = 1u, kWrites = 1u;  // exp_avg
-  static DLOPT_HD void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c) {
+  static DLOPT_HD void update(C& p, C g, C (&s)[kMaxStates], const Coeffs& c) {
     lion_update<WEIGHT_DECAY>(p, g, s[0], c);
   }
 };
 
 template <class P, class S, Store STORE>
 struct PickLion {
-  static StepChunkFn<LionCoeffs> get(bool weight_decay) {
-    return weight_decay ? &step_chunk<LionOp<true>, P, S, STORE>
-                        : &step_chunk<LionOp<false>, P, S, STORE>;
+  static StepChunkFn<LionCoeffsOf<typename P::C>> get(bool weight_decay) {
+    using C = typename P::C;
+    return weight_decay ? &step_chunk<LionOp<true, C>, P, S, STORE>
+                        : &step_chunk<LionOp<false, C>, P, S, STORE>;
   }
 };
 
@@ -46,18 +50,19 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   // GradScaler found an inf/NaN: the whole step is skipped, steps included.
   if (skip_step(found_inf)) return;
   const Store store = store_mode(use_master, use_sr);
-  const LionCoeffs c = lion_coeffs(scalar_value(lr, "lr"), beta1, beta2, weight_decay);
+  const double lr_v = scalar_value(lr, "lr");
+  const bool wide = float64_call(P, {exp_avgs}, use_master);
 
   AlignedLists L({P, grads, exp_avgs, master_params}, {true, false, true, true});
-  run_step<LionCoeffs>(L, 1, use_master, sr_seed_value(sr_seed),
-                       static_cast<float>(grad_multiplier(maximize, grad_scale)),
-                       [&](size_t i, StepArgs<LionCoeffs>& a) {
-                         increment_step(state_steps[i]);
-                         a.c = c;
-                         return pick_storage<PickLion>(L[0][i].scalar_type(),
-                                                       L[2][i].scalar_type(), store,
-                                                       weight_decay != 0.0);
-                       });
+  run_step_for<LionCoeffsOf>(wide, L, 1, use_master, sr_seed_value(sr_seed),
+                             grad_multiplier(maximize, grad_scale), [&](size_t i, auto& a) {
+                               using C = typename std::decay_t<decltype(a.c)>::Compute;
+                               increment_step(state_steps[i]);
+                               a.c = lion_coeffs<C>(lr_v, beta1, beta2, weight_decay);
+                               return pick_storage_for<PickLion, C>(
+                                   L[0][i].scalar_type(), L[2][i].scalar_type(), store,
+                                   weight_decay != 0.0);
+                             });
   for (auto list : {params, exp_avgs, master_params, state_steps}) bump_versions(list);
 }
 

@@ -5,6 +5,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "dlopt/cpu_elementwise.h"
 #include "dlopt/rmsprop_math.h"
 
@@ -12,28 +14,30 @@ namespace dlopt {
 namespace {
 
 // State streams: 0 square_avg, 1 grad_avg (CENTERED), 2 momentum_buffer (MOMENTUM).
-template <bool WD, bool CENTERED, bool MOMENTUM>
+// C: the arithmetic's type (fp32; double for float64 params).
+template <bool WD, bool CENTERED, bool MOMENTUM, class C>
 struct RmspropOp {
-  using Coeffs = RmspropCoeffs;
+  using Coeffs = RmspropCoeffsOf<C>;
   static constexpr unsigned kReads = 1u | (CENTERED ? 2u : 0u) | (MOMENTUM ? 4u : 0u);
   static constexpr unsigned kWrites = kReads;
-  static DLOPT_HD void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c) {
+  static DLOPT_HD void update(C& p, C g, C (&s)[kMaxStates], const Coeffs& c) {
     rmsprop_update<WD, CENTERED, MOMENTUM>(p, g, s[0], s[1], s[2], c);
   }
 };
 
 template <class P, class S, Store STORE, bool WD>
-StepChunkFn<RmspropCoeffs> pick_variant(bool centered, bool momentum) {
+StepChunkFn<RmspropCoeffsOf<typename P::C>> pick_variant(bool centered, bool momentum) {
+  using C = typename P::C;
   if (centered)
-    return momentum ? &step_chunk<RmspropOp<WD, true, true>, P, S, STORE>
-                    : &step_chunk<RmspropOp<WD, true, false>, P, S, STORE>;
-  return momentum ? &step_chunk<RmspropOp<WD, false, true>, P, S, STORE>
-                  : &step_chunk<RmspropOp<WD, false, false>, P, S, STORE>;
+    return momentum ? &step_chunk<RmspropOp<WD, true, true, C>, P, S, STORE>
+                    : &step_chunk<RmspropOp<WD, true, false, C>, P, S, STORE>;
+  return momentum ? &step_chunk<RmspropOp<WD, false, true, C>, P, S, STORE>
+                  : &step_chunk<RmspropOp<WD, false, false, C>, P, S, STORE>;
 }
 
 template <class P, class S, Store STORE>
 struct PickRmsprop {
-  static StepChunkFn<RmspropCoeffs> get(bool wd, bool centered, bool momentum) {
+  static StepChunkFn<RmspropCoeffsOf<typename P::C>> get(bool wd, bool centered, bool momentum) {
     return wd ? pick_variant<P, S, STORE, true>(centered, momentum)
               : pick_variant<P, S, STORE, false>(centered, momentum);
   }
@@ -67,20 +71,21 @@ void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   if (skip_step(found_inf)) return;
   const bool use_master = !master_params.empty();
   const Store store = store_mode(use_master, use_sr);
-  const RmspropCoeffs c =
-      rmsprop_coeffs(scalar_value(lr, "lr"), alpha, eps, weight_decay, momentum);
+  const double lr_v = scalar_value(lr, "lr");
+  const bool wide = float64_call(P, {square_avgs, gas, bufs}, use_master);
 
   AlignedLists L({P, grads, square_avgs, gas, bufs, master_params},
                  {true, false, true, true, true, true});
-  run_step<RmspropCoeffs>(L, 3, use_master, sr_seed_value(sr_seed),
-                          static_cast<float>(grad_multiplier(maximize, grad_scale)),
-                          [&](size_t i, StepArgs<RmspropCoeffs>& a) {
-                            increment_step(state_steps[i]);
-                            a.c = c;
-                            return pick_storage<PickRmsprop>(
-                                L[0][i].scalar_type(), L[2][i].scalar_type(), store,
-                                weight_decay != 0.0, centered, use_momentum);
-                          });
+  run_step_for<RmspropCoeffsOf>(wide, L, 3, use_master, sr_seed_value(sr_seed),
+                                grad_multiplier(maximize, grad_scale), [&](size_t i, auto& a) {
+                                  using C = typename std::decay_t<decltype(a.c)>::Compute;
+                                  increment_step(state_steps[i]);
+                                  a.c = rmsprop_coeffs<C>(lr_v, alpha, eps, weight_decay,
+                                                          momentum);
+                                  return pick_storage_for<PickRmsprop, C>(
+                                      L[0][i].scalar_type(), L[2][i].scalar_type(), store,
+                                      weight_decay != 0.0, centered, use_momentum);
+                                });
   for (auto list : {params, square_avgs, gas, bufs, master_params, state_steps})
     bump_versions(list);
 }

@@ -5,6 +5,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "dlopt/cpu_elementwise.h"
 #include "dlopt/sgd_math.h"
 
@@ -13,30 +15,32 @@ namespace {
 
 // MOMENTUM: 0 none, 1 heavy ball, 2 Nesterov. FIRST: the buffer becomes the grad (it is
 // written, not read).
-template <bool WD, int MOMENTUM, bool FIRST>
+// C: the arithmetic's type (fp32; double for float64 params).
+template <bool WD, int MOMENTUM, bool FIRST, class C>
 struct SgdOp {
-  using Coeffs = SgdCoeffs;
+  using Coeffs = SgdCoeffsOf<C>;
   static constexpr unsigned kReads = (MOMENTUM != 0 && !FIRST) ? 1u : 0u;  // momentum_buffer
   static constexpr unsigned kWrites = MOMENTUM != 0 ? 1u : 0u;
-  static DLOPT_HD void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c) {
+  static DLOPT_HD void update(C& p, C g, C (&s)[kMaxStates], const Coeffs& c) {
     sgd_update<WD, MOMENTUM != 0, MOMENTUM == 2>(p, g, s[0], FIRST, c);
   }
 };
 
 template <class P, class S, Store STORE, bool WD>
-StepChunkFn<SgdCoeffs> pick_momentum(int momentum, bool first) {
+StepChunkFn<SgdCoeffsOf<typename P::C>> pick_momentum(int momentum, bool first) {
+  using C = typename P::C;
   switch (momentum) {
-    case 0: return &step_chunk<SgdOp<WD, 0, false>, P, S, STORE>;
-    case 1: return first ? &step_chunk<SgdOp<WD, 1, true>, P, S, STORE>
-                         : &step_chunk<SgdOp<WD, 1, false>, P, S, STORE>;
-    default: return first ? &step_chunk<SgdOp<WD, 2, true>, P, S, STORE>
-                          : &step_chunk<SgdOp<WD, 2, false>, P, S, STORE>;
+    case 0: return &step_chunk<SgdOp<WD, 0, false, C>, P, S, STORE>;
+    case 1: return first ? &step_chunk<SgdOp<WD, 1, true, C>, P, S, STORE>
+                         : &step_chunk<SgdOp<WD, 1, false, C>, P, S, STORE>;
+    default: return first ? &step_chunk<SgdOp<WD, 2, true, C>, P, S, STORE>
+                          : &step_chunk<SgdOp<WD, 2, false, C>, P, S, STORE>;
   }
 }
 
 template <class P, class S, Store STORE>
 struct PickSgd {
-  static StepChunkFn<SgdCoeffs> get(bool wd, int momentum, bool first) {
+  static StepChunkFn<SgdCoeffsOf<typename P::C>> get(bool wd, int momentum, bool first) {
     return wd ? pick_momentum<P, S, STORE, true>(momentum, first)
               : pick_momentum<P, S, STORE, false>(momentum, first);
   }
@@ -65,19 +69,22 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   if (skip_step(found_inf)) return;  // GradScaler found an inf/NaN: nothing changes
   const bool use_master = !master_params.empty();
   const Store store = store_mode(use_master, sr_seed.has_value());
-  const SgdCoeffs c = sgd_coeffs(scalar_value(lr, "lr"), weight_decay, momentum, dampening);
+  const double lr_v = scalar_value(lr, "lr");
   const int mode = !use_momentum ? 0 : (nesterov ? 2 : 1);
+  const bool wide = float64_call(P, {bufs}, use_master);
 
   AlignedLists L({P, grads, bufs, master_params}, {true, false, true, true});
-  run_step<SgdCoeffs>(L, 1, use_master, sr_seed_value(sr_seed),
-                      static_cast<float>(grad_multiplier(maximize, grad_scale)),
-                      [&](size_t i, StepArgs<SgdCoeffs>& a) {
-                        a.c = c;
-                        const bool first = use_momentum && !new_buffers.empty() && new_buffers.get(i);
-                        const auto st = use_momentum ? L[2][i].scalar_type() : at::kFloat;
-                        return pick_storage<PickSgd>(L[0][i].scalar_type(), st, store,
-                                                     weight_decay != 0.0, mode, first);
-                      });
+  run_step_for<SgdCoeffsOf>(wide, L, 1, use_master, sr_seed_value(sr_seed),
+                            grad_multiplier(maximize, grad_scale), [&](size_t i, auto& a) {
+                              using C = typename std::decay_t<decltype(a.c)>::Compute;
+                              a.c = sgd_coeffs<C>(lr_v, weight_decay, momentum, dampening);
+                              const bool first =
+                                  use_momentum && !new_buffers.empty() && new_buffers.get(i);
+                              const auto st = use_momentum ? L[2][i].scalar_type() : at::kFloat;
+                              return pick_storage_for<PickSgd, C>(L[0][i].scalar_type(), st,
+                                                                  store, weight_decay != 0.0,
+                                                                  mode, first);
+                            });
   for (auto list : {params, bufs, master_params}) bump_versions(list);
 }
 

@@ -12,6 +12,9 @@ is timed; see `dlopt_kernels.bench.common` for how):
 4. ``bf16_10m``   10M bf16 params: ours with stochastic rounding (fp32 states, 22 B/param)
    and with fp32 master weights (30 B/param) vs torch fused with fp32 params (28 B/param,
    the baseline the target is about) and with bf16 params and bf16 states (14 B/param).
+5. ``fp64_gpt2``  the GPT-2 small shapes of case 2 in float64 (56 B/param): ours with
+   backend='auto' (the C++ kernel in double on the CPU; the pure-torch reference, in
+   float64, on a GPU) vs torch's three implementations. No target: for information.
 
 Ours runs on every backend available for the device (CPU tensors: cpu; CUDA tensors:
 cuda, triton), plus the pure-torch reference in quick runs only (it is slow).
@@ -170,7 +173,28 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
                                        shapes, bf16, device,
                                        note="bf16 params and bf16 states (for information)"))
     cases.append(Case("bf16_10m", f"{n:,} bf16 params vs the same count in fp32", n, 1, impls))
+
+    # 5. float64 params (GPT-2 small shapes, as case 2)
+    shapes = common.gpt2_small_shapes(width)
+    cases.append(Case("fp64_gpt2", f"{title}, float64 params", common.numel_of(shapes),
+                      len(shapes), _fp64_impls(shapes, device),
+                      info={"width": width}))
     return cases, backends, auto
+
+
+def _fp64_impls(shapes, device) -> list[Impl]:
+    """Ours under backend='auto' (float64 params go where they are computed in double)
+    and torch's three implementations, all on float64 params."""
+    from dlopt_kernels.backends import registry
+    f64 = torch.float64
+    chosen = registry.resolve("adam_step", device, "auto", f64, quiet=True)[0]
+    impls = [common.optimizer_impl(f"dlopt[{chosen}] fp64", "ours", _ours("auto"), shapes, f64,
+                                   device, note="backend='auto' picks this for float64")]
+    for label, kw in (("fused", dict(fused=True)), ("foreach", dict(foreach=True)),
+                      ("for-loop", dict(foreach=False))):
+        impls.append(common.optimizer_impl(f"torch {label} fp64", "baseline", _torch(**kw),
+                                           shapes, f64, device))
+    return impls
 
 
 def run(quick: bool = False, device: Optional[torch.device | str] = None, progress: bool = True,

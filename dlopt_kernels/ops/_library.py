@@ -8,8 +8,9 @@ kernel. Here the compiled kernels bump versions in C++ and the Python path (one
 fake (meta) impl, so it traces under torch.compile and passes opcheck.
 
 The optimizer step ops (`define_step`) take params of float32, bfloat16 and float16 on
-every backend, and float64 on the reference backend (which computes in float64; under
-backend="auto" float64 params go there). Ops whose torch.optim twin takes complex
+every backend, and float64 on the reference backend and the compiled backends an op
+names (Adam's C++ CPU kernel), which compute in float64 for them; under backend="auto"
+float64 params go to the first of those that can run. Ops whose torch.optim twin takes complex
 params step them as torch does, as their real views (`torch.view_as_real`: real and
 imaginary parts as two real elements).
 """
@@ -25,7 +26,8 @@ from dlopt_kernels.backends.registry import register, resolve
 LIB = torch.library.Library("dlopt", "DEF")
 
 # The param dtypes of the compiled (C++, CUDA) and Triton optimizer kernels; float64
-# params run on the reference backend (registry.resolve).
+# params run on the reference backend (registry.resolve), or on a compiled one the op
+# names (define_step's float64_backends).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COMPLEX_OK: set[str] = set()  # step ops that take complex params (as real views)
 
@@ -43,11 +45,13 @@ def define(schema: str, impl: Callable, fake: Callable, backends: dict[str, Call
     return getattr(torch.ops.dlopt, name)
 
 
-def define_step(schema: str, backends: dict[str, Callable | str], complex_params: bool):
+def define_step(schema: str, backends: dict[str, Callable | str], complex_params: bool,
+                float64_backends: tuple[str, ...] = ()):
     """Define the optimizer step op `schema` (params first, `str backend` last, returns
     nothing): routed by the params' device and dtype, float64 params to the reference
-    backend; `complex_params`: complex params are stepped as their real views, as the
-    op's torch.optim twin does (else refused with a TypeError)."""
+    backend or to the compiled ones named in `float64_backends` (whose kernels compute
+    in double for them); `complex_params`: complex params are stepped as their real
+    views, as the op's torch.optim twin does (else refused with a TypeError)."""
     name = schema.split("(", 1)[0]
     nargs = schema.split("->", 1)[0].count(",") + 1
 
@@ -68,7 +72,8 @@ def define_step(schema: str, backends: dict[str, Callable | str], complex_params
         _COMPLEX_OK.add(name)
     op = define(schema, impl, fake, backends={})
     for backend, kernel in backends.items():
-        register(name, backend, kernel, dtypes=None if backend == "reference" else KERNEL_DTYPES)
+        dtypes = KERNEL_DTYPES + ((torch.float64,) if backend in float64_backends else ())
+        register(name, backend, kernel, dtypes=None if backend == "reference" else dtypes)
     return op
 
 

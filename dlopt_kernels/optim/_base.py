@@ -23,8 +23,9 @@ from dlopt_kernels.ops._dtensor import register_if_loaded
 from dlopt_kernels.ops._library import run_kernel
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-# float64 params run on the reference backend, in float64 (ops/_library.py); complex
-# ones (where the class allows them) as their real views, as torch.optim steps them.
+# float64 params run in float64 (the reference kernels, or a compiled one that computes in
+# double: ops/_library.py define_step); complex ones (where the class allows them) as
+# their real views, as torch.optim steps them.
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
@@ -113,6 +114,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _direct = False
 
     _state_keys: tuple[str, ...] = ()
+    _op_name: str = ""  # the dlopt op a step calls (its backends' dtypes: registry)
     # Whether the per-param state has a 'step' counter (torch's SGD keeps none).
     _has_step: bool = True
     # GradScaler hands us grad_scale / found_inf instead of unscaling grads itself.
@@ -173,7 +175,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError("master_weights=True and stochastic_rounding=True exclude each other")
         self._check_group_hparams(group)
         device_types = set()
-        wide = None  # the first float64 or complex128 param: the reference backend's
+        wide = None  # the first float64 or complex128 param (float64 arithmetic)
         name = type(self).__name__
         for i, p in enumerate(group["params"]):
             if p.is_complex():
@@ -202,12 +204,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 reason = registry.why_unavailable(requested, dt)
                 if reason is not None:
                     raise registry.BackendUnavailableError(f"backend={requested!r}: {reason}")
-            if wide is not None and requested != "reference":
+            why = None if wide is None else registry.why_not_dtype(self._op_name, requested,
+                                                                    torch.float64)
+            if why is not None:
                 raise registry.BackendUnavailableError(
-                    f"backend={requested!r}: params[{wide[0]}] is {wide[1]}; the {requested} "
-                    f"kernels take float32, bfloat16 and float16 params (and complex64 as "
-                    f"float32 views). float64 params run on backend='auto' or 'reference', "
-                    f"in float64")
+                    f"backend={requested!r}: params[{wide[0]}] is {wide[1]}, but {why} "
+                    f"(complex ones as their real views). backend='auto' or 'reference' runs "
+                    f"them, in float64")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

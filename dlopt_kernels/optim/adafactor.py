@@ -65,6 +65,7 @@ class Adafactor(FusedOptimizer):
     """
 
     _state_keys = ("row_var", "col_var", "variance")
+    _op_name = "adafactor_step"  # torch.ops.dlopt.adafactor_step
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-2,
                  beta2_decay: float = -0.8, eps: tuple[Optional[float], float] = (None, 1e-3),

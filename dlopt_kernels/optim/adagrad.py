@@ -48,6 +48,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _state_keys = ("sum",)
+    _op_name = "adagrad_step"  # torch.ops.dlopt.adagrad_step
     _complex_params = True  # stepped as real views, as torch.optim does
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-2, lr_decay: float = 0,

@@ -48,6 +48,7 @@ class Adam(FusedOptimizer):
                "decoupled_weight_decay=True)")
 
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _op_name = "adam_step"  # torch.ops.dlopt.adam_step
     _complex_params = True  # stepped as real views, as torch.optim does
     _name = "Adam"
 

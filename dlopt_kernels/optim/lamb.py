@@ -65,6 +65,7 @@ class LAMB(FusedOptimizer):
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
+    _op_name = "lamb_step"  # torch.ops.dlopt.lamb_step
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,

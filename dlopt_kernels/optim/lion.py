@@ -50,6 +50,7 @@ class Lion(FusedOptimizer):
     """
 
     _state_keys = ("exp_avg",)
+    _op_name = "lion_step"  # torch.ops.dlopt.lion_step
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,

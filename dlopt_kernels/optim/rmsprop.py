@@ -52,6 +52,7 @@ class RMSprop(FusedOptimizer):
     """
 
     _state_keys = ("square_avg", "momentum_buffer", "grad_avg")
+    _op_name = "rmsprop_step"  # torch.ops.dlopt.rmsprop_step
     _complex_params = True  # stepped as real views, as torch.optim does
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-2, alpha: float = 0.99,

@@ -51,6 +51,7 @@ class SGD(FusedOptimizer):
     """
 
     _state_keys = ("momentum_buffer",)
+    _op_name = "sgd_step"  # torch.ops.dlopt.sgd_step
     _complex_params = True  # stepped as real views, as torch.optim does
     _has_step = False
 

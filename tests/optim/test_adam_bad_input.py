@@ -64,12 +64,13 @@ CONSTRUCTION = {
     "int_params": (dict(), INT_P, TypeError, "params"),
     "complex32_params": (dict(), lambda: [torch.zeros(3, dtype=torch.complex32)], TypeError,
                          "params"),
-    # float64 params run on the reference backend only (in float64)
-    "float64_params_cpu_backend": (dict(backend="cpu"), lambda: _params(torch.float64),
-                                   ValueError, "backend"),
-    "complex128_params_cpu_backend": (dict(backend="cpu"),
-                                      lambda: _params() + _params(torch.complex128),
+    # float64 params run where they are computed in double (the C++ CPU kernel, the
+    # reference), not on the fp32 kernels of Triton (interpreted here) or CUDA
+    "float64_params_triton_backend": (dict(backend="triton"), lambda: _params(torch.float64),
                                       ValueError, "backend"),
+    "complex128_params_triton_backend": (dict(backend="triton"),
+                                         lambda: _params() + _params(torch.complex128),
+                                         ValueError, "backend"),
     "sparse_params": (dict(), lambda: [torch.randn(4).to_sparse().requires_grad_()], TypeError,
                       "params"),
     "empty_params": (dict(), lambda: [], ValueError, "param"),

@@ -162,16 +162,28 @@ def test_complex_refused_where_torch_has_no_complex_maths(name):
     assert_construction_refused(getattr(dlopt_optim, name), params, {}, TypeError, "params")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_explicit_fp32_backend_refuses_float64(dtype, backend):
-    """The compiled and Triton kernels compute in fp32: asked for by name, they refuse
-    float64 params (naming the backend) rather than step them at fp32 precision."""
+# (optimizer, backend, whether its kernels compute float64 params in double)
+EXPLICIT = [("AdamW", "cpu", True), ("SGD", "cpu", True), ("Adagrad", "cpu", True),
+            ("RMSprop", "cpu", True), ("AdamW", "triton", False), ("LAMB", "cpu", False),
+            ("Adafactor", "cpu", False), ("SGD", "triton", False)]
+
+
+@pytest.mark.parametrize("name,backend,takes,dtype", [
+    pytest.param(n, b, t, d, id=f"{n}-{b}-{str(d)[6:]}") for n, b, t in EXPLICIT
+    for d in (torch.float64, torch.complex128) if n in COMPLEX_OK or not d.is_complex])
+def test_explicit_backend_float64(name, backend, takes, dtype):
+    """Asked for by name, a backend whose kernels compute in fp32 refuses float64 params
+    (naming the backend) rather than step them at fp32 precision; the element-wise
+    optimizers' C++ CPU kernels compute in double and take them."""
     if registry.why_unavailable(backend, "cpu") is not None:
         pytest.skip(f"{backend} cannot run here")
     params = _params(torch.float32, "cpu") + _params(dtype, "cpu")
-    assert_construction_refused(dlopt_optim.AdamW, params, dict(backend=backend), ValueError,
-                                "backend")
+    cls = getattr(dlopt_optim, name)
+    if not takes:
+        assert_construction_refused(cls, params, dict(backend=backend), ValueError, "backend")
+        return
+    twin_run(cls, getattr(torch.optim, name), dict(lr=1e-2, backend=backend), params, 2,
+             tolerance=tol(torch.float32))  # (the float32 params set the tolerance)
 
 
 def test_reference_backend_runs_float64_on_request():
@@ -190,27 +202,76 @@ def _adam_args(params, backend):
 
 
 def _clone_args(args):
-    return tuple([t.clone() for t in a] if isinstance(a, list) else a for a in args)
+    return tuple([t.clone() if isinstance(t, torch.Tensor) else t for t in a]
+                 if isinstance(a, list) else a for a in args)
 
 
-def test_op_routes_float64_to_reference_and_refuses_named_kernels():
-    """torch.ops.dlopt.adam_step on float64 lists: backend='auto' runs the reference
-    kernel (the same bits as asking for it); backend='cpu' refuses, changing nothing."""
+def _lamb_args(params, backend):
+    return ([p for p in params], [torch.randn_like(p) for p in params],
+            [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], [],
+            [torch.zeros(()) for _ in params], torch.tensor(1e-2, dtype=torch.float64), 0.9,
+            0.999, 0.01, 1e-6, True, 0.0, None, None, None, None, backend)
+
+
+def _assert_lists_equal(a, b):
+    for x, y in zip(a, b):
+        for s, t in zip(x, y):
+            assert torch.equal(s, t)
+
+
+def test_op_routes_float64_to_reference_and_refuses_fp32_kernels():
+    """torch.ops.dlopt.lamb_step (whose compiled kernels compute in fp32) on float64
+    lists: backend='auto' runs the reference kernel (the same bits as asking for it);
+    backend='cpu' refuses, changing nothing."""
     params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (7,), ()]]
-    auto = _adam_args(params, "auto")
+    auto = _lamb_args(params, "auto")
     ref = _clone_args(auto[:-1]) + ("reference",)
-    torch.ops.dlopt.adam_step(*auto)
-    torch.ops.dlopt.adam_step(*ref)
-    for a, b in zip(auto[0] + auto[2] + auto[3], ref[0] + ref[2] + ref[3]):
-        assert torch.equal(a, b)
+    torch.ops.dlopt.lamb_step(*auto)
+    torch.ops.dlopt.lamb_step(*ref)
+    _assert_lists_equal(auto[:6], ref[:6])
     if registry.why_unavailable("cpu", "cpu") is None:
-        bad = _adam_args([p.clone() for p in params], "cpu")
+        bad = _lamb_args([p.clone() for p in params], "cpu")
         before = _clone_args(bad[:-1])
         with pytest.raises(ValueError, match="backend='cpu'.*float64"):
-            torch.ops.dlopt.adam_step(*bad)
-        for a, b in zip(bad[:7], before[:7]):
-            for x, y in zip(a, b):
-                assert torch.equal(x, y)
+            torch.ops.dlopt.lamb_step(*bad)
+        _assert_lists_equal(bad[:6], before[:6])
+
+
+@pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
+                    reason="needs the C++ CPU library")
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_cpu_kernel_float64(amsgrad):
+    """float64 Adam runs the C++ kernel in double under backend='auto' (the same bits as
+    backend='cpu'), within float64 rounding of the reference kernel; a call mixing
+    float64 with other params, or float64 params with float32 states, is refused
+    (TypeError) with nothing changed."""
+    params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (70001,), (), (0,)]]
+    args = list(_adam_args(params, "auto"))
+    args[4] = [torch.zeros_like(p) for p in params] if amsgrad else []
+    args[12] = amsgrad
+    runs = {}
+    for backend in ("auto", "cpu", "reference"):
+        a = _clone_args(tuple(args[:-1])) + (backend,)
+        for _ in range(3):
+            torch.ops.dlopt.adam_step(*a)
+        runs[backend] = a
+    _assert_lists_equal(runs["auto"][:5], runs["cpu"][:5])
+    for k in (0, 2, 3, 4):
+        for x, y in zip(runs["cpu"][k], runs["reference"][k]):
+            torch.testing.assert_close(x, y, **tol(torch.float64))
+    for bad in ([params[0], params[1].float()], None):
+        a = _clone_args(tuple(args[:-1])) + ("cpu",)
+        if bad is None:  # float32 states of float64 params
+            for k in (2, 3, 4):
+                if a[k]:
+                    a[k][0] = a[k][0].float()
+        else:
+            a = _adam_args([t.clone() for t in bad], "cpu")
+        before = _clone_args(a)
+        with pytest.raises(TypeError, match="float64|Double"):
+            torch.ops.dlopt.adam_step(*a)
+        _assert_lists_equal([x for x in a if isinstance(x, list)],
+                            [x for x in before if isinstance(x, list)])
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -8,9 +8,10 @@
 //   using Coeffs = ...;                  // per tensor (lr, betas, bias corrections, ...)
 //   static constexpr unsigned kReads;    // bit k: state stream k is loaded
 //   static constexpr unsigned kWrites;   // bit k: state stream k is stored
-//   static void update(float& p, float g, float (&s)[kMaxStates], const Coeffs& c);
-// `g` comes unscaled (divided by the grad scale) and negated for maximize; `p` is the
-// fp32 value (master copy or param) and is written back as the store mode says.
+//   static void update(C& p, C g, C (&s)[kMaxStates], const Coeffs& c);
+// with C the arithmetic's type, the param storage's P::C (fp32; double for float64
+// params). `g` comes unscaled (divided by the grad scale) and negated for maximize; `p`
+// is the value (fp32 master copy or param) and is written back as the store mode says.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <cstdint>
@@ -33,7 +34,7 @@ struct StepArgs {
   void* s[kMaxStates];  // state streams (nullptr: unused)
   float* master;
   Coeffs c;
-  float grad_mul;  // (maximize ? -1 : 1) / grad_scale
+  double grad_mul;  // (maximize ? -1 : 1) / grad_scale, as the arithmetic's type holds it
   uint32_t sr_key;
 };
 
@@ -57,12 +58,13 @@ DLOPT_HD void step_elements(int32_t lo, int32_t hi, typename P::T* __restrict__ 
                             const typename P::T* __restrict__ g, typename S::T* __restrict__ s0,
                             typename S::T* __restrict__ s1, typename S::T* __restrict__ s2,
                             float* __restrict__ master, const typename Op::Coeffs& c,
-                            float grad_mul, uint32_t key, uint32_t base) {
+                            typename P::C grad_mul, uint32_t key, uint32_t base) {
+  using C = typename P::C;
   constexpr unsigned R = Op::kReads, W = Op::kWrites;
   for (int32_t i = lo; i < hi; ++i) {
-    float pf = load_param<P, STORE>(p, master, i);
-    float s[kMaxStates] = {(R & 1u) ? S::load(s0[i]) : 0.f, (R & 2u) ? S::load(s1[i]) : 0.f,
-                           (R & 4u) ? S::load(s2[i]) : 0.f};
+    C pf = load_param<P, STORE>(p, master, i);
+    C s[kMaxStates] = {(R & 1u) ? S::load(s0[i]) : C(0), (R & 2u) ? S::load(s1[i]) : C(0),
+                       (R & 4u) ? S::load(s2[i]) : C(0)};
     Op::update(pf, P::load(g[i]) * grad_mul, s, c);
     if (W & 1u) s0[i] = S::store(s[0]);
     if (W & 2u) s1[i] = S::store(s[1]);
@@ -93,7 +95,7 @@ void step_chunk(const StepArgs<typename Op::Coeffs>& a, int64_t begin, int64_t e
   auto* s2 = state_stream<Op, S, 2>(a, ck);
   float* master = ck.offset(a.master);
   const typename Op::Coeffs c = a.c;
-  const float grad_mul = a.grad_mul;
+  const auto grad_mul = static_cast<typename P::C>(a.grad_mul);
   const uint32_t key = a.sr_key;
   const auto run = [&](int32_t lo, int32_t hi) {
     step_elements<Op, P, S, STORE>(lo, hi, p, g, s0, s1, s2, master, c, grad_mul, key, ck.base);
@@ -128,7 +130,7 @@ inline uint32_t sr_seed_value(const std::optional<at::Tensor>& sr_seed) {
 // so their steps are counted as torch counts them. Then one parallel region runs every
 // chunk of every tensor, and scratch copies go back into the caller's tensors.
 template <class Coeffs, class PerTensor>
-void run_step(AlignedLists& L, int num_states, bool use_master, uint32_t seed, float grad_mul,
+void run_step(AlignedLists& L, int num_states, bool use_master, uint32_t seed, double grad_mul,
               const PerTensor& per_tensor) {
   const size_t n = L[0].size();
   std::vector<StepArgs<Coeffs>> args(n);
@@ -151,6 +153,21 @@ void run_step(AlignedLists& L, int num_states, bool use_master, uint32_t seed, f
   }
   for_each_chunk(numels, [&](int32_t t, int64_t b, int64_t e) { fns[t](args[t], b, e); });
   L.finish();
+}
+
+// run_step in the call's arithmetic: double for a float64 call (float64_call), with
+// CoeffsOf<double>; fp32 otherwise. per_tensor is generic over the StepArgs it fills
+// (its coefficients' `Compute` type tells which).
+template <template <class> class CoeffsOf, class PerTensor>
+void run_step_for(bool wide, AlignedLists& L, int num_states, bool use_master, uint32_t seed,
+                  double grad_mul, const PerTensor& per_tensor) {
+  if (wide) {
+    run_step<CoeffsOf<double>>(L, num_states, false, 0, grad_mul, per_tensor);
+  } else {
+    // the fp32 multiplier, rounded once as the fp32 kernels (and the CUDA ones) use it
+    run_step<CoeffsOf<float>>(L, num_states, use_master, seed, static_cast<float>(grad_mul),
+                              per_tensor);
+  }
 }
 
 }  // namespace dlopt

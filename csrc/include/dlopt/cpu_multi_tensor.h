@@ -6,7 +6,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "dlopt/cpu_storage.h"
@@ -95,6 +97,40 @@ auto pick_storage(at::ScalarType pt, at::ScalarType st, Store store, Args... arg
       // first decides the backend: ops/_library.py)
       TORCH_CHECK_TYPE(false, "dlopt: unsupported param dtype ", pt, kDtypeHint);
   }
+}
+
+// pick_storage for arithmetic of type C: for double (a float64 call: float64_call),
+// float64 params and states, rounded to nearest.
+template <template <class, class, Store> class Pick, class C, class... Args>
+auto pick_storage_for(at::ScalarType pt, at::ScalarType st, Store store, Args... args) {
+  if constexpr (std::is_same_v<C, double>) {
+    return Pick<F64, F64, Store::kNearest>::get(args...);
+  } else {
+    return pick_storage<Pick>(pt, st, store, args...);
+  }
+}
+
+// Whether a call steps float64 params, in double arithmetic (the kernels of the ops
+// that take them). A float64 call holds only float64 params, each with float64 states
+// and no master copy; mixing float64 with other params in one call is refused (the
+// optimizers call once per dtype).
+inline bool float64_call(at::TensorList params, std::initializer_list<at::TensorList> states,
+                         bool use_master) {
+  const bool wide = !params.empty() && params[0].scalar_type() == at::kDouble;
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_TYPE((params[i].scalar_type() == at::kDouble) == wide, "dlopt: params[", i,
+                     "] is ", params[i].scalar_type(), " but params[0] is ",
+                     params[0].scalar_type(), ": float64 params come in a call of their own");
+    if (!wide) continue;
+    for (const at::TensorList& list : states)
+      TORCH_CHECK_TYPE(list.empty() || list[i].scalar_type() == at::kDouble,
+                       "dlopt: the states of float64 params[", i, "] must be float64, got ",
+                       list[i].scalar_type());
+  }
+  TORCH_CHECK_TYPE(!wide || !use_master,
+                   "dlopt: master weights are for bfloat16, float16 and float32 params, not "
+                   "float64 ones");
+  return wide;
 }
 
 }  // namespace dlopt

@@ -1,5 +1,6 @@
-// Storage-dtype adapters for CPU kernels: load to fp32, store from fp32. Plain
-// bit operations on uint16_t (not c10::BFloat16 objects) so gcc vectorizes them.
+// Storage-dtype adapters for CPU kernels: load to the arithmetic's type C (fp32; double
+// for float64 params), store from it. Plain bit operations on uint16_t (not
+// c10::BFloat16 objects) so gcc vectorizes them.
 #pragma once
 #include <c10/util/Half.h>
 #include <algorithm>
@@ -15,24 +16,36 @@ enum class Store { kNearest, kMaster, kStochastic };
 
 struct F32 {
   using T = float;
+  using C = float;
   static inline float load(float x) { return x; }
   static inline float store(float x) { return x; }
 };
 
 struct BF16 {
   using T = uint16_t;
+  using C = float;
   static inline float load(uint16_t x) { return bf16_bits_to_float(x); }
   static inline uint16_t store(float x) { return bf16_bits_rne(x); }
 };
 
 struct F16 {
   using T = uint16_t;
+  using C = float;
   static inline float load(uint16_t x) { return c10::detail::fp16_ieee_to_fp32_value(x); }
   static inline uint16_t store(float x) { return c10::detail::fp16_ieee_from_fp32_value(x); }
 };
 
+// float64 params and states, with double arithmetic (no master copy, no stochastic
+// rounding: pick_storage).
+struct F64 {
+  using T = double;
+  using C = double;
+  static inline double load(double x) { return x; }
+  static inline double store(double x) { return x; }
+};
+
 template <class P, Store STORE>
-inline typename P::T store_param(float x, uint32_t key, uint32_t i) {
+inline typename P::T store_param(typename P::C x, uint32_t key, uint32_t i) {
   if constexpr (STORE == Store::kStochastic && std::is_same_v<P, BF16>) {
     return bf16_bits_stochastic(x, mix32(i ^ key));  // sr_random(key, i), in 32-bit lanes
   } else {
@@ -40,9 +53,9 @@ inline typename P::T store_param(float x, uint32_t key, uint32_t i) {
   }
 }
 
-// The fp32 value an update starts from: the fp32 master copy, or the param itself.
+// The value an update starts from: the fp32 master copy, or the param itself.
 template <class P, Store STORE, class I>
-inline float load_param(const typename P::T* p, const float* master, I i) {
+inline typename P::C load_param(const typename P::T* p, const float* master, I i) {
   if constexpr (STORE == Store::kMaster) {
     return master[i];
   } else {
@@ -50,13 +63,13 @@ inline float load_param(const typename P::T* p, const float* master, I i) {
   }
 }
 
-// Writes an updated fp32 value back: into the master copy (if any) and into the
+// Writes an updated value back: into the master copy (if any) and into the
 // param, rounded as STORE says. `base + i` is the element's index in its tensor (the
 // stochastic-rounding counter): loops over a chunk pass the chunk's first index as
 // `base` and a 32-bit `i` from there (ChunkLoop), so the vectorized loop keeps that
 // counter in 32-bit lanes.
 template <class P, Store STORE, class I>
-inline void write_param(typename P::T* p, float* master, float x, uint32_t key, I i,
+inline void write_param(typename P::T* p, float* master, typename P::C x, uint32_t key, I i,
                         uint32_t base = 0) {
   if constexpr (STORE == Store::kMaster) master[i] = x;
   p[i] = store_param<P, STORE>(x, key, base + static_cast<uint32_t>(i));

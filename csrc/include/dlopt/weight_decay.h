@@ -24,20 +24,40 @@ DLOPT_HD float fmadd(float a, float b, float c) {
 #endif
 }
 
+// The same in double, for the CPU kernels' float64 arithmetic (float64 params).
+DLOPT_HD double fmadd(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#elif defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// sqrt in the arithmetic's precision (sqrtf for fp32: the maths headers' float code
+// is the same whichever precision the templates are instantiated with).
+DLOPT_HD float sqrt_of(float x) { return sqrtf(x); }
+DLOPT_HD double sqrt_of(double x) { return sqrt(x); }
+
 // Decoupled weight decay (AdamW, Lion, Adafactor): p <- p * (1 - lr * weight_decay),
-// the factor computed in double from the host-side values and rounded once to fp32,
-// as torch does (`param.mul_(1 - lr * weight_decay)`).
-DLOPT_HD float decoupled_decay_factor(double lr, double weight_decay) {
-  return static_cast<float>(1.0 - lr * weight_decay);
+// the factor computed in double from the host-side values and rounded once to the
+// arithmetic's precision C (fp32; double for float64 params), as torch does
+// (`param.mul_(1 - lr * weight_decay)`).
+template <class C = float>
+DLOPT_HD C decoupled_decay_factor(double lr, double weight_decay) {
+  return static_cast<C>(1.0 - lr * weight_decay);
 }
 
 // p * decay_factor - delta: the decayed param minus the step, one rounding (fmadd).
-DLOPT_HD float decayed_minus(float p, float decay_factor, float delta) {
+template <class C>
+DLOPT_HD C decayed_minus(C p, C decay_factor, C delta) {
   return fmadd(p, decay_factor, -delta);
 }
 
 // L2 weight decay (Adam, SGD, RMSprop, Adagrad): the penalty's gradient added to g.
-DLOPT_HD float l2_decayed_grad(float g, float p, float weight_decay) {
+template <class C>
+DLOPT_HD C l2_decayed_grad(C g, C p, C weight_decay) {
   return g + weight_decay * p;
 }
 
