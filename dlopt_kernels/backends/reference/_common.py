@@ -77,24 +77,38 @@ def rounded(x: float, dtype: torch.dtype) -> float:
     return x if dtype == torch.float64 else float(torch.tensor(x, dtype=torch.float32))
 
 
+def count_steps(state_steps) -> list[float]:
+    """Every step count += 1 (zero-size params' too, as torch counts them) and the new
+    counts as floats, read from the device in one transfer: a float() per tensor would
+    wait for the device once per tensor (this backend runs on MPS, XLA, and float64 on a
+    GPU)."""
+    if not state_steps:
+        return []
+    torch._foreach_add_(list(state_steps), 1)
+    first = state_steps[0].device
+    if any(s.device != first for s in state_steps):
+        return [float(s) for s in state_steps]
+    return torch.cat([s.reshape(1) for s in state_steps]).tolist()
+
+
 def each_tensor(params, grads, master_params, state_steps, grad_mul: float):
     """The loop every element-wise reference step runs: each param's step counted first
     (all of them, zero-size ones included, as torch counts them; `state_steps` empty for
-    ops without steps), then for each param with elements (i, p, pf, g, master): its
+    ops without steps), then for each param with elements (i, p, pf, g, master, step),
+    its step count as a float (None without steps) after its
     value in the arithmetic's dtype (compute_dtype: fp32, fp64 for fp64 params; a copy
     of the master under master weights, else the param upcast: for an fp32 or fp64
     param the param itself, which the caller must not change before store_param), its
     grad in that dtype times `grad_mul`, and its master or None. States are read with
     `.to(pf.dtype)`."""
+    steps = count_steps(state_steps)
     for i, p in enumerate(params):
-        if state_steps:
-            state_steps[i].add_(1)
         if p.numel() == 0:
             continue
         master = master_params[i] if master_params else None
         cd = compute_dtype(p)
         pf = master.clone() if master is not None else p.to(cd)
-        yield i, p, pf, grads[i].to(cd) * grad_mul, master
+        yield i, p, pf, grads[i].to(cd) * grad_mul, master, (steps[i] if steps else None)
 
 
 def store_param(p: Tensor, pf: Tensor, master: Optional[Tensor], seed: Optional[int],

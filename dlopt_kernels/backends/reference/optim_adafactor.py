@@ -11,6 +11,7 @@ from torch import Tensor
 from dlopt_kernels.backends.checks import check_factored_lists
 from dlopt_kernels.backends.reference._common import (
     compute_dtype,
+    count_steps,
     decoupled_decay_factor,
     grad_multiplier,
     rounded,
@@ -82,8 +83,8 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
     eps1_sq = eps1 * eps1
     kf = kv = 0
     with torch.no_grad():
+        steps = count_steps(state_steps)
         for i, p in enumerate(params):
-            state_steps[i].add_(1)
             factored = p.dim() >= 2
             if factored:
                 rv, cv = row_vars[kf], col_vars[kf]
@@ -97,8 +98,7 @@ def adafactor_step(params, grads, row_vars, col_vars, variances, master_params, 
             if numel == 0:  # nothing to update (torch divides by zero here)
                 continue
             cd = compute_dtype(p)  # fp32, or fp64 for fp64 params
-            w, rho, decay = adafactor_coeffs(lr_v, float(state_steps[i]), beta2_decay,
-                                             weight_decay, cd)
+            w, rho, decay = adafactor_coeffs(lr_v, steps[i], beta2_decay, weight_decay, cd)
             master = master_params[i] if master_params else None
             pf = master.clone() if master is not None else p.to(cd)
             g = grads[i].to(cd) * grad_mul

@@ -24,9 +24,9 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tens
     grad_mul = grad_multiplier(maximize, grad_scale)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
-                                               grad_mul):
-            clr = lr_v / (1.0 + (float(state_steps[i]) - 1.0) * lr_decay)
+        for i, p, pf, g, master, step in each_tensor(params, grads, master_params,
+                                                     state_steps, grad_mul):
+            clr = lr_v / (1.0 + (step - 1.0) * lr_decay)
             if weight_decay != 0.0:
                 g = g + weight_decay * pf
             s = state_sums[i].to(pf.dtype) + g * g

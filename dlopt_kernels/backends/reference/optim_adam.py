@@ -30,9 +30,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     grad_mul = (-1.0 if maximize else 1.0) / (float(grad_scale) if grad_scale is not None else 1.0)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
-                                               grad_mul):
-            step = float(state_steps[i])
+        for i, p, pf, g, master, step in each_tensor(params, grads, master_params,
+                                                     state_steps, grad_mul):
             step_size, inv_bc2_sqrt, decay = adam_coeffs(lr_v, step, beta1, beta2, weight_decay)
             m = exp_avgs[i].to(pf.dtype)
             v = exp_avg_sqs[i].to(pf.dtype)

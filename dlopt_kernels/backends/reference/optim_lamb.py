@@ -10,8 +10,8 @@ from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
-                                                      compute_dtype, grad_multiplier, skip_step,
-                                                      store_param)
+                                                      compute_dtype, count_steps, grad_multiplier,
+                                                      skip_step, store_param)
 
 
 def lamb_clip_factor(global_norm: float, max_norm: float) -> float:
@@ -46,11 +46,11 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
         # pass 1: moments, update directions and their sums of squares
         updates = []
         sums = torch.zeros(len(params), 2, dtype=torch.float64, device=params[0].device)
+        steps = count_steps(state_steps)
         for i, p in enumerate(params):
-            state_steps[i].add_(1)
             if bias_correction:
-                step_size, inv_bc2_sqrt, _ = adam_coeffs(1.0, float(state_steps[i]), beta1,
-                                                         beta2, weight_decay)
+                step_size, inv_bc2_sqrt, _ = adam_coeffs(1.0, steps[i], beta1, beta2,
+                                                         weight_decay)
             else:
                 step_size, inv_bc2_sqrt = 1.0, 1.0
             master = master_params[i] if master_params else None

@@ -28,8 +28,8 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr: Tensor, b
     decay = decoupled_decay_factor(lr_v, weight_decay)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
-                                               grad_mul):
+        for i, p, pf, g, master, _ in each_tensor(params, grads, master_params, state_steps,
+                                                  grad_mul):
             m = exp_avgs[i].to(pf.dtype)
             if weight_decay != 0.0:
                 pf = pf * decay

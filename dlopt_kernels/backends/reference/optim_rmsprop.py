@@ -27,8 +27,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
     grad_mul = grad_multiplier(maximize, grad_scale)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p, pf, g, master in each_tensor(params, grads, master_params, state_steps,
-                                               grad_mul):
+        for i, p, pf, g, master, _ in each_tensor(params, grads, master_params, state_steps,
+                                                  grad_mul):
             # torch.optim.RMSprop's own op sequence (for-loop path), so that on any
             # device this backend rounds as torch does: centered RMSprop's v - ga^2
             # cancels and amplifies any other order's rounding along the trajectory.

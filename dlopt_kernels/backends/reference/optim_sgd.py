@@ -29,7 +29,7 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_
     grad_mul = grad_multiplier(maximize, grad_scale)
     seed = int(sr_seed) if sr_seed is not None else None
     with torch.no_grad():
-        for i, p, pf, g, master in each_tensor(params, grads, master_params, [], grad_mul):
+        for i, p, pf, g, master, _ in each_tensor(params, grads, master_params, [], grad_mul):
             if weight_decay != 0.0:
                 g = g + weight_decay * pf
             if momentum != 0.0:
