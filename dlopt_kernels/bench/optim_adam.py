@@ -13,8 +13,9 @@ is timed; see `dlopt_kernels.bench.common` for how):
    and with fp32 master weights (30 B/param) vs torch fused with fp32 params (28 B/param,
    the baseline the target is about) and with bf16 params and bf16 states (14 B/param).
 5. ``fp64_gpt2``  the GPT-2 small shapes of case 2 in float64 (56 B/param): ours with
-   backend='auto' (the C++ kernel in double on the CPU; the pure-torch reference, in
-   float64, on a GPU) vs torch's three implementations. No target: for information.
+   backend='auto' (the C++ kernel in double on the CPU; the Triton kernel in double on
+   a GPU, the CUDA kernels being fp32) vs torch's three implementations. No target: for
+   information.
 
 Ours runs on every backend available for the device (CPU tensors: cpu; CUDA tensors:
 cuda, triton), plus the pure-torch reference in quick runs only (it is slow).

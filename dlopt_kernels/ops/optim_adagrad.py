@@ -30,8 +30,9 @@ SCHEMA = (
     "float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-# float64 params: the C++ CPU kernel computes in double (the others in fp32)
-adagrad_step = define_step(SCHEMA, float64_backends=("cpu",), complex_params=True, backends={
+# float64 params: the C++ CPU and the Triton kernels compute in double (CUDA in fp32)
+adagrad_step = define_step(SCHEMA, float64_backends=("cpu", "triton"), complex_params=True,
+                           backends={
     "cpu": compiled("adagrad_step"),
     "cuda": compiled("adagrad_step"),
     "triton": "dlopt_kernels.triton.optim_adagrad:adagrad_step",

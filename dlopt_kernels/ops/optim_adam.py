@@ -20,8 +20,8 @@ SCHEMA = (
     "float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
     "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
-# float64 params: the C++ CPU kernel computes in double (the others in fp32)
-adam_step = define_step(SCHEMA, complex_params=True, float64_backends=("cpu",), backends={
+# float64 params: the C++ CPU and the Triton kernels compute in double (CUDA in fp32)
+adam_step = define_step(SCHEMA, complex_params=True, float64_backends=("cpu", "triton"), backends={
     "cpu": compiled("adam_step"),
     "cuda": compiled("adam_step"),
     "triton": "dlopt_kernels.triton.optim_adam:adam_step",

@@ -28,8 +28,8 @@ SCHEMA = (
     "float beta2, float weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-# float64 params: the C++ CPU kernel computes in double (the others in fp32)
-lion_step = define_step(SCHEMA, float64_backends=("cpu",), complex_params=False, backends={
+# float64 params: the C++ CPU and the Triton kernels compute in double (CUDA in fp32)
+lion_step = define_step(SCHEMA, float64_backends=("cpu", "triton"), complex_params=False, backends={
     "cpu": compiled("lion_step"),
     "cuda": compiled("lion_step"),
     "triton": "dlopt_kernels.triton.optim_lion:lion_step",

@@ -34,8 +34,9 @@ SCHEMA = (
     "float momentum, bool centered, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
-# float64 params: the C++ CPU kernel computes in double (the others in fp32)
-rmsprop_step = define_step(SCHEMA, float64_backends=("cpu",), complex_params=True, backends={
+# float64 params: the C++ CPU and the Triton kernels compute in double (CUDA in fp32)
+rmsprop_step = define_step(SCHEMA, float64_backends=("cpu", "triton"), complex_params=True,
+                           backends={
     "cpu": compiled("rmsprop_step"),
     "cuda": compiled("rmsprop_step"),
     "triton": "dlopt_kernels.triton.optim_rmsprop:rmsprop_step",

@@ -31,8 +31,8 @@ SCHEMA = (
     "float dampening, bool nesterov, bool maximize, bool[] new_buffers, "
     "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
-# float64 params: the C++ CPU kernel computes in double (the others in fp32)
-sgd_step = define_step(SCHEMA, float64_backends=("cpu",), complex_params=True, backends={
+# float64 params: the C++ CPU and the Triton kernels compute in double (CUDA in fp32)
+sgd_step = define_step(SCHEMA, float64_backends=("cpu", "triton"), complex_params=True, backends={
     "cpu": compiled("sgd_step"),
     "cuda": compiled("sgd_step"),
     "triton": "dlopt_kernels.triton.optim_sgd:sgd_step",

@@ -170,31 +170,33 @@ def pow_f64(base, e):
 
 
 @triton.jit
-def grad_multiplier(gs_ptr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr):
+def grad_multiplier(gs_ptr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
+                    CT: tl.constexpr = tl.float32):
     """cpu_multi_tensor.h grad_multiplier: (maximize ? -1 : 1) / grad_scale in fp64,
-    rounded once to fp32 (gs_ptr is not read unless HAS_GS)."""
+    rounded once to the arithmetic's type CT (fp32; fp64 for float64 params; gs_ptr is
+    not read unless HAS_GS)."""
     sign = -1.0 if MAXIMIZE else 1.0
     if HAS_GS:
-        mul = (sign / tl.load(gs_ptr).to(tl.float64)).to(tl.float32)
+        mul = (sign / tl.load(gs_ptr).to(tl.float64)).to(CT)
     else:
-        mul = tl.full((), sign, tl.float32)
+        mul = tl.full((), sign, CT)
     return mul
 
 
 @triton.jit
-def decoupled_decay_factor(lr, weight_decay):
-    """weight_decay.h: 1 - lr * weight_decay from fp64 values, rounded once to fp32."""
-    return (1.0 - lr.to(tl.float64) * weight_decay).to(tl.float32)
+def decoupled_decay_factor(lr, weight_decay, CT: tl.constexpr = tl.float32):
+    """weight_decay.h: 1 - lr * weight_decay from fp64 values, rounded once to CT."""
+    return (1.0 - lr.to(tl.float64) * weight_decay).to(CT)
 
 
 @triton.jit
-def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
-    """cpu_storage.h load_param: the fp32 value an update starts from (the fp32 master
-    copy under MASTER, else the param upcast)."""
+def load_param(p_ptr, master_ptr, offs, mask, MASTER: tl.constexpr, CT: tl.constexpr = tl.float32):
+    """cpu_storage.h load_param: the value an update starts from, in CT (the fp32
+    master copy under MASTER, else the param upcast)."""
     if MASTER:
         p = tl.load(master_ptr + offs, mask=mask)
     else:
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        p = tl.load(p_ptr + offs, mask=mask).to(CT)
     return p
 
 
@@ -226,11 +228,11 @@ def round_to_storage(x, ptrs):
 
 
 @triton.jit
-def adam_bias_corrections(lr, step, beta1, beta2):
+def adam_bias_corrections(lr, step, beta1, beta2, CT: tl.constexpr = tl.float32):
     """adam_coeffs: (lr / (1 - beta1^step), 1 / sqrt(1 - beta2^step)) from fp64 lr,
-    step and betas, each rounded once to fp32."""
-    step_size = (lr / (1.0 - pow_f64(beta1, step))).to(tl.float32)
-    inv_bc2_sqrt = (1.0 / tl.sqrt(1.0 - pow_f64(beta2, step))).to(tl.float32)  # fp64: IEEE
+    step and betas, each rounded once to CT."""
+    step_size = (lr / (1.0 - pow_f64(beta1, step))).to(CT)
+    inv_bc2_sqrt = (1.0 / tl.sqrt(1.0 - pow_f64(beta2, step))).to(CT)  # fp64: IEEE
     return step_size, inv_bc2_sqrt
 
 
@@ -257,11 +259,31 @@ def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
 
 
 @triton.jit
-def adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps):
-    """adam_direction (fp32): step_size * m / (sqrt(v_hat) * inv_bc2_sqrt + eps), with
-    IEEE sqrt and division like the C++ kernel (plain `/` and tl.sqrt are approximate
-    on GPUs)."""
-    return step_size * tl.math.div_rn(m, tl.sqrt_rn(v_hat) * inv_bc2_sqrt + eps)
+def ieee_div(x, y, CT: tl.constexpr = tl.float32):
+    """x / y rounded to nearest in CT, like the C++ kernels: fp32 `/` is approximate on
+    GPUs (div_rn is the IEEE one, fp32 only); fp64 `/` is IEEE already."""
+    if CT == tl.float64:
+        q = x / y
+    else:
+        q = tl.math.div_rn(x, y)
+    return q
+
+
+@triton.jit
+def ieee_sqrt(x, CT: tl.constexpr = tl.float32):
+    """sqrt rounded to nearest in CT (tl.sqrt_rn for fp32; fp64 sqrt is IEEE)."""
+    if CT == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+@triton.jit
+def adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps, CT: tl.constexpr = tl.float32):
+    """adam_direction (in CT): step_size * m / (sqrt(v_hat) * inv_bc2_sqrt + eps), with
+    IEEE sqrt and division like the C++ kernel (ieee_div, ieee_sqrt)."""
+    return step_size * ieee_div(m, ieee_sqrt(v_hat, CT) * inv_bc2_sqrt + eps, CT)
 
 
 # ------------------------------------------------------------------ host side
@@ -636,8 +658,11 @@ def elementwise_step(kernel, lists, mutated, state_steps, *, lr, grad_scale, fou
     # Triton launches on the current CUDA device: make it the params' one.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for dtypes, code, aligned, table, block_map, programs in groups:
+            # CT: the arithmetic's type, fp64 for float64 params (fp32 otherwise)
             consts = dict(SR=sr and dtypes[0] == torch.bfloat16, P_DT=TORCH_TO_TL[dtypes[0]],
-                          S_DT=TORCH_TO_TL[dtypes[1]], **dict(extras[code] if extras else ()))
+                          S_DT=TORCH_TO_TL[dtypes[1]],
+                          CT=tl.float64 if dtypes[0] == torch.float64 else tl.float32,
+                          **dict(extras[code] if extras else ()))
             if steps_in_table:
                 consts["STEP_DT"] = TORCH_TO_TL[dtypes[2]]
             kernel[(programs,)](table, block_map, lr, gs, fi, seed, *floats, **flags,

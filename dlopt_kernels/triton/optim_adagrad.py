@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    ieee_div,
+    ieee_sqrt,
     block_mask,
     check_elementwise_lists,
     elementwise_step,
@@ -35,7 +37,8 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                     HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                     SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
                     STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                    CT: tl.constexpr = tl.float32):
     # One block of one tensor (lists: params, grads, state sums, masters, steps).
     rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
@@ -49,9 +52,9 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     # adagrad_coeffs(): the per-tensor learning rate in fp64, rounded once to fp32.
     step = next_step(step_ptr)
     lr = tl.load(lr_ptr).to(tl.float64)
-    clr = (lr / (1.0 + (step - 1.0) * f64(lr_decay))).to(tl.float32)
-    eps_f = f64(eps).to(tl.float32)
-    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    clr = (lr / (1.0 + (step - 1.0) * f64(lr_decay))).to(CT)
+    eps_f = f64(eps).to(CT)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS, CT)
 
     # ITERS blocks per program: the prologue above (table row, coefficients) runs
     # once per BLOCK * ITERS elements.
@@ -59,14 +62,14 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: adagrad_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-        s = tl.load(sum_ptr + offs, mask=mask).to(tl.float32)
-        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        s = tl.load(sum_ptr + offs, mask=mask).to(CT)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD:
-            g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+            g = g + f64(weight_decay).to(CT) * p  # weight_decay.h l2_decayed_grad
         s = s + g * g
         # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
-        p = p - tl.math.div_rn(clr * g, tl.sqrt_rn(s) + eps_f)
+        p = p - ieee_div(clr * g, ieee_sqrt(s, CT) + eps_f, CT)
         store_f32(sum_ptr + offs, s, mask)
         write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
@@ -77,7 +80,8 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr, lr_d
     if not params:
         return
     check_elementwise_lists(params, grads, {"state_sums": state_sums}, master_params,
-                            state_steps, sr_seed is not None, op="dlopt::adagrad_step")
+                            state_steps, sr_seed is not None, op="dlopt::adagrad_step",
+                            wide=True)
     elementwise_step(
         _adagrad_kernel, [params, grads, state_sums, master_params], (True, False, True, True),
         state_steps, lr=lr, grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed,

@@ -29,6 +29,8 @@ from dlopt_kernels.triton._common import (
     decayed_minus,
     elementwise_step,
     f64,
+    grad_multiplier,
+    load_param,
     next_step,
     sr_tensor_key,
     store_f32,
@@ -46,8 +48,8 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                  WD: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
-                 STEP_DT: tl.constexpr, ALIGNED: tl.constexpr, NCOL: tl.constexpr,
-                 BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                 STEP_DT: tl.constexpr, CT: tl.constexpr, ALIGNED: tl.constexpr,
+                 NCOL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # One block of one tensor of the group (multi_tensor_groups' table); the lists'
     # order: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps.
     rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
@@ -63,47 +65,41 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         n = tl.where(skip, 0, n)
         step = tl.where(skip, 1.0, step)  # unused then; avoids 1/(1 - beta^0) warnings
 
-    # Per-tensor coefficients in fp64, rounded once to fp32: adam_coeffs().
+    # Per-tensor coefficients in fp64, rounded once to the arithmetic's type CT (fp32;
+    # fp64 for float64 params): adam_coeffs().
     lr = tl.load(lr_ptr).to(tl.float64)
     b1 = f64(beta1)
     b2 = f64(beta2)
-    step_size, inv_bc2_sqrt = adam_bias_corrections(lr, step, b1, b2)
-    omb1 = f64(one_minus_beta1).to(tl.float32)
-    omb2 = f64(one_minus_beta2).to(tl.float32)
-    beta2_f = b2.to(tl.float32)
-    eps_f = f64(eps).to(tl.float32)
+    step_size, inv_bc2_sqrt = adam_bias_corrections(lr, step, b1, b2, CT)
+    omb1 = f64(one_minus_beta1).to(CT)
+    omb2 = f64(one_minus_beta2).to(CT)
+    beta2_f = b2.to(CT)
+    eps_f = f64(eps).to(CT)
     wd = f64(weight_decay)
-    sign = -1.0 if MAXIMIZE else 1.0
-    if HAS_GS:
-        grad_mul = (sign / tl.load(gs_ptr).to(tl.float64)).to(tl.float32)
-    else:
-        grad_mul = tl.full((), sign, tl.float32)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS, CT)
 
     # ITERS blocks per program: the prologue above (table row, coefficients) runs
     # once per BLOCK * ITERS elements.
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
-        # One element: adam_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-        if MASTER:
-            p = tl.load(master_ptr + offs, mask=mask)
-        else:
-            p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        # One element: adam_update() line by line, all in CT.
+        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        m = tl.load(m_ptr + offs, mask=mask).to(CT)
+        v = tl.load(v_ptr + offs, mask=mask).to(CT)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD == 1:  # _WD_L2 (Adam)
-            g = g + wd.to(tl.float32) * p
+            g = g + wd.to(CT) * p
         m, v = adam_moments(g, m, v, omb1, beta2_f, omb2)
         v_hat = v
         if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+            vmax = tl.load(vmax_ptr + offs, mask=mask).to(CT)
             vmax = tl.where(vmax > v, vmax, v)  # as C++ `vmax > v ? vmax : v`, NaN included
             store_f32(vmax_ptr + offs, vmax, mask)
             v_hat = vmax
-        step_p = adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f)
+        step_p = adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f, CT)
         if WD == 2:  # _WD_DECOUPLED (AdamW): p * (1 - lr * wd) - step, one rounding
-            p = decayed_minus(p, (1.0 - lr * wd).to(tl.float32), step_p)
+            p = decayed_minus(p, (1.0 - lr * wd).to(CT), step_p)
         else:
             p = p - step_p
 
@@ -125,7 +121,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     states.update({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {})
     check_elementwise_lists(params, grads, states, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::adam_step")
+                            sr_seed is not None, op="dlopt::adam_step", wide=True)
     # Hyperparameters go in as fp64 (`1 - beta` exact in double, as adam_coeffs()).
     elementwise_step(
         _adam_kernel, [params, grads, exp_avgs, exp_avg_sqs,

@@ -35,7 +35,8 @@ def _lion_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, beta1: tl
                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                  SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
                  ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
-                 ITERS: tl.constexpr):
+                 ITERS: tl.constexpr,
+                 CT: tl.constexpr = tl.float32):
     # One block of one tensor (lists: params, grads, exp_avgs, masters).
     rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
@@ -47,12 +48,12 @@ def _lion_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, beta1: tl
 
     # lion_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64)
-    lr_f = lr.to(tl.float32)
-    b1 = f64(beta1).to(tl.float32)
-    b2 = f64(beta2).to(tl.float32)
-    omb1 = f64(one_minus_beta1).to(tl.float32)
-    omb2 = f64(one_minus_beta2).to(tl.float32)
-    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    lr_f = lr.to(CT)
+    b1 = f64(beta1).to(CT)
+    b2 = f64(beta2).to(CT)
+    omb1 = f64(one_minus_beta1).to(CT)
+    omb2 = f64(one_minus_beta2).to(CT)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS, CT)
 
     # ITERS blocks per program: the prologue above (table row, coefficients) runs
     # once per BLOCK * ITERS elements.
@@ -60,14 +61,14 @@ def _lion_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, beta1: tl
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: lion_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        m = tl.load(m_ptr + offs, mask=mask).to(CT)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         u = fmadd(b1, m, omb1 * g)
         sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, u * 0.0))  # lion_math.h sign_of
         step = lr_f * sign
         if WD:
-            p = decayed_minus(p, decoupled_decay_factor(lr, f64(weight_decay)), step)
+            p = decayed_minus(p, decoupled_decay_factor(lr, f64(weight_decay), CT), step)
         else:
             p = p - step
         m = fmadd(b2, m, omb2 * g)
@@ -82,7 +83,7 @@ def lion_step(params, grads, exp_avgs, master_params, state_steps, lr, beta1, be
     if not params:
         return
     check_elementwise_lists(params, grads, {"exp_avgs": exp_avgs}, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::lion_step")
+                            sr_seed is not None, op="dlopt::lion_step", wide=True)
     elementwise_step(
         _lion_kernel, [params, grads, exp_avgs, master_params], (True, False, True, True),
         state_steps, lr=lr, grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed,

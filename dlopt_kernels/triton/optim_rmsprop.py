@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
+    ieee_div,
+    ieee_sqrt,
     block_mask,
     check_elementwise_lists,
     elementwise_step,
@@ -34,7 +36,8 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
                     MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
                     HAS_FI: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
                     P_DT: tl.constexpr, S_DT: tl.constexpr, ALIGNED: tl.constexpr,
-                    NCOL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                    NCOL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                    CT: tl.constexpr = tl.float32):
     # One block of one tensor (lists: params, grads, square_avgs, grad_avgs,
     # momentum buffers, masters).
     rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
@@ -48,11 +51,11 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
 
     # rmsprop_coeffs(): fp64 host values rounded once to fp32.
-    lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)
-    a = f64(alpha).to(tl.float32)
-    oma = f64(one_minus_alpha).to(tl.float32)
-    eps_f = f64(eps).to(tl.float32)
-    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    lr = tl.load(lr_ptr).to(tl.float64).to(CT)
+    a = f64(alpha).to(CT)
+    oma = f64(one_minus_alpha).to(CT)
+    eps_f = f64(eps).to(CT)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS, CT)
 
     # ITERS blocks per program: the prologue above (table row, coefficients) runs
     # once per BLOCK * ITERS elements.
@@ -60,28 +63,28 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: rmsprop_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        v = tl.load(v_ptr + offs, mask=mask).to(CT)
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD:
-            g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+            g = g + f64(weight_decay).to(CT) * p  # weight_decay.h l2_decayed_grad
         v = fmadd(a, v, oma * (g * g))
         store_f32(v_ptr + offs, v, mask)
         # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
         if CENTERED:
-            ga = tl.load(ga_ptr + offs, mask=mask).to(tl.float32)
+            ga = tl.load(ga_ptr + offs, mask=mask).to(CT)
             ga = ga + oma * (g - ga)
             store_f32(ga_ptr + offs, ga, mask)
-            avg = tl.sqrt_rn(v - ga * ga) + eps_f
+            avg = ieee_sqrt(v - ga * ga, CT) + eps_f
         else:
-            avg = tl.sqrt_rn(v) + eps_f
+            avg = ieee_sqrt(v, CT) + eps_f
         if MOMENTUM:
-            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
-            buf = f64(momentum).to(tl.float32) * buf + tl.math.div_rn(g, avg)
+            buf = tl.load(buf_ptr + offs, mask=mask).to(CT)
+            buf = f64(momentum).to(CT) * buf + ieee_div(g, avg, CT)
             store_f32(buf_ptr + offs, buf, mask)
             p = p - lr * buf
         else:
-            p = p - tl.math.div_rn(lr * g, avg)
+            p = p - ieee_div(lr * g, avg, CT)
         write_param(p_ptr, master_ptr, p, offs, mask, seed_ptr, tensor_index, MASTER, SR)
 
 
@@ -98,7 +101,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
     states.update({"grad_avgs": gas} if centered else {})
     states.update({"momentum_buffers": bufs} if use_momentum else {})
     check_elementwise_lists(params, grads, states, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::rmsprop_step")
+                            sr_seed is not None, op="dlopt::rmsprop_step", wide=True)
     elementwise_step(
         _rmsprop_kernel, [params, grads, square_avgs, gas, bufs, master_params],
         (True, False, True, True, True, True), state_steps, lr=lr, grad_scale=grad_scale,

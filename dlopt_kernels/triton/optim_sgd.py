@@ -34,7 +34,8 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
                 HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, MASTER: tl.constexpr,
                 SR: tl.constexpr, P_DT: tl.constexpr, S_DT: tl.constexpr,
                 ALIGNED: tl.constexpr, NCOL: tl.constexpr, BLOCK: tl.constexpr,
-                ITERS: tl.constexpr):
+                ITERS: tl.constexpr,
+                CT: tl.constexpr = tl.float32):
     # One block of one tensor (lists: params, grads, momentum buffers, masters).
     rec, n, tensor_index, start = table_start(table_ptr, map_ptr, NCOL, BLOCK * ITERS)
     p_ptr = tensor_ptr(rec, 0, P_DT, ALIGNED)
@@ -45,10 +46,10 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         n = tl.where(tl.load(fi_ptr) != 0, 0, n)
 
     # sgd_coeffs(): fp64 host values rounded once to fp32.
-    lr = tl.load(lr_ptr).to(tl.float64).to(tl.float32)
-    mom = f64(momentum).to(tl.float32)
-    omd = f64(one_minus_dampening).to(tl.float32)
-    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS)
+    lr = tl.load(lr_ptr).to(tl.float64).to(CT)
+    mom = f64(momentum).to(CT)
+    omd = f64(one_minus_dampening).to(CT)
+    grad_mul = grad_multiplier(gs_ptr, MAXIMIZE, HAS_GS, CT)
 
     # ITERS blocks per program: the prologue above (table row, coefficients) runs
     # once per BLOCK * ITERS elements.
@@ -56,15 +57,15 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: sgd_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-        p = load_param(p_ptr, master_ptr, offs, mask, MASTER)
+        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD:
-            g = g + f64(weight_decay).to(tl.float32) * p  # weight_decay.h l2_decayed_grad
+            g = g + f64(weight_decay).to(CT) * p  # weight_decay.h l2_decayed_grad
         if MOMENTUM:
             if FIRST:  # the buffer has no history: it becomes g
                 buf = g
             else:
-                buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
+                buf = tl.load(buf_ptr + offs, mask=mask).to(CT)
                 buf = fmadd(mom, buf, omd * g)
             store_f32(buf_ptr + offs, buf, mask)
             if NESTEROV:
@@ -83,7 +84,7 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr, weight_decay, m
     bufs = momentum_buffers if use_momentum else []
     check_elementwise_lists(params, grads, {"momentum_buffers": bufs} if use_momentum else {},
                             master_params, [], sr_seed is not None, op="dlopt::sgd_step",
-                            has_steps=False)
+                            has_steps=False, wide=True)
     if new_buffers and len(new_buffers) != len(params):
         raise ValueError(f"dlopt: new_buffers has {len(new_buffers)} entries but params has "
                          f"{len(params)}")

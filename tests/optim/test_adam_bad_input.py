@@ -64,13 +64,7 @@ CONSTRUCTION = {
     "int_params": (dict(), INT_P, TypeError, "params"),
     "complex32_params": (dict(), lambda: [torch.zeros(3, dtype=torch.complex32)], TypeError,
                          "params"),
-    # float64 params run where they are computed in double (the C++ CPU kernel, the
-    # reference), not on the fp32 kernels of Triton (interpreted here) or CUDA
-    "float64_params_triton_backend": (dict(backend="triton"), lambda: _params(torch.float64),
-                                      ValueError, "backend"),
-    "complex128_params_triton_backend": (dict(backend="triton"),
-                                         lambda: _params() + _params(torch.complex128),
-                                         ValueError, "backend"),
+    # (float64 params on the fp32 CUDA kernels: tests/optim/test_wide_dtypes.py)
     "sparse_params": (dict(), lambda: [torch.randn(4).to_sparse().requires_grad_()], TypeError,
                       "params"),
     "empty_params": (dict(), lambda: [], ValueError, "param"),

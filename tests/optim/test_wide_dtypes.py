@@ -83,6 +83,25 @@ def test_matches_torch(name, dtype, kwargs, device):
                     assert value.dtype == p.dtype, key
 
 
+def _float64_backends():
+    """(name, device, backend) for each optimizer with a torch twin and complex support
+    and each backend here whose kernels take float64 params (the CUDA kernels compute in
+    fp32 and refuse them: test_explicit_backend_float64)."""
+    return [pytest.param(n, d, b, id=f"{n}-{d}-{b}") for n in COMPLEX_OK
+            for d, b in device_backends()
+            if registry.why_not_dtype(getattr(dlopt_optim, n)._op_name, b, torch.float64) is None]
+
+
+@pytest.mark.parametrize("name,device,backend", _float64_backends())
+def test_float64_on_every_backend(name, device, backend):
+    """float64 params on each backend that takes them (the C++ CPU and Triton kernels
+    in double, the reference), against torch's twin at the float64 tolerance."""
+    params = _params(torch.float64, device)
+    twin_run(getattr(dlopt_optim, name), getattr(torch.optim, name),
+             dict(TWIN_CASES[name][-1], backend=backend), params, 3,
+             tolerance=tol(torch.float64))
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("name", COMPLEX_OK)
 def test_complex64_on_every_backend(name, device, backend):
@@ -120,12 +139,12 @@ def test_checkpoints_both_ways(name, dtype):
                                      _params(dtype, "cpu"), tolerance=tolerance)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("kwargs", [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.1, maximize=True)],
                          ids=["plain", "decay_maximize"])
-def test_lion_float64_matches_paper(kwargs, device):
+def test_lion_float64_matches_paper(kwargs, device, backend):
     params = _params(torch.float64, device)
-    opt = dlopt_optim.Lion(params, **kwargs)
+    opt = dlopt_optim.Lion(params, **kwargs, backend=backend)
     start = [p.detach().clone() for p in params]
     grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
     for step in grads:
@@ -162,10 +181,13 @@ def test_complex_refused_where_torch_has_no_complex_maths(name):
     assert_construction_refused(getattr(dlopt_optim, name), params, {}, TypeError, "params")
 
 
-# (optimizer, backend, whether its kernels compute float64 params in double)
-EXPLICIT = [("AdamW", "cpu", True), ("SGD", "cpu", True), ("Adagrad", "cpu", True),
-            ("RMSprop", "cpu", True), ("AdamW", "triton", False), ("LAMB", "cpu", False),
-            ("Adafactor", "cpu", False), ("SGD", "triton", False)]
+# (optimizer, backend, whether its kernels compute float64 params in double): the
+# element-wise optimizers' C++ CPU and Triton kernels do (Lion: test_lion_float64...);
+# LAMB's and Adafactor's compute in fp32
+EXPLICIT = [(n, b, True) for n in ("AdamW", "SGD", "Adagrad", "RMSprop") for b in ("cpu", "triton")]
+EXPLICIT += [("LAMB", "cpu", False), ("LAMB", "triton", False), ("Adafactor", "cpu", False),
+             ("Adafactor", "triton", False)]
+EXPLICIT += [(n, "cuda", False) for n in ("AdamW", "SGD", "LAMB")] if GPU else []
 
 
 @pytest.mark.parametrize("name,backend,takes,dtype", [
@@ -174,10 +196,13 @@ EXPLICIT = [("AdamW", "cpu", True), ("SGD", "cpu", True), ("Adagrad", "cpu", Tru
 def test_explicit_backend_float64(name, backend, takes, dtype):
     """Asked for by name, a backend whose kernels compute in fp32 refuses float64 params
     (naming the backend) rather than step them at fp32 precision; the element-wise
-    optimizers' C++ CPU kernels compute in double and take them."""
-    if registry.why_unavailable(backend, "cpu") is not None:
+    optimizers' C++ CPU and Triton kernels compute in double and take them (matching
+    torch's twin at the float32 tolerance here, set by the float32 params of the mix;
+    test_matches_torch holds float64 to the float64 one)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if registry.why_unavailable(backend, device) is not None:
         pytest.skip(f"{backend} cannot run here")
-    params = _params(torch.float32, "cpu") + _params(dtype, "cpu")
+    params = _params(torch.float32, device) + _params(dtype, device)
     cls = getattr(dlopt_optim, name)
     if not takes:
         assert_construction_refused(cls, params, dict(backend=backend), ValueError, "backend")
