@@ -15,7 +15,6 @@ reference. Steps may live on the params' device (no sync) or on the CPU (one syn
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
