@@ -299,6 +299,31 @@ def test_adam_cpu_kernel_float64(amsgrad):
                             [x for x in before if isinstance(x, list)])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_float64_call_rules(backend):
+    """Every backend that takes float64 params: master weights are refused for them
+    (naming them, nothing changed; the compiled kernel's list checks raise a
+    RuntimeError, as for any malformed op call); a stochastic-rounding seed does
+    nothing to them (it rounds to bfloat16 only): the same bits as without it."""
+    if registry.why_unavailable(backend, "cpu") is not None:
+        pytest.skip(f"{backend} cannot run here")
+    params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (70,)]]
+    args = list(_adam_args(params, backend))
+    args[5] = [p.float() for p in params]  # master weights
+    before = _clone_args(tuple(args))
+    with pytest.raises((RuntimeError, TypeError), match="master"):
+        torch.ops.dlopt.adam_step(*args)
+    _assert_lists_equal([x for x in args if isinstance(x, list)],
+                        [x for x in before if isinstance(x, list)])
+    plain = list(_clone_args(tuple(args)))
+    plain[5] = []
+    seeded = list(_clone_args(tuple(plain)))
+    seeded[17] = torch.tensor(12345, dtype=torch.int64)
+    torch.ops.dlopt.adam_step(*plain)
+    torch.ops.dlopt.adam_step(*seeded)
+    _assert_lists_equal(plain[:4], seeded[:4])
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_op_steps_complex_as_real_views(backend):
     """A complex call steps the real views exactly as a call on those views does."""
