@@ -24,6 +24,9 @@ class Adagrad(FusedOptimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
+            float32, bfloat16, float16 (fp32 arithmetic), float64 (in double) and
+            complex64 / complex128 params (their real views, as torch); see
+            docs/compat.md, "float64 and complex params".
         lr (float or Tensor): learning rate (default: 1e-2). A 1-element tensor avoids
             recompiles under torch.compile when a scheduler changes it.
         lr_decay (float): the learning rate at step t is lr / (1 + (t - 1) * lr_decay)

@@ -15,7 +15,11 @@ _DOC_COMMON = r"""
     into torch. The whole step is one fused multi-tensor kernel per (device, dtype).
 
     Args:
-        params: iterable of parameters or dicts defining parameter groups.
+        params: iterable of parameters or dicts defining parameter groups. float32,
+            bfloat16 and float16 params (fp32 arithmetic); float64 (arithmetic in
+            double: the C++ CPU and Triton kernels, or the reference on other
+            devices); complex64 / complex128, stepped as their real views as torch
+            does (docs/compat.md, "float64 and complex params").
         lr (float or Tensor): learning rate (default: {lr}). A 1-element tensor avoids
             recompiles under torch.compile when a scheduler changes it.
         betas (tuple of two floats): coefficients of the running averages of the

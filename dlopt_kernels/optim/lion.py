@@ -32,6 +32,8 @@ class Lion(FusedOptimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
+            float32, bfloat16, float16 (fp32 arithmetic) and float64 (in double)
+            params; complex params are refused (the paper's update is real).
         lr (float or Tensor): learning rate :math:`\eta` (default: 1e-4). A 1-element
             tensor avoids recompiles under torch.compile when a scheduler changes it.
         betas (tuple of two floats): :math:`\beta_1` (interpolation for the update) and
