@@ -100,6 +100,31 @@ def _elementwise_lists_ok(params, grads, states, master_params, state_steps, use
                                   for s in state_steps)
 
 
+def check_sgd_lists(params, grads, momentum_buffers, master_params, momentum, new_buffers,
+                    use_sr):
+    """sgd_step's checks (Triton and reference): the momentum buffers only with momentum,
+    no step counts, `new_buffers` empty or one flag per param."""
+    use_momentum = momentum != 0.0
+    check_elementwise_lists(params, grads,
+                            {"momentum_buffers": momentum_buffers} if use_momentum else {},
+                            master_params, [], use_sr, op="dlopt::sgd_step", has_steps=False,
+                            wide=True)
+    if new_buffers and len(new_buffers) != len(params):
+        raise ValueError(f"dlopt: new_buffers has {len(new_buffers)} entries but params has "
+                         f"{len(params)}")
+
+
+def check_rmsprop_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+                        state_steps, momentum, centered, use_sr):
+    """rmsprop_step's checks (Triton and reference): grad_avgs only when centered, the
+    momentum buffers only with momentum > 0 (torch: `if momentum > 0`)."""
+    states = {"square_avgs": square_avgs}
+    states.update({"grad_avgs": grad_avgs} if centered else {})
+    states.update({"momentum_buffers": momentum_buffers} if momentum > 0.0 else {})
+    check_elementwise_lists(params, grads, states, master_params, state_steps, use_sr,
+                            op="dlopt::rmsprop_step", wide=True)
+
+
 def check_factored_lists(params, grads, row_vars, col_vars, variances, master_params,
                          state_steps, use_sr, op="dlopt::adafactor_step", wide=False):
     """Python twin of the checks of csrc/cpu/optim_adafactor.cpp: row_vars / col_vars

@@ -12,11 +12,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dlopt_kernels.backends.checks import check_rmsprop_lists
 from dlopt_kernels.triton._common import (
     ieee_div,
     ieee_sqrt,
     block_mask,
-    check_elementwise_lists,
     elementwise_step,
     f64,
     fmadd,
@@ -97,11 +97,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
     use_momentum = momentum > 0.0  # torch: `if momentum > 0`
     gas = grad_avgs if centered else []
     bufs = momentum_buffers if use_momentum else []
-    states = {"square_avgs": square_avgs}
-    states.update({"grad_avgs": gas} if centered else {})
-    states.update({"momentum_buffers": bufs} if use_momentum else {})
-    check_elementwise_lists(params, grads, states, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::rmsprop_step", wide=True)
+    check_rmsprop_lists(params, grads, square_avgs, gas, bufs, master_params, state_steps,
+                        momentum, centered, sr_seed is not None)
     elementwise_step(
         _rmsprop_kernel, [params, grads, square_avgs, gas, bufs, master_params],
         (True, False, True, True, True, True), state_steps, lr=lr, grad_scale=grad_scale,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dlopt_kernels.backends.checks import check_sgd_lists
 from dlopt_kernels.triton._common import (
     block_mask,
-    check_elementwise_lists,
     elementwise_step,
     f64,
     fmadd,
@@ -82,12 +82,8 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr, weight_decay, m
     """Triton kernel for torch.ops.dlopt.sgd_step (see dlopt_kernels/ops/optim_sgd.py)."""
     use_momentum = momentum != 0.0
     bufs = momentum_buffers if use_momentum else []
-    check_elementwise_lists(params, grads, {"momentum_buffers": bufs} if use_momentum else {},
-                            master_params, [], sr_seed is not None, op="dlopt::sgd_step",
-                            has_steps=False, wide=True)
-    if new_buffers and len(new_buffers) != len(params):
-        raise ValueError(f"dlopt: new_buffers has {len(new_buffers)} entries but params has "
-                         f"{len(params)}")
+    check_sgd_lists(params, grads, bufs, master_params, momentum, new_buffers,
+                    sr_seed is not None)
     if not params:
         return
     elementwise_step(

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dlopt_kernels.backends.checks import check_elementwise_lists
+from dlopt_kernels.backends.checks import check_rmsprop_lists
 from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
                                                       store_param)
 
@@ -16,11 +16,8 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
                  state_steps, lr: Tensor, alpha: float, eps: float, weight_decay: float,
                  momentum: float, centered: bool, maximize: bool, grad_scale: Optional[Tensor],
                  found_inf: Optional[Tensor], sr_seed: Optional[Tensor]) -> None:
-    states = {"square_avgs": square_avgs}
-    states.update({"grad_avgs": grad_avgs} if centered else {})
-    states.update({"momentum_buffers": momentum_buffers} if momentum > 0.0 else {})
-    check_elementwise_lists(params, grads, states, master_params, state_steps,
-                            sr_seed is not None, op="dlopt::rmsprop_step", wide=True)
+    check_rmsprop_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
+                        state_steps, momentum, centered, sr_seed is not None)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from dlopt_kernels.backends.checks import check_elementwise_lists
+from dlopt_kernels.backends.checks import check_sgd_lists
 from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
                                                       store_param)
 
@@ -15,14 +15,8 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_
              momentum: float, dampening: float, nesterov: bool, maximize: bool,
              new_buffers: list[bool], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
              sr_seed: Optional[Tensor]) -> None:
-    use_momentum = momentum != 0.0
-    check_elementwise_lists(params, grads,
-                            {"momentum_buffers": momentum_buffers} if use_momentum else {},
-                            master_params, [], sr_seed is not None, op="dlopt::sgd_step",
-                            has_steps=False, wide=True)
-    if new_buffers and len(new_buffers) != len(params):
-        raise ValueError(f"dlopt: new_buffers has {len(new_buffers)} entries but params has "
-                         f"{len(params)}")
+    check_sgd_lists(params, grads, momentum_buffers, master_params, momentum, new_buffers,
+                    sr_seed is not None)
     if not params or skip_step(found_inf):
         return
     lr_v = float(lr)
