@@ -338,6 +338,43 @@ def test_op_steps_complex_as_real_views(backend):
             assert torch.equal(torch.view_as_real(a) if a.is_complex() else a, b)
 
 
+@pytest.mark.parametrize("entry", ["op", "run_kernel"])
+def test_conjugated_views(entry):
+    """A conjugated grad is read resolved (the same step as its resolved copy). A
+    conjugated param or state cannot be written in place: refused, nothing changed. The
+    public op meets the dispatcher's conjugate fallback first (a RuntimeError naming
+    the op); the optimizers' direct path and the DTensor rules (`run_kernel`) refuse it
+    themselves with a TypeError."""
+    from dlopt_kernels.ops._library import run_kernel
+    call = (torch.ops.dlopt.adam_step if entry == "op"
+            else lambda *a: run_kernel("adam_step", a))
+    params = [torch.randn(4, 3, dtype=torch.complex64)]
+    plain = list(_adam_args(params, "auto"))
+    conj = list(_clone_args(tuple(plain)))
+    conj[1] = [plain[1][0].conj().resolve_conj().conj()]  # a lazily conjugated view...
+    assert conj[1][0].is_conj() and torch.equal(conj[1][0], plain[1][0])  # ...same values
+    call(*plain)
+    call(*conj)
+    _assert_lists_equal(plain[:4], conj[:4])
+    for k in (0, 2):  # a param, a state
+        bad = list(_clone_args(tuple(plain)))
+        bad[k] = [bad[k][0].conj()]
+        before = _clone_args(tuple(bad))
+        exc, match = (RuntimeError, "conjugate") if entry == "op" else (TypeError, "conjugated")
+        with pytest.raises(exc, match=match):
+            call(*bad)
+        _assert_lists_equal([x for x in bad if isinstance(x, list)],
+                            [x for x in before if isinstance(x, list)])
+
+
+def test_op_refuses_complex32():
+    """complex32 lists are refused naming the dtype."""
+    p = [torch.zeros(3, dtype=torch.complex32)]
+    with pytest.raises(TypeError, match="complex32"):
+        torch.ops.dlopt.sgd_step(p, [torch.zeros_like(p[0])], [], [], torch.tensor(0.1), 0.0,
+                                 0.0, 0.0, False, False, [], None, None, None)
+
+
 def test_op_refuses_complex_for_lion():
     p = [torch.randn(3, dtype=torch.complex64)]
     with pytest.raises(TypeError, match="complex"):
