@@ -7,7 +7,9 @@
 One table per benchmark section: for each case, our default backend's (or --backend's)
 median step time,
 each baseline's, our speedup against each, and the share of the measured bandwidth we
-reach; then the section's targets, met or missed, as the benchmark evaluated them. The
+reach (GPU runs since 2026-11-27 add the same from an idle GPU, the host's time
+before the first kernel counted in full); then the section's targets, met or missed,
+as the benchmark evaluated them. The
 README quotes this output as is, so its numbers always come from a committed run.
 """
 from __future__ import annotations
@@ -25,6 +27,14 @@ def _ours_row(case: dict[str, Any], auto: str) -> dict[str, Any] | None:
     return (plain or ours or [None])[0]
 
 
+def _idle_cell(case: dict[str, Any], ours: dict[str, Any]) -> str:
+    if "idle_median_ms" not in ours:
+        return "-"
+    sps = ", ".join(f"{sp['speedup_idle']:.2f}x" for sp in case["speedups"]
+                    if sp["ours"] == ours["label"] and "speedup_idle" in sp)
+    return f"{ours['idle_median_ms']:.2f}; {sps}; {ours['idle_pct_bandwidth']:.0f}%"
+
+
 def section_table(name: str, sec: dict[str, Any], backend: str | None = None) -> str:
     auto = backend or sec.get("auto_backend", "cpu")
     bw = sec["bandwidth"]["gbps"]
@@ -33,6 +43,11 @@ def section_table(name: str, sec: dict[str, Any], backend: str | None = None) ->
              f"{sec['started_utc'][:16]}Z)", "",
              "| case | ours: median ms | baselines: median ms (our speedup) | ours % of BW |",
              "|---|---|---|---|"]
+    # GPU runs since 2026-11-27 also time each step from an idle GPU (host time in full)
+    idle = any("idle_median_ms" in r for c in sec["cases"] for r in c["results"])
+    if idle:
+        lines[-2] += " from an idle GPU: ours ms, speedups, % of BW |"
+        lines[-1] += "---|"
     if backend:
         lines[0] += f", backend {backend}"
     for case in sec["cases"]:
@@ -44,13 +59,18 @@ def section_table(name: str, sec: dict[str, Any], backend: str | None = None) ->
             if sp["ours"] == ours["label"]:
                 base = next(r for r in case["results"] if r["label"] == sp["baseline"])
                 cells.append(f"{base['label']} {base['median_ms']:.2f} ({sp['speedup']:.2f}x)")
-        lines.append(f"| {case['name']} | {ours['label']} {ours['median_ms']:.2f} | "
-                     f"{'; '.join(cells)} | {ours['pct_bandwidth']:.0f}% |")
+        line = (f"| {case['name']} | {ours['label']} {ours['median_ms']:.2f} | "
+                f"{'; '.join(cells)} | {ours['pct_bandwidth']:.0f}% |")
+        if idle:
+            line += f" {_idle_cell(case, ours)} |"
+        lines.append(line)
     targets = [t for t in sec.get("targets") or [] if not backend or f"[{backend}]" in t["what"]]
     if targets:
         lines += [""] + [
             f"- {'met' if t['met'] else '**MISSED**'}: {t['case']} {t['what']} = "
             f"{t['value']:.2f}{t['unit']} (target >= {t['threshold']:g}{t['unit']})"
+            + (f"; from an idle GPU {t['value_idle']:.2f}{t['unit']}"
+               if t.get("value_idle") is not None else "")
             for t in targets]
     return "\n".join(lines)
 

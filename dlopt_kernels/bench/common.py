@@ -5,10 +5,14 @@ What it does, so each benchmark module only describes its cases:
 - **Timing.** Every implementation of a case is built up front with its own tensors,
   warmed up, then timed *round-robin*: each round runs one step of every
   implementation (in a rotated order), so the drift of a noisy machine hits all of
-  them alike. On the CPU a step is timed with ``time.perf_counter``; on CUDA with
-  CUDA events around the step, after a ``torch.cuda.synchronize`` and an L2 flush
-  (the ``triton.testing.do_bench`` recipe). We report the median (and min) of all
-  rounds; the number of rounds follows a time budget, between a floor and a cap.
+  them alike. On the CPU a step is timed with ``time.perf_counter``. On CUDA, as
+  ``triton.testing.do_bench`` does, an L2 flush and CUDA events around each step, the
+  steps queued one after another without the host waiting in between ("queued": a step
+  costs its GPU time, or its host time where that is longer, as in a training loop
+  whose host runs ahead of the GPU); every ``IDLE_EVERY``-th round instead times each
+  step from an idle GPU (a synchronize first), so the host's work before the first
+  kernel counts in full ("from idle", reported beside). We report the median (and min)
+  of all rounds; the number of rounds follows a time budget, between a floor and a cap.
 - **Bandwidth.** The machine's memory bandwidth measured in the same run: a large
   in-place ``x.add_(y)`` on the CPU (read x, read y, write x: 12 bytes per fp32
   element), a device-to-device ``copy_`` on a GPU (read + write), median of several.
@@ -41,6 +45,9 @@ from dlopt_kernels.bench.environment import _loadavg, device_slug, environment  
 from dlopt_kernels.bench.report import format_report, results_path, write_results  # noqa: F401
 
 ROLES = ("ours", "baseline", "diag")
+
+# On a GPU every IDLE_EVERY-th round times each step from an idle GPU (module docstring).
+IDLE_EVERY = 4
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,19 +296,21 @@ def evaluate_targets(section: dict[str, Any], targets: Sequence[tuple], auto: st
     for (case_name, ours_pat, base, threshold), backend in plan:
         ours = ours_pat.format(b=backend)
         case = cases.get(case_name)
-        value = None
+        value = idle = None  # idle: the same from an idle GPU (information, not judged)
         if base is None:
             what, unit = f"{ours} % of measured bandwidth", "%"
             row = next((r for r in case["results"] if r["label"] == ours), None) if case else None
             if row and row.get("pct_bandwidth") is not None:
-                value = row["pct_bandwidth"]
+                value, idle = row["pct_bandwidth"], row.get("idle_pct_bandwidth")
         else:
             what, unit = f"speedup of {ours} vs {base}", "x"
             for sp in (case or {}).get("speedups", []):
                 if sp["ours"] == ours and sp["baseline"] == base:
-                    value = sp["speedup"]
+                    value, idle = sp["speedup"], sp.get("speedup_idle")
         out.append({"case": case_name, "what": what, "value": value, "threshold": threshold,
                     "unit": unit, "met": None if value is None else bool(value >= threshold)})
+        if idle is not None:
+            out[-1]["value_idle"] = idle
     return out
 
 
@@ -373,35 +382,87 @@ def standard_optimizer_cases(ours: Callable[..., Callable[[list], torch.optim.Op
 # clocks
 # ----------------------------------------------------------------------------------------
 class _Clock:
+    """Times steps on `device`. CPU: perf_counter around the call (CPU ops are
+    synchronous). CUDA, two ways (module docstring): `time_ms` from an idle GPU;
+    `enqueue` + `drain` queued. Each step follows an L2 flush of `flush_bytes`."""
+
+    # How many steps' events may wait to be read (a drain then reads them): the host
+    # runs at most this far ahead of the GPU.
+    MAX_PENDING = 64
+
     def __init__(self, device: torch.device, flush_bytes: int) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.flush_buf = (torch.empty(flush_bytes, dtype=torch.int8, device=device)
                           if flush_bytes else None)
-        if self.cuda:
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.end = torch.cuda.Event(enable_timing=True)
+        self.pending: list[tuple[Any, Any, Any]] = []
+        self.drained: list[tuple[Any, float]] = []
+
+    def event(self) -> Any:
+        """A timing event (CUDA only; tests replace it with a simulated GPU's)."""
+        return torch.cuda.Event(enable_timing=True)
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def time_ms(self, fn: Callable[[], Any]) -> float:
-        """Milliseconds `fn()` takes: GPU time between two events on the current stream
-        (the GPU is idle at the start, so host launch overhead is counted), or
-        perf_counter time on the CPU (CPU ops are synchronous)."""
+    def _flush(self) -> None:
         if self.flush_buf is not None:
             self.flush_buf.zero_()
+
+    def time_ms(self, fn: Callable[[], Any]) -> float:
+        """Milliseconds `fn()` takes: GPU time between two events on the current stream
+        with the GPU idle at the start (so the host's work before the first kernel is
+        counted in full), or perf_counter time on the CPU."""
+        self._flush()
         if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.start.record()
+            start, end = self.event(), self.event()
+            self.sync()
+            start.record()
             fn()
-            self.end.record()
-            self.end.synchronize()
-            return float(self.start.elapsed_time(self.end))
+            end.record()
+            self.sync()
+            return float(start.elapsed_time(end))
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+
+    def enqueue(self, key: Any, fn: Callable[[], Any]) -> None:
+        """Time `fn()` queued behind the work before it; `drain()` returns (key, ms).
+        On a GPU with nothing queued (after a drain) `fn()` first runs once untimed, so
+        the GPU has work while the host queues the timed step."""
+        if not self.cuda:
+            self.drained.append((key, self.time_ms(fn)))
+            return
+        if not self.pending:
+            self._flush()
+            fn()
+        self._flush()
+        start, end = self.event(), self.event()
+        start.record()
+        fn()
+        end.record()
+        self.pending.append((key, start, end))
+        if len(self.pending) >= self.MAX_PENDING:
+            self._read()
+
+    def _read(self) -> None:
+        self.sync()
+        self.drained += [(key, float(s.elapsed_time(e))) for key, s, e in self.pending]
+        self.pending.clear()
+
+    def drain(self) -> list[tuple[Any, float]]:
+        """Every (key, ms) enqueued since the last drain, in order (waits for the GPU)."""
+        if self.pending:
+            self._read()
+        out, self.drained = self.drained, []
+        return out
+
+    def time_queued(self, fn: Callable[[], Any], reps: int) -> list[float]:
+        """`reps` queued timings of `fn()` (plain timings on the CPU)."""
+        for _ in range(reps):
+            self.enqueue(None, fn)
+        return [ms for _, ms in self.drain()]
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -418,7 +479,7 @@ def _median(xs: Sequence[float]) -> float:
 def measure_bandwidth(device: torch.device, settings: Settings) -> dict[str, Any]:
     """The machine's memory bandwidth in GB/s (1e9 bytes/s), median of several reps.
     CPU: x.add_(y) on two fp32 arrays (12 bytes/elem: read x, read y, write x).
-    CUDA: dst.copy_(src) device to device (8 bytes/elem: read + write)."""
+    CUDA: dst.copy_(src) device to device (8 bytes/elem: read + write), timed queued."""
     n = settings.bandwidth_numel
     clock = _Clock(device, settings.flush_bytes)
     x = torch.ones(n, dtype=torch.float32, device=device)
@@ -431,7 +492,8 @@ def measure_bandwidth(device: torch.device, settings: Settings) -> dict[str, Any
         fn = lambda: x.add_(y)  # noqa: E731
     for _ in range(2):  # warm-up: page faults, thread pool start
         clock.time_ms(fn)
-    samples = [clock.time_ms(fn) for _ in range(settings.bandwidth_reps)]
+    # queued, as the steps' headline times are
+    samples = clock.time_queued(fn, settings.bandwidth_reps)
     del x, y
     return {"method": method, "numel": n, "bytes_per_elem": bytes_per_elem,
             "threads": torch.get_num_threads(), "samples_ms": [round(s, 4) for s in samples],
@@ -463,9 +525,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_case(case: Case, device: torch.device, settings: Settings,
-             bandwidth_gbps: Optional[float], progress: bool = True) -> dict[str, Any]:
+             bandwidth_gbps: Optional[float], progress: bool = True,
+             clock: Optional[_Clock] = None) -> dict[str, Any]:
     """Build, warm up and time every implementation of `case` round-robin."""
-    clock = _Clock(device, settings.flush_bytes)
+    clock = clock or _Clock(device, settings.flush_bytes)
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
     warm: dict[str, list[float]] = {}
@@ -478,6 +541,12 @@ def run_case(case: Case, device: torch.device, settings: Settings,
             errors[impl.label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     labels = list(runners)
     samples: dict[str, list[float]] = {label: [] for label in labels}
+    idle: dict[str, list[float]] = {label: [] for label in labels}  # GPU only
+
+    def collect(drained):
+        for label, ms in drained:
+            samples[label].append(ms)
+
     round_ms = sum(_median(warm[label][-max(1, len(warm[label]) - 1):]) for label in labels)
     rounds = 0
     if labels:
@@ -500,13 +569,22 @@ def run_case(case: Case, device: torch.device, settings: Settings,
                         or (elapsed >= 2 * settings.budget_s and rounds >= 3)):
                     break
                 k = rounds % len(labels)  # rotate the order: nobody always follows the same impl
-                for label in labels[k:] + labels[:k]:
-                    samples[label].append(clock.time_ms(runners[label].step))
+                order = labels[k:] + labels[:k]
+                if clock.cuda and rounds % IDLE_EVERY == IDLE_EVERY - 1:
+                    collect(clock.drain())  # read the queued steps before the GPU idles
+                    for label in order:
+                        idle[label].append(clock.time_ms(runners[label].step))
+                else:
+                    for label in order:
+                        clock.enqueue(label, runners[label].step)
+                    if not clock.cuda:
+                        collect(clock.drain())
                 rounds += 1
                 if bar is not None:
                     if rounds > bar.total:
                         bar.total = rounds
                     bar.update(1)
+            collect(clock.drain())
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -533,6 +611,13 @@ def run_case(case: Case, device: torch.device, settings: Settings,
                     "pct_bandwidth": (100.0 * gbps / bandwidth_gbps) if bandwidth_gbps else None,
                     "warmup_ms": [round(s, 4) for s in warm[impl.label]],
                     "samples_ms": [round(s, 4) for s in xs]})
+        if idle[impl.label]:
+            idle_med = _median(idle[impl.label])
+            idle_gbps = bpp * runner.numel / (idle_med * 1e-3) / 1e9
+            row.update({"idle_median_ms": idle_med, "idle_gbps": idle_gbps,
+                        "idle_pct_bandwidth": (100.0 * idle_gbps / bandwidth_gbps)
+                        if bandwidth_gbps else None,
+                        "idle_samples_ms": [round(s, 4) for s in idle[impl.label]]})
         results.append(row)
 
     speedups = []
@@ -547,6 +632,8 @@ def run_case(case: Case, device: torch.device, settings: Settings,
                 # the same, paired within each round (robust to drift between rounds)
                 "speedup_paired_median": _median([y / x for x, y in zip(a, b)]),
             })
+            if "idle_median_ms" in ours and "idle_median_ms" in base:
+                speedups[-1]["speedup_idle"] = base["idle_median_ms"] / ours["idle_median_ms"]
     del runners
     gc.collect()
     if device.type == "cuda":
@@ -598,7 +685,15 @@ def run_cases(benchmark: str, cases: Sequence[Case], device: torch.device, setti
         for row in c["results"]:
             if "gbps" in row:
                 row["pct_bandwidth"] = 100.0 * row["gbps"] / bandwidth["gbps"]
+            if "idle_gbps" in row:
+                row["idle_pct_bandwidth"] = 100.0 * row["idle_gbps"] / bandwidth["gbps"]
+    timing = ("perf_counter around each step" if device.type == "cpu" else
+              f"queued: CUDA events around each step, steps queued without a host wait "
+              f"(triton.testing.do_bench's recipe); idle_*: every {IDLE_EVERY}th round, "
+              f"each step from an idle GPU (synchronized first: host time before the "
+              f"first kernel counted in full)")
     return {"benchmark": benchmark, "quick": quick, "env": environment(device),
+            "timing": timing,
             "started_utc": started.isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - t0, 2),
             "load_average_start": load_start,

@@ -28,6 +28,8 @@ def format_report(section: dict[str, Any]) -> str:
         + " / ".join(f"{g:.1f}" for g in bw.get("gbps_per_measurement", [])) + " GB/s)",
         "speedup = baseline median / our median; GB/s = bytes/param x params / median time",
     ]
+    if section.get("timing") and env["device_type"] != "cpu":
+        lines.append(f"timing: {section['timing']}")
     load = section.get("load_average_start")
     if env["device_type"] == "cpu" and load and load[0] > 0.5 * env["cpu_cores"]:
         lines.append(f"WARNING: load average {load[0]:.2f} on {env['cpu_cores']} cores before "
@@ -42,6 +44,9 @@ def format_report(section: dict[str, Any]) -> str:
         width = max([len(r["label"]) for r in case["results"]] + [14])
         head = (f"  {'implementation':<{width}}  {'role':<8} {'median ms':>10} {'min ms':>9} "
                 f"{'B/param':>7} {'GB/s':>7} {'% BW':>6}")
+        idle = any("idle_median_ms" in r for r in case["results"])
+        if idle:
+            head += f" {'idle ms':>9} {'idle %BW':>8}"
         head += "".join(f"  {'vs ' + b:>{max(10, len(b) + 3)}}" for b in bases)
         lines.append(head)
         for r in case["results"]:
@@ -51,6 +56,9 @@ def format_report(section: dict[str, Any]) -> str:
             line = (f"  {r['label']:<{width}}  {r['role']:<8} {r['median_ms']:>10.3f} "
                     f"{r['min_ms']:>9.3f} {r['bytes_per_param']:>7.1f} {r['gbps']:>7.1f} "
                     f"{_fmt(r['pct_bandwidth'], '5.0f'):>5}%")
+            if idle:
+                line += (f" {_fmt(r.get('idle_median_ms'), '.3f'):>9} "
+                         f"{_fmt(r.get('idle_pct_bandwidth'), '.0f'):>7}%")
             for b in bases:
                 s = sp.get((r["label"], b))
                 line += f"  {(_fmt(s, '.2f') + 'x') if s is not None else '':>{max(10, len(b) + 3)}}"
@@ -68,8 +76,11 @@ def format_report(section: dict[str, Any]) -> str:
             for t in targets:
                 val = "-" if t["value"] is None else f"{t['value']:.2f}{t['unit']}"
                 status = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
-                lines.append(f"  {status:<6} {t['case']}: {t['what']} = {val} "
-                             f"(target >= {t['threshold']:g}{t['unit']})")
+                line = (f"  {status:<6} {t['case']}: {t['what']} = {val} "
+                        f"(target >= {t['threshold']:g}{t['unit']})")
+                if t.get("value_idle") is not None:
+                    line += f"; from an idle GPU {t['value_idle']:.2f}{t['unit']}"
+                lines.append(line)
     lines.append("")
     load = section.get("load_average_start"), env.get("load_average")
     lines.append(f"total wall time {section['wall_s']:.1f} s; machine load average (1 min) at "
