@@ -15,7 +15,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "dlopt/cpu_multi_tensor.h"
@@ -79,12 +81,34 @@ constexpr int num_streams() {
   return 2 + __builtin_popcount(Op::kReads | Op::kWrites) + (STORE == Store::kMaster ? 1 : 0);
 }
 
+// How a two-stream loop (plain SGD: p -= lr * g) walks a chunk: its two halves side by
+// side (four streams in flight) or once, front to back. Paired kernel-level runs: on the
+// 2-vCPU Intel Xeon VM CI first ran on, the halves beat one walk with or without
+// prefetch (as the norm's single stream gained from the same split,
+// multi_tensor_norm.cpp); on the 2-vCPU AMD EPYC (Zen 5) VM since, one plain walk was
+// the faster (benchmarks/bench_optim_sgd.py, fp32_10m_plain, with DLOPT_CPU_WALK=halves
+// against the default; docs/architecture.md has the numbers). So: the halves
+// on Intel CPUs, one walk elsewhere. DLOPT_CPU_WALK=halves|single overrides it (A/B
+// timing and tests; read once per process).
+inline bool walk_halves() {
+  static const bool halves = [] {
+    const char* v = std::getenv("DLOPT_CPU_WALK");
+    const std::string want = v == nullptr ? "auto" : v;
+    TORCH_CHECK_VALUE(want == "auto" || want == "halves" || want == "single",
+                      "DLOPT_CPU_WALK must be auto, halves or single, got '", want, "'");
+    if (want != "auto") return want == "halves";
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_cpu_is("intel") != 0;
+#else
+    return false;
+#endif
+  }();
+  return halves;
+}
+
 // One chunk [begin, end) of one tensor: P param storage, S state storage, STORE how the
 // param is written. Loops of three or more streams run in prefetching blocks
-// (prefetch_ahead). A two-stream loop (plain SGD: p -= lr * g) walks the chunk's two
-// halves side by side instead, four streams in flight: paired runs of a standalone copy
-// had that faster than one prefetched walk, with or without prefetch, as the norm's
-// single stream gained from the same split (multi_tensor_norm.cpp).
+// (prefetch_ahead); two-stream loops as walk_halves says.
 template <class Op, class P, class S, Store STORE>
 void step_chunk(const StepArgs<typename Op::Coeffs>& a, int64_t begin, int64_t end) {
   const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
@@ -101,12 +125,13 @@ void step_chunk(const StepArgs<typename Op::Coeffs>& a, int64_t begin, int64_t e
     step_elements<Op, P, S, STORE>(lo, hi, p, g, s0, s1, s2, master, c, grad_mul, key, ck.base);
   };
   if constexpr (num_streams<Op, STORE>() <= 2) {
-    const int32_t half = ck.len / (2 * kPrefetchBlock) * kPrefetchBlock;
+    // blocks either way: the inner loop's trip count stays small and fixed
+    const int32_t half = walk_halves() ? ck.len / (2 * kPrefetchBlock) * kPrefetchBlock : 0;
     for (int32_t lo = 0; lo < half; lo += kPrefetchBlock) {
       run(lo, lo + kPrefetchBlock);
       run(half + lo, half + lo + kPrefetchBlock);
     }
-    run(2 * half, ck.len);
+    for (int32_t lo = 2 * half; lo < ck.len; lo += kPrefetchBlock) run(lo, ck.block_end(lo));
   } else {
     for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
       prefetch_ahead(lo, p, g, s0, s1, s2, master);
