@@ -184,6 +184,28 @@ def grad_multiplier(gs_ptr, MAXIMIZE: tl.constexpr, HAS_GS: tl.constexpr,
 
 
 @triton.jit
+def skip_found_inf(n, fi_ptr, HAS_FI: tl.constexpr):
+    """The element count a program walks: 0 when GradScaler found an inf/NaN (or
+    found_inf is NaN), so the step touches nothing, as the C++ kernels' skip_step."""
+    if HAS_FI:
+        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    return n
+
+
+@triton.jit
+def load_grad(g_ptr, offs, mask, grad_mul, CT: tl.constexpr = tl.float32):
+    """The grad as an update reads it: upcast to CT, times grad_multiplier."""
+    return tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+
+
+@triton.jit
+def l2_decayed_grad(g, p, weight_decay, CT: tl.constexpr = tl.float32):
+    """weight_decay.h l2_decayed_grad: g + weight_decay * p (weight_decay an fp64
+    argument, rounded once to CT)."""
+    return g + f64(weight_decay).to(CT) * p
+
+
+@triton.jit
 def decoupled_decay_factor(lr, weight_decay, CT: tl.constexpr = tl.float32):
     """weight_decay.h: 1 - lr * weight_decay from fp64 values, rounded once to CT."""
     return (1.0 - lr.to(tl.float64) * weight_decay).to(CT)

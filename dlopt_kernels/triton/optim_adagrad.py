@@ -14,15 +14,18 @@ import triton
 import triton.language as tl
 
 from dlopt_kernels.triton._common import (
-    ieee_div,
-    ieee_sqrt,
     block_mask,
     check_elementwise_lists,
     elementwise_step,
     f64,
     grad_multiplier,
+    ieee_div,
+    ieee_sqrt,
+    l2_decayed_grad,
+    load_grad,
     load_param,
     next_step,
+    skip_found_inf,
     store_f32,
     table_start,
     tensor_ptr,
@@ -46,8 +49,7 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     sum_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
     master_ptr = tensor_ptr(rec, 3, tl.float32, ALIGNED)
     step_ptr = tensor_ptr(rec, 4, STEP_DT)
-    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
-        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    n = skip_found_inf(n, fi_ptr, HAS_FI)
 
     # adagrad_coeffs(): the per-tensor learning rate in fp64, rounded once to fp32.
     step = next_step(step_ptr)
@@ -62,11 +64,11 @@ def _adagrad_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: adagrad_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        g = load_grad(g_ptr, offs, mask, grad_mul, CT)
         s = tl.load(sum_ptr + offs, mask=mask).to(CT)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD:
-            g = g + f64(weight_decay).to(CT) * p  # weight_decay.h l2_decayed_grad
+            g = l2_decayed_grad(g, p, weight_decay, CT)
         s = s + g * g
         # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)
         p = p - ieee_div(clr * g, ieee_sqrt(s, CT) + eps_f, CT)

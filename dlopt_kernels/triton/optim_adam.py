@@ -26,9 +26,12 @@ from dlopt_kernels.triton._common import (
     block_mask,
     check_elementwise_lists,
     decayed_minus,
+    decoupled_decay_factor,
     elementwise_step,
     f64,
     grad_multiplier,
+    l2_decayed_grad,
+    load_grad,
     load_param,
     next_step,
     sr_tensor_key,
@@ -83,12 +86,12 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: adam_update() line by line, all in CT.
-        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        g = load_grad(g_ptr, offs, mask, grad_mul, CT)
         m = tl.load(m_ptr + offs, mask=mask).to(CT)
         v = tl.load(v_ptr + offs, mask=mask).to(CT)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD == 1:  # _WD_L2 (Adam)
-            g = g + wd.to(CT) * p
+            g = l2_decayed_grad(g, p, weight_decay, CT)
         m, v = adam_moments(g, m, v, omb1, beta2_f, omb2)
         v_hat = v
         if AMSGRAD:
@@ -98,7 +101,7 @@ def _adam_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
             v_hat = vmax
         step_p = adam_direction(m, v_hat, step_size, inv_bc2_sqrt, eps_f, CT)
         if WD == 2:  # _WD_DECOUPLED (AdamW): p * (1 - lr * wd) - step, one rounding
-            p = decayed_minus(p, (1.0 - lr * wd).to(CT), step_p)
+            p = decayed_minus(p, decoupled_decay_factor(lr, wd, CT), step_p)
         else:
             p = p - step_p
 

@@ -14,14 +14,17 @@ import triton.language as tl
 
 from dlopt_kernels.backends.checks import check_rmsprop_lists
 from dlopt_kernels.triton._common import (
-    ieee_div,
-    ieee_sqrt,
     block_mask,
     elementwise_step,
     f64,
     fmadd,
     grad_multiplier,
+    ieee_div,
+    ieee_sqrt,
+    l2_decayed_grad,
+    load_grad,
     load_param,
+    skip_found_inf,
     store_f32,
     table_start,
     tensor_ptr,
@@ -47,8 +50,7 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
     ga_ptr = tensor_ptr(rec, 3, S_DT, ALIGNED)
     buf_ptr = tensor_ptr(rec, 4, S_DT, ALIGNED)
     master_ptr = tensor_ptr(rec, 5, tl.float32, ALIGNED)
-    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
-        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    n = skip_found_inf(n, fi_ptr, HAS_FI)
 
     # rmsprop_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64).to(CT)
@@ -63,11 +65,11 @@ def _rmsprop_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr, alpha:
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: rmsprop_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        g = load_grad(g_ptr, offs, mask, grad_mul, CT)
         v = tl.load(v_ptr + offs, mask=mask).to(CT)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD:
-            g = g + f64(weight_decay).to(CT) * p  # weight_decay.h l2_decayed_grad
+            g = l2_decayed_grad(g, p, weight_decay, CT)
         v = fmadd(a, v, oma * (g * g))
         store_f32(v_ptr + offs, v, mask)
         # _rn: IEEE sqrt/div like the C++ kernel (plain `/` and tl.sqrt are approximate on GPU)

@@ -18,7 +18,10 @@ from dlopt_kernels.triton._common import (
     f64,
     fmadd,
     grad_multiplier,
+    l2_decayed_grad,
+    load_grad,
     load_param,
+    skip_found_inf,
     store_f32,
     table_start,
     tensor_ptr,
@@ -42,8 +45,7 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
     g_ptr = tensor_ptr(rec, 1, P_DT, ALIGNED)
     buf_ptr = tensor_ptr(rec, 2, S_DT, ALIGNED)
     master_ptr = tensor_ptr(rec, 3, tl.float32, ALIGNED)
-    if HAS_FI:  # GradScaler found inf/NaN (or found_inf is NaN): touch nothing
-        n = tl.where(tl.load(fi_ptr) != 0, 0, n)
+    n = skip_found_inf(n, fi_ptr, HAS_FI)
 
     # sgd_coeffs(): fp64 host values rounded once to fp32.
     lr = tl.load(lr_ptr).to(tl.float64).to(CT)
@@ -57,10 +59,10 @@ def _sgd_kernel(table_ptr, map_ptr, lr_ptr, gs_ptr, fi_ptr, seed_ptr,
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = block_mask(offs, n, ALIGNED)
         # One element: sgd_update() line by line, all in fp32.
-        g = tl.load(g_ptr + offs, mask=mask).to(CT) * grad_mul
+        g = load_grad(g_ptr, offs, mask, grad_mul, CT)
         p = load_param(p_ptr, master_ptr, offs, mask, MASTER, CT)
         if WD:
-            g = g + f64(weight_decay).to(CT) * p  # weight_decay.h l2_decayed_grad
+            g = l2_decayed_grad(g, p, weight_decay, CT)
         if MOMENTUM:
             if FIRST:  # the buffer has no history: it becomes g
                 buf = g
