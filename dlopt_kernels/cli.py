@@ -109,6 +109,10 @@ def info_lines(problems: Optional[list] = None) -> list[str]:
                 if wide != chosen:
                     add(f"      float64 params: auto -> {wide} (in float64)")
             add(f"      available: {', '.join(avail) or 'none'}")
+            atomic = [b for b in avail if registry.why_nondeterministic(op, b, dt)]
+            if atomic:
+                add(f"      not deterministic here: {', '.join(atomic)} "
+                    f"(torch.use_deterministic_algorithms(True): auto passes over them)")
             for b in registry.BACKENDS:
                 if b not in avail:
                     why = registry.why_unavailable(b, dt) or f"op {op!r} has no {b} kernel"

@@ -16,6 +16,13 @@ dtypes=...)`): the compiled and Triton optimizer kernels take float32, bfloat16 
 float16 params, so float64 params (and complex128, stepped as float64 views) run on
 the reference backend, in float64, under ``auto``, and an explicit backend that cannot
 take them is refused.
+
+An op may name the backends whose kernels are not deterministic on a GPU
+(`register(..., nondeterministic=why)`: Adafactor's CUDA and Triton kernels add with
+fp64 atomics, in an order that varies run to run). Under
+``torch.use_deterministic_algorithms(True)`` ``auto`` passes over them (logged once),
+and an explicit such backend is refused with `BackendUnavailableError`, or warned
+about under ``warn_only=True``, as torch treats its own nondeterministic ops.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -33,6 +41,7 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _KERNELS: dict[tuple[str, str], Callable] = {}
 _DTYPES: dict[tuple[str, str], tuple] = {}  # (op, backend) -> param dtypes, where limited
+_NONDET: dict[tuple[str, str], str] = {}  # (op, backend) -> why not deterministic on a GPU
 _CACHE: dict[tuple, tuple[str, Callable]] = {}
 _LOGGED: set = set()
 log = logging.getLogger("dlopt_kernels")
@@ -42,17 +51,22 @@ class BackendUnavailableError(ValueError):
     """An explicitly requested backend cannot run on this machine or device."""
 
 
-def register(op: str, backend: str, kernel: Callable | str, dtypes: tuple | None = None) -> None:
+def register(op: str, backend: str, kernel: Callable | str, dtypes: tuple | None = None,
+             nondeterministic: str | None = None) -> None:
     """Register `kernel` for (`op`, `backend`): a callable, or "module:function",
     imported on first use (so triton is only imported when a triton kernel runs).
-    `dtypes`: the param dtypes the kernel takes (None: any the op takes)."""
+    `dtypes`: the param dtypes the kernel takes (None: any the op takes).
+    `nondeterministic`: why the kernel's results may vary run to run on a GPU (None:
+    they do not)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _KERNELS[(op, backend)] = kernel
-    if dtypes is None:
-        _DTYPES.pop((op, backend), None)
-    else:
-        _DTYPES[(op, backend)] = tuple(dtypes)
+    for table, value in ((_DTYPES, None if dtypes is None else tuple(dtypes)),
+                         (_NONDET, nondeterministic)):
+        if value is None:
+            table.pop((op, backend), None)
+        else:
+            table[(op, backend)] = value
     _CACHE.clear()
 
 
@@ -117,15 +131,39 @@ def why_not_dtype(op: str, backend: str, dtype: torch.dtype | None) -> str | Non
     return f"its kernels take {names} params, not {str(dtype).replace('torch.', '')}"
 
 
+def why_nondeterministic(op: str, backend: str, device_type: str) -> str | None:
+    """None if `backend`'s kernel of `op` gives the same results run to run on
+    `device_type`, else why not (only GPU kernels with atomics vary)."""
+    return _NONDET.get((op, backend)) if device_type == "cuda" else None
+
+
+def _refuse_nondeterministic(op: str, backend: str, why: str) -> None:
+    """An explicit nondeterministic backend under torch.use_deterministic_algorithms:
+    refused, or a warning under warn_only=True (torch's rule for its own ops)."""
+    msg = (f"backend={backend!r} cannot run {op} deterministically ({why}), and "
+           f"torch.use_deterministic_algorithms(True) is set; backend='auto' or "
+           f"'reference' runs a deterministic kernel")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg + " (warn_only=True: running it anyway)", stacklevel=3)
+    else:
+        raise BackendUnavailableError(msg)
+
+
 def resolve(op: str, device: torch.device, backend: str = "auto",
             dtype: torch.dtype | None = None, quiet: bool = False) -> tuple[str, Callable]:
     """The (backend name, kernel) that runs `op` on `device` for the request `backend`,
-    for params of `dtype` (None: any, as for ops whose kernels take every dtype).
+    for params of `dtype` (None: any, as for ops whose kernels take every dtype), and
+    under torch.use_deterministic_algorithms(True) a deterministic one.
     quiet: do not log a fall back (`dlopt-kernels info` reports it itself)."""
     requested = requested_backend(backend)
-    key = (op, device.type, requested, dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    key = (op, device.type, requested, dtype, deterministic)
     hit = _CACHE.get(key)
     if hit is not None:
+        if deterministic and requested != "auto":
+            why = why_nondeterministic(op, hit[0], device.type)
+            if why is not None:
+                _refuse_nondeterministic(op, hit[0], why)
         return hit
     if requested != "auto":
         reason = why_unavailable(requested, device.type)
@@ -138,12 +176,23 @@ def resolve(op: str, device: torch.device, backend: str = "auto",
         if reason is not None:
             raise BackendUnavailableError(f"backend={requested!r} cannot run {op}: {reason}")
         choice = requested
+        why = why_nondeterministic(op, choice, device.type) if deterministic else None
+        if why is not None:
+            _refuse_nondeterministic(op, choice, why)
     else:
         order = _AUTO_ORDER.get(device.type, ("reference",))
         usable = [b for b in order if (op, b) in _KERNELS and why_unavailable(b, device.type) is None]
-        choice = next(b for b in usable if why_not_dtype(op, b, dtype) is None)
+        choice = next(b for b in usable if why_not_dtype(op, b, dtype) is None
+                      and not (deterministic and why_nondeterministic(op, b, device.type)))
         if quiet:
             pass
+        elif deterministic and choice != usable[0] and why_nondeterministic(
+                op, usable[0], device.type) and (op, device.type, "det") not in _LOGGED:
+            _LOGGED.add((op, device.type, "det"))
+            log.warning("dlopt_kernels: %s on %s uses the %s backend under "
+                        "torch.use_deterministic_algorithms(True) (the %s backend: %s)", op,
+                        device.type, choice, usable[0],
+                        why_nondeterministic(op, usable[0], device.type))
         elif choice != usable[0] and (op, device.type, dtype) not in _LOGGED:
             # a dtype the fast kernels do not take (float64): said once, not per step
             _LOGGED.add((op, device.type, dtype))

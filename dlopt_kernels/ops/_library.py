@@ -46,12 +46,15 @@ def define(schema: str, impl: Callable, fake: Callable, backends: dict[str, Call
 
 
 def define_step(schema: str, backends: dict[str, Callable | str], complex_params: bool,
-                float64_backends: tuple[str, ...] = ()):
+                float64_backends: tuple[str, ...] = (),
+                nondeterministic: dict[str, str] | None = None):
     """Define the optimizer step op `schema` (params first, `str backend` last, returns
     nothing): routed by the params' device and dtype, float64 params to the reference
     backend or to the compiled ones named in `float64_backends` (whose kernels compute
     in double for them); `complex_params`: complex params are stepped as their real
-    views, as the op's torch.optim twin does (else refused with a TypeError)."""
+    views, as the op's torch.optim twin does (else refused with a TypeError);
+    `nondeterministic`: backend -> why its kernels' results vary run to run on a GPU
+    (registry.resolve keeps them out of torch.use_deterministic_algorithms)."""
     name = schema.split("(", 1)[0]
     nargs = schema.split("->", 1)[0].count(",") + 1
 
@@ -73,7 +76,8 @@ def define_step(schema: str, backends: dict[str, Callable | str], complex_params
     op = define(schema, impl, fake, backends={})
     for backend, kernel in backends.items():
         dtypes = KERNEL_DTYPES + ((torch.float64,) if backend in float64_backends else ())
-        register(name, backend, kernel, dtypes=None if backend == "reference" else dtypes)
+        register(name, backend, kernel, dtypes=None if backend == "reference" else dtypes,
+                 nondeterministic=(nondeterministic or {}).get(backend))
     return op
 
 

@@ -17,6 +17,11 @@ over each tensor, no Python loop on the CPU backend).
 `lr` is a 0-dim tensor; `eps1` is a float (the optimizer resolves torch's None to the
 param dtype's machine epsilon). `grad_scale` divides the grads (GradScaler), `sr_seed`
 (an int64 0-dim tensor, or None) turns on stochastic rounding of bf16 params.
+
+The cuda and triton kernels add their sums with fp64 atomics, so on a GPU the last bits
+of a step may vary run to run; under ``torch.use_deterministic_algorithms(True)``
+``backend='auto'`` runs the (deterministic) reference kernels there, and an explicit
+cuda or triton backend is refused (warned about under ``warn_only=True``).
 """
 from __future__ import annotations
 
@@ -29,9 +34,13 @@ SCHEMA = (
     "float weight_decay, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
     "Tensor? sr_seed, str backend='auto') -> ()")
 
+# The GPU kernels add the row / column sums and the p^2 / u^2 sums with fp64 atomics,
+# in whatever order the blocks run.
+_ATOMICS = "it adds its row, column and norm sums with fp64 atomics, in a varying order"
+
 adafactor_step = define_step(SCHEMA, complex_params=False, backends={
     "cpu": compiled("adafactor_step"),
     "cuda": compiled("adafactor_step"),
     "triton": "dlopt_kernels.triton.optim_adafactor:adafactor_step",
     "reference": "dlopt_kernels.backends.reference.optim_adafactor:adafactor_step",
-})
+}, nondeterministic={"cuda": _ATOMICS, "triton": _ATOMICS})
