@@ -83,7 +83,8 @@ for b in $BENCHES; do
   echo "bench $b: exit $? at $(( $(date +%s) - t0 )) s"
   [ "$b" = adam ] && [ "${DLOPT_GPU_AB:-1}" = 1 ] && ab_runs
 done
-grep -E "^\[|^  dlopt\[(cuda|triton)\] |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-100 | tail -45
+# the targets (queued, then from an idle GPU) and failures; the tables are in the JSON
+grep -E "^optim_|^clip_|^  (MET|MISSED) |BENCH|Traceback|Error" "$OUT/bench.log" | cut -c1-170 | tail -80
 # the host part of the step (tools/step_host_time.py): what the GPU waits through
 timeout 60 python3 tools/step_host_time.py --device cuda >"$OUT/host.log" 2>&1
 echo "host time: exit $? at $(( $(date +%s) - t0 )) s"; cut -c1-160 "$OUT/host.log"

@@ -106,7 +106,7 @@ def test_cpu_adafactor_steps_deterministically_in_deterministic_mode(determinist
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_adafactor_in_deterministic_mode_runs_the_reference_kernels(deterministic):
+def test_cuda_adafactor_in_deterministic_mode_runs_the_reference_kernels(deterministic):
     from dlopt_kernels.optim import Adafactor
 
     deterministic()
