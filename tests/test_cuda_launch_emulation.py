@@ -54,19 +54,20 @@ pytestmark = [pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA tool
 def build_library(path: str) -> ctypes.CDLL:
     """Build the launchers as a host-only library at `path` and load it."""
     srcs = [os.path.join(ROOT, "tests", "cuda_emulation", "launchers.cu")]
-    srcs += [os.path.join(ROOT, "csrc", "cuda", f"optim_{op}.cu") for op in OPS]
+    srcs += [os.path.join(ROOT, "csrc", "cuda", f"optim_{op}.cu") for op in OPS + ("adafactor",)]
     srcs.append(os.path.join(ROOT, "csrc", "cuda", "multi_tensor_norm.cu"))
     # as the C++ CPU build: no contraction the headers do not write, and its -march, so
     # that `fmadd` (weight_decay.h) is the same fused multiply-add on both sides
     march = os.environ.get("DLOPT_CPU_ARCH", "native")
     subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-arch=sm_90",
                     "-DDLOPT_EMULATE", "-shared",
-                    "-Xcompiler", f"-fPIC,-ffp-contract=off,-march={march}",
+                    "-Xcompiler", f"-fPIC,-pthread,-ffp-contract=off,-march={march}",
                     "-diag-suppress", "177", "-I" + os.path.join(ROOT, "csrc", "include"),
                     "-o", path, *srcs], check=True)
     dll = ctypes.CDLL(path)
     dll.dlopt_emulate_step.restype = ctypes.c_int
     dll.dlopt_emulate_norm.restype = ctypes.c_int
+    dll.dlopt_emulate_step_shaped.restype = ctypes.c_int
     return dll
 
 
@@ -363,6 +364,115 @@ def test_lamb_launcher_matches_cpu_kernel(emulated, variant, precision, case):
     if case == "found_inf":
         assert_same("found_inf leaves everything", got, clone([params, grads, m, v, masters,
                                                                steps]))
+
+
+# Adafactor: vectors (300001: three items of kItemElems = 131072 elements), matrices
+# cut into several items ((300, 600): items of 218 and 82 rows, each split into 8 parts
+# of rows whose column sums meet in atomics; (40, 7000): three items of 18, 18 and 4
+# rows, parts of 3 rows or none), a batch of matrices, zero-size ones. (Every row costs
+# the emulation a warp's worth of shuffles: the shapes keep rows few.)
+AF_SHAPES = [(1,), (4097,), (3, 33), (0,), (300001,), (8, 8), (2, 5, 300), (300, 600),
+             (40, 7000), (0, 7)]
+
+
+def adafactor_inputs(precision, shapes):
+    """params, grads, row_vars, col_vars, variances (positive), masters, steps, store."""
+    pdt, sdt, store = PRECISIONS[precision]
+    params, grads, rows, cols, variances, masters = [], [], [], [], [], []
+    for shape in shapes:
+        p32 = torch.randn(shape)
+        params.append(p32.to(pdt))
+        grads.append(torch.randn(shape).to(pdt))
+        if store == MASTER:
+            masters.append(p32.clone())
+        if len(shape) >= 2:
+            rows.append(torch.rand(shape[:-1] + (1,)).to(sdt))
+            cols.append(torch.rand(shape[:-2] + (1, shape[-1])).to(sdt))
+        else:
+            variances.append(torch.rand(shape).to(sdt))
+    steps = [torch.full((), 3.0) for _ in shapes]
+    return params, grads, rows, cols, variances, masters, steps, store
+
+
+def run_emulated_adafactor(dll, lists, scalars, store, hp, maximize):
+    """Adafactor's launcher on CPU tensors (lists as the CPU op takes them)."""
+    params, grads, rows, cols, variances, masters, steps = lists
+    ptrs, numels, r, c, dtypes = [], [], [], [], []
+    kf = kv = 0
+    for i, p in enumerate(params):
+        row = [0] * MAX_LISTS
+        factored = p.dim() >= 2
+        k = kf if factored else kv
+        kf, kv = kf + factored, kv + (not factored)
+        state = rows[k] if factored else variances[k]
+        if p.numel():
+            row[0], row[1] = p.data_ptr(), grads[i].data_ptr()
+            if factored:
+                row[2], row[3] = rows[k].data_ptr(), cols[k].data_ptr()
+            else:
+                row[4] = variances[k].data_ptr()
+            if masters:
+                row[5] = masters[i].data_ptr()
+        ptrs += row
+        numels.append(p.numel())
+        r.append(p.shape[-2] if factored else 0)
+        c.append(p.shape[-1] if factored else 0)
+        dtypes += [DTYPE_CODE[p.dtype], DTYPE_CODE[state.dtype]]
+    refs = [(sc or Scalar(None, False)).ref(d) for sc, d in zip(scalars, (0.0, 1.0, 0.0, 0.0))]
+    err = dll.dlopt_emulate_step_shaped(
+        b"adafactor", len(params), _array(ctypes.c_void_p, ptrs), _array(ctypes.c_int64, numels),
+        _array(ctypes.c_int64, r), _array(ctypes.c_int64, c), _array(ctypes.c_int32, dtypes),
+        _array(ctypes.c_void_p, [s.data_ptr() for s in steps]),
+        _array(ctypes.c_uint8, [s.dtype == torch.float64 for s in steps]),
+        _array(ctypes.c_void_p, [x[0] for x in refs]), _array(ctypes.c_int32, [x[1] for x in refs]),
+        _array(ctypes.c_double, [x[2] for x in refs]), ctypes.c_int64(refs[3][3]),
+        ctypes.c_int32(store), _array(ctypes.c_double, hp), _array(ctypes.c_int32, [maximize]))
+    assert err == 0, f"adafactor launcher returned cudaError {err}"
+
+
+def _adafactor_case(dll, precision, case, shapes, wd, maximize):
+    lists = adafactor_inputs(precision, shapes)
+    *tensors, store = lists
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    gs, fi = gradscaler_inputs(case)
+    seed = _sr_seed(store)
+    hp = [-0.8, 1e-3, 1e-3, 1.0, wd]  # beta2_decay, eps1, eps2, d, weight_decay
+    want = clone(tensors)
+    torch.ops.dlopt.adafactor_step(*want, lr, *hp, maximize, gs, fi, seed, "cpu")
+    got = clone(tensors)
+    run_emulated_adafactor(dll, got, [Scalar(lr, case != "plain"), Scalar(gs, True),
+                                      Scalar(fi, True), Scalar(seed, True)], store, hp, maximize)
+    name = f"adafactor {precision} {case}"
+    assert_same(name + " steps", [got[-1]], [want[-1]])
+    # the sums of squares meet in another order than the CPU kernel's (fp64 atomics)
+    for k, what in enumerate(("params", "grads", "row_vars", "col_vars", "variances",
+                              "masters")):
+        for a, b in zip(got[k], want[k]):
+            torch.testing.assert_close(a, b, **tol(a.dtype), msg=lambda m: f"{name} {what}: {m}")
+    if case == "found_inf":
+        assert_same("found_inf leaves everything", got, clone(tensors))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_adafactor_launcher_matches_cpu_kernel(emulated, precision, case):
+    """Adafactor's launcher and its five kernels (prepare; stats: row sums by warps,
+    column and p^2 sums by atomics; factors; direction; apply), the kernel bodies run
+    as emulated CUDA threads (cuda_threads.cuh: barriers for __syncthreads and the warp
+    shuffles, a mutex for the atomics): steps bit for bit, the rest within the tolerance
+    table of the C++ CPU kernel."""
+    _adafactor_case(emulated, precision, case, AF_SHAPES, wd=0.01 if case != "plain" else 0.0,
+                    maximize=case == "scaled")
+
+
+def test_adafactor_launcher_with_many_tensors(emulated):
+    """30 tensors: three tables of at most 14 tensors per launch (and 120 items)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    shapes = []
+    for i in range(30):
+        a, b = (int(x) for x in torch.randint(1, 40, (2,), generator=gen))
+        shapes.append((a, b) if i % 3 else (a * b,))
+    _adafactor_case(emulated, "fp32", "plain", shapes, wd=0.0, maximize=False)
 
 
 def run_emulated_norm(dll, tensors, ord):

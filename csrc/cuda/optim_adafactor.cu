@@ -18,7 +18,13 @@
 //   direction  sum(u^2) per tensor (fp64 atomics); vectors update their variance;
 //   apply      p = p * (1 - lr wd) - alpha / max(1, rms(u) / d) * u.
 // Factored tensors are walked as row-major [batch, rows, cols].
+//
+// The kernel bodies are __host__ __device__ (af_stats etc., each behind a thin
+// __global__ af_kernel) and take their indices and cross-thread operations from
+// dlopt/cuda_threads.cuh, so that under DLOPT_EMULATE (tests/cuda_emulation) the
+// launcher runs them on the CPU unchanged.
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <utility>
 #include <vector>
@@ -28,6 +34,7 @@
 #include "dlopt/cuda_scalar.cuh"
 #include "dlopt/cuda_steps.cuh"
 #include "dlopt/cuda_storage.cuh"
+#include "dlopt/cuda_threads.cuh"
 #include "dlopt/rounding.h"
 
 namespace dlopt {
@@ -62,9 +69,9 @@ struct AfHyper {
 static_assert(sizeof(cuda::StepBatch) + sizeof(AfHyper) + sizeof(void*) <= 4096,
               "af_prepare_kernel arguments over 4 KB");
 
-__global__ void af_prepare_kernel(const __grid_constant__ cuda::StepBatch b,
-                                  const __grid_constant__ AfHyper h, AfTensorCoeffs* out) {
-  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+// Thread k of the batch (host-callable, as Adam's adam_prepare_one).
+DLOPT_HD void af_prepare_one(const cuda::StepBatch& b, const AfHyper& h, AfTensorCoeffs* out,
+                             int k) {
   if (k >= b.count || cuda::skip_step(h.found_inf)) return;
   const double step = cuda::bump_step(b, k);
   const int32_t i = b.first + k;
@@ -73,6 +80,11 @@ __global__ void af_prepare_kernel(const __grid_constant__ cuda::StepBatch b,
   r.grad_mul = static_cast<float>((h.maximize ? -1.0 : 1.0) / cuda::load_f64(h.grad_scale));
   r.sr_key = sr_tensor_key(static_cast<uint32_t>(cuda::load_i64(h.seed)), static_cast<uint32_t>(i));
   out[i] = r;
+}
+
+__global__ void af_prepare_kernel(const __grid_constant__ cuda::StepBatch b,
+                                  const __grid_constant__ AfHyper h, AfTensorCoeffs* out) {
+  af_prepare_one(b, h, out, blockIdx.x * blockDim.x + threadIdx.x);
 }
 
 // ---- work tables ----------------------------------------------------------------------
@@ -155,58 +167,63 @@ cudaError_t for_each_table(const AfShared& s, const std::vector<AfDesc>& descs,
 // The part of an item this block handles: an item is split into gridDim.y parts (rows
 // of a factored item, elements of a vector), so that one launch of kItems items gives
 // the GPU kItems * kParts blocks.
-__device__ __forceinline__ AfItem my_part(const AfItem& it) {
-  const int32_t parts = static_cast<int32_t>(gridDim.y);
+DLOPT_HD AfItem my_part(const AfItem& it) {
+  const int32_t parts = static_cast<int32_t>(cuda::grid_y());
   const int32_t per = (it.count + parts - 1) / parts;
-  const int32_t lo = min(it.count, per * static_cast<int32_t>(blockIdx.y));
-  const int32_t hi = min(it.count, lo + per);
+  const int32_t lo = std::min(it.count, per * static_cast<int32_t>(cuda::block_y()));
+  const int32_t hi = std::min(it.count, lo + per);
   return AfItem{it.begin + lo, hi - lo, it.slot};
 }
 
 // ---- reductions -------------------------------------------------------------------------
 
-__device__ __forceinline__ double warp_sum(double x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+DLOPT_HD double warp_sum(double x) {
+  for (int o = 16; o > 0; o >>= 1) x += cuda::shfl_down(x, o);
   return x;
 }
 
 // The block's sum, valid in thread 0.
-__device__ __forceinline__ double block_sum(double x) {
+DLOPT_HD double block_sum(double x) {
+#ifdef __CUDA_ARCH__
   __shared__ double part[kThreads / 32];
+#else
+  static double part[kThreads / 32];  // the emulation's threads (cuda_threads.cuh)
+#endif
   x = warp_sum(x);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned tid = cuda::thread_x(), lane = tid % 32, warp = tid / 32;
   if (lane == 0) part[warp] = x;
-  __syncthreads();
-  x = threadIdx.x < kThreads / 32 ? part[threadIdx.x] : 0.0;
+  cuda::sync_block();
+  x = tid < kThreads / 32 ? part[tid] : 0.0;
   if (warp == 0) x = warp_sum(x);
-  __syncthreads();  // part may be reused by a later call
+  cuda::sync_block();  // part may be reused by a later call
   return x;
 }
 
 // ---- kernels --------------------------------------------------------------------------
 
 template <class PS, bool MASTER>
-__device__ __forceinline__ float load_p(const AfDesc& t, int64_t i) {
+DLOPT_HD float load_p(const AfDesc& t, int64_t i) {
   if (MASTER) return t.master[i];
   return PS::load(static_cast<const typename PS::T*>(t.p)[i]);
 }
 
 template <class PS>
-__device__ __forceinline__ float load_g(const AfDesc& t, int64_t i, float mul) {
+DLOPT_HD float load_g(const AfDesc& t, int64_t i, float mul) {
   return PS::load(static_cast<const typename PS::T*>(t.g)[i]) * mul;
 }
 
+// One thread's part of each pass (af_kernel launches them).
 template <class PS, class S, bool MASTER>
-__global__ void __launch_bounds__(kThreads) af_stats_kernel(const __grid_constant__ AfTable tab) {
+DLOPT_HD void af_stats(const AfTable& tab) {
   const AfShared& s = tab.s;
   if (cuda::skip_step(s.found_inf)) return;
-  const AfItem it = my_part(tab.it[blockIdx.x]);
+  const AfItem it = my_part(tab.it[cuda::block_x()]);
   if (it.count <= 0) return;
   const AfDesc& t = tab.t[it.slot];
   const float mul = s.coeffs[t.index].grad_mul;
   double ps = 0.0;
   if (t.factored) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int lane = cuda::thread_x() % 32, warp = cuda::thread_x() / 32;
     for (int r = warp; r < it.count; r += kThreads / 32) {
       const int64_t row = it.begin + r;
       double rs = 0.0;
@@ -220,29 +237,29 @@ __global__ void __launch_bounds__(kThreads) af_stats_kernel(const __grid_constan
       if (lane == 0) s.row_sum[t.row_off + row] = rs;
     }
     const int64_t b = it.begin / t.rows;  // an item's rows share one matrix
-    for (int64_t c = threadIdx.x; c < t.cols; c += kThreads) {
+    for (int64_t c = cuda::thread_x(); c < t.cols; c += kThreads) {
       double cs = 0.0;
       for (int r = 0; r < it.count; ++r) {
         const double g = load_g<PS>(t, (it.begin + r) * t.cols + c, mul);
         cs += g * g;
       }
-      atomicAdd(s.col_sum + t.col_off + b * t.cols + c, cs);
+      cuda::atomic_add(s.col_sum + t.col_off + b * t.cols + c, cs);
     }
   } else {
-    for (int64_t i = it.begin + threadIdx.x; i < it.begin + it.count; i += kThreads) {
+    for (int64_t i = it.begin + cuda::thread_x(); i < it.begin + it.count; i += kThreads) {
       const double p = load_p<PS, MASTER>(t, i);
       ps += p * p;
     }
   }
   ps = block_sum(ps);
-  if (threadIdx.x == 0) atomicAdd(s.sums + t.index, ps);
+  if (cuda::thread_x() == 0) cuda::atomic_add(s.sums + t.index, ps);
 }
 
 template <class PS, class S, bool MASTER>
-__global__ void __launch_bounds__(kThreads) af_factors_kernel(const __grid_constant__ AfTable tab) {
+DLOPT_HD void af_factors(const AfTable& tab) {
   const AfShared& s = tab.s;
   if (cuda::skip_step(s.found_inf)) return;
-  const AfItem& it = tab.it[blockIdx.x];
+  const AfItem& it = tab.it[cuda::block_x()];
   const AfDesc& t = tab.t[it.slot];
   const float w = s.coeffs[t.index].c.one_minus_beta2;
   const int64_t b = it.begin;
@@ -250,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) af_factors_kernel(const __grid_const
   auto* cv = static_cast<typename S::T*>(t.cv);
   const StoreCtx ctx{0u};
   double rsum = 0.0;
-  for (int64_t r = threadIdx.x; r < t.rows; r += kThreads) {
+  for (int64_t r = cuda::thread_x(); r < t.rows; r += kThreads) {
     const int64_t j = b * t.rows + r;
     const float mean = static_cast<float>(s.row_sum[t.row_off + j] / t.cols);
     const typename S::T v = S::store(lerp_torch(S::load(rv[j]), mean, w), ctx, j);
@@ -258,9 +275,9 @@ __global__ void __launch_bounds__(kThreads) af_factors_kernel(const __grid_const
     rsum += S::load(v);  // as stored: what the later kernels read
   }
   rsum = block_sum(rsum);
-  if (threadIdx.x == 0)
+  if (cuda::thread_x() == 0)
     s.den[t.den_off + b] = clamp_min_nan(static_cast<float>(rsum / t.rows), s.eps1);
-  for (int64_t c = threadIdx.x; c < t.cols; c += kThreads) {
+  for (int64_t c = cuda::thread_x(); c < t.cols; c += kThreads) {
     const int64_t j = b * t.cols + c;
     const float mean = static_cast<float>(s.col_sum[t.col_off + j] / t.rows);
     cv[j] = S::store(lerp_torch(S::load(cv[j]), mean, w), ctx, j);
@@ -269,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) af_factors_kernel(const __grid_const
 
 // The update direction of element e of a factored item (row it.begin + e / cols).
 template <class PS, class S>
-__device__ __forceinline__ float factored_u(const AfShared& s, const AfDesc& t, int64_t row,
+DLOPT_HD float factored_u(const AfShared& s, const AfDesc& t, int64_t row,
                                             int64_t c, float den, float mul) {
   const int64_t b = row / t.rows;
   const float rv = S::load(static_cast<const typename S::T*>(t.rv)[row]);
@@ -279,11 +296,10 @@ __device__ __forceinline__ float factored_u(const AfShared& s, const AfDesc& t, 
 }
 
 template <class PS, class S, bool MASTER>
-__global__ void __launch_bounds__(kThreads)
-    af_direction_kernel(const __grid_constant__ AfTable tab) {
+DLOPT_HD void af_direction(const AfTable& tab) {
   const AfShared& s = tab.s;
   if (cuda::skip_step(s.found_inf)) return;
-  const AfItem it = my_part(tab.it[blockIdx.x]);
+  const AfItem it = my_part(tab.it[cuda::block_x()]);
   if (it.count <= 0) return;
   const AfDesc& t = tab.t[it.slot];
   const AfTensorCoeffs& k = s.coeffs[t.index];
@@ -291,14 +307,14 @@ __global__ void __launch_bounds__(kThreads)
   if (t.factored) {
     const float den = s.den[t.den_off + it.begin / t.rows];
     const int64_t count = static_cast<int64_t>(it.count) * t.cols;
-    for (int64_t e = threadIdx.x; e < count; e += kThreads) {
+    for (int64_t e = cuda::thread_x(); e < count; e += kThreads) {
       const float u = factored_u<PS, S>(s, t, it.begin + e / t.cols, e % t.cols, den, k.grad_mul);
       us += static_cast<double>(u) * u;
     }
   } else {
     auto* var = static_cast<typename S::T*>(t.var);
     const StoreCtx ctx{0u};
-    for (int64_t i = it.begin + threadIdx.x; i < it.begin + it.count; i += kThreads) {
+    for (int64_t i = it.begin + cuda::thread_x(); i < it.begin + it.count; i += kThreads) {
       const float g = load_g<PS>(t, i, k.grad_mul);
       const typename S::T v = S::store(lerp_torch(S::load(var[i]), g * g, k.c.one_minus_beta2),
                                        ctx, i);
@@ -308,14 +324,14 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   us = block_sum(us);
-  if (threadIdx.x == 0) atomicAdd(s.sums + s.n + t.index, us);
+  if (cuda::thread_x() == 0) cuda::atomic_add(s.sums + s.n + t.index, us);
 }
 
 template <class PS, class S, bool MASTER, bool WD>
-__global__ void __launch_bounds__(kThreads) af_apply_kernel(const __grid_constant__ AfTable tab) {
+DLOPT_HD void af_apply(const AfTable& tab) {
   const AfShared& s = tab.s;
   if (cuda::skip_step(s.found_inf)) return;
-  const AfItem it = my_part(tab.it[blockIdx.x]);
+  const AfItem it = my_part(tab.it[cuda::block_x()]);
   if (it.count <= 0) return;
   const AfDesc& t = tab.t[it.slot];
   const AfTensorCoeffs& k = s.coeffs[t.index];
@@ -331,15 +347,38 @@ __global__ void __launch_bounds__(kThreads) af_apply_kernel(const __grid_constan
   if (t.factored) {
     const float den = s.den[t.den_off + it.begin / t.rows];
     const int64_t count = static_cast<int64_t>(it.count) * t.cols;
-    for (int64_t e = threadIdx.x; e < count; e += kThreads) {
+    for (int64_t e = cuda::thread_x(); e < count; e += kThreads) {
       const int64_t row = it.begin + e / t.cols, c = e % t.cols;
       update(row * t.cols + c, factored_u<PS, S>(s, t, row, c, den, k.grad_mul));
     }
   } else {
     const auto* var = static_cast<const typename S::T*>(t.var);
-    for (int64_t i = it.begin + threadIdx.x; i < it.begin + it.count; i += kThreads)
+    for (int64_t i = it.begin + cuda::thread_x(); i < it.begin + it.count; i += kThreads)
       update(i, adafactor_direction(load_g<PS>(t, i, k.grad_mul), S::load(var[i]), s.eps1_sq));
   }
+}
+
+// The passes as types, for af_kernel and for the emulation's launches.
+template <class PS, class S, bool MASTER>
+struct AfStats {
+  static DLOPT_HD void run(const AfTable& tab) { af_stats<PS, S, MASTER>(tab); }
+};
+template <class PS, class S, bool MASTER>
+struct AfFactors {
+  static DLOPT_HD void run(const AfTable& tab) { af_factors<PS, S, MASTER>(tab); }
+};
+template <class PS, class S, bool MASTER>
+struct AfDirection {
+  static DLOPT_HD void run(const AfTable& tab) { af_direction<PS, S, MASTER>(tab); }
+};
+template <class PS, class S, bool MASTER, bool WD>
+struct AfApply {
+  static DLOPT_HD void run(const AfTable& tab) { af_apply<PS, S, MASTER, WD>(tab); }
+};
+
+template <class Pass>
+__global__ void __launch_bounds__(kThreads) af_kernel(const __grid_constant__ AfTable tab) {
+  Pass::run(tab);
 }
 
 // ---- launching ----------------------------------------------------------------------
@@ -354,16 +393,22 @@ template <class PS, class S, bool MASTER>
 struct PickAdafactor {
   template <bool WD>
   static cudaError_t run(const AfShared& s, const AfGroup& g, cudaStream_t stream) {
-    auto launch = [&](auto kernel, const std::vector<std::vector<AfItem>>& items, int parts) {
+    auto launch = [&](auto pass, const std::vector<std::vector<AfItem>>& items, int parts) {
+      using Pass = decltype(pass);
       return for_each_table(s, g.descs, items, [&](const AfTable& tab, int blocks) {
-        kernel<<<dim3(blocks, parts), kThreads, 0, stream>>>(tab);
+#ifdef DLOPT_EMULATE
+        cuda::emulated_launch(blocks, parts, kThreads, [&] { Pass::run(tab); });
+        return cudaSuccess;
+#else
+        af_kernel<Pass><<<dim3(blocks, parts), kThreads, 0, stream>>>(tab);
         return cudaGetLastError();
+#endif
       });
     };
-    DLOPT_CUDA_TRY(launch(af_stats_kernel<PS, S, MASTER>, g.items, kParts));
-    DLOPT_CUDA_TRY(launch(af_factors_kernel<PS, S, MASTER>, g.matrices, 1));
-    DLOPT_CUDA_TRY(launch(af_direction_kernel<PS, S, MASTER>, g.items, kParts));
-    return launch(af_apply_kernel<PS, S, MASTER, WD>, g.items, kParts);
+    DLOPT_CUDA_TRY(launch(AfStats<PS, S, MASTER>{}, g.items, kParts));
+    DLOPT_CUDA_TRY(launch(AfFactors<PS, S, MASTER>{}, g.matrices, 1));
+    DLOPT_CUDA_TRY(launch(AfDirection<PS, S, MASTER>{}, g.items, kParts));
+    return launch(AfApply<PS, S, MASTER, WD>{}, g.items, kParts);
   }
   static cudaError_t run(bool wd, const AfShared& s, const AfGroup& g, cudaStream_t stream) {
     return wd ? run<true>(s, g, stream) : run<false>(s, g, stream);
@@ -380,8 +425,13 @@ cudaError_t launch_adafactor_step(const Launch& l, double beta2_decay, double ep
   auto* coeffs = static_cast<AfTensorCoeffs*>(l.scratch.get(l.n * sizeof(AfTensorCoeffs)));
   if (coeffs == nullptr) return cudaErrorMemoryAllocation;
   DLOPT_CUDA_TRY(for_each_step_batch(l, [&](const StepBatch& b) {
+#ifdef DLOPT_EMULATE  // a host-only build: the threads in a loop
+    for (int k = 0; k < b.count; ++k) af_prepare_one(b, h, coeffs, k);
+    return cudaSuccess;
+#else
     af_prepare_kernel<<<(b.count + 127) / 128, 128, 0, l.stream>>>(b, h, coeffs);
     return cudaGetLastError();
+#endif
   }));
 
   // Work items and scratch offsets, grouped by storage.
@@ -440,8 +490,13 @@ cudaError_t launch_adafactor_step(const Launch& l, double beta2_decay, double ep
   s.den = static_cast<float*>(scratch(dens_total, sizeof(float)));
   if (!s.sums || !s.row_sum || !s.col_sum || !s.den) return cudaErrorMemoryAllocation;
   // The stats and direction kernels add into these.
+#ifdef DLOPT_EMULATE
+  std::memset(s.sums, 0, 2 * l.n * sizeof(double));
+  std::memset(s.col_sum, 0, cols_total * sizeof(double));
+#else
   DLOPT_CUDA_TRY(cudaMemsetAsync(s.sums, 0, 2 * l.n * sizeof(double), l.stream));
   DLOPT_CUDA_TRY(cudaMemsetAsync(s.col_sum, 0, cols_total * sizeof(double), l.stream));
+#endif
   s.eps1 = static_cast<float>(eps1);
   s.eps1_sq = static_cast<float>(eps1 * eps1);
   s.eps2 = eps2;
