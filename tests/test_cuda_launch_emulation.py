@@ -521,4 +521,12 @@ def test_unknown_op_is_refused(emulated):
                _array(ctypes.c_int32, [0] * 4), _array(ctypes.c_double, [0.1, 1, 0, 0]),
                ctypes.c_int64(0), ctypes.c_int32(0), _array(ctypes.c_double, [0.0] * 4),
                _array(ctypes.c_int32, [0] * 3)) == -1
+    shaped = emulated.dlopt_emulate_step_shaped  # Adafactor's entry: that launcher only
+    assert shaped(b"adam", 1, _array(ctypes.c_void_p, [p.data_ptr()] + [0] * 5), zero,
+                  _array(ctypes.c_int64, [0]), _array(ctypes.c_int64, [0]),
+                  _array(ctypes.c_int32, [0, 0]), _array(ctypes.c_void_p, [0]),
+                  _array(ctypes.c_uint8, [0]), _array(ctypes.c_void_p, [0] * 4),
+                  _array(ctypes.c_int32, [0] * 4), _array(ctypes.c_double, [0.1, 1, 0, 0]),
+                  ctypes.c_int64(0), ctypes.c_int32(0), _array(ctypes.c_double, [0.0] * 5),
+                  _array(ctypes.c_int32, [0])) == -1
     assert torch.equal(p, before)

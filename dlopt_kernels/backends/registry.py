@@ -159,14 +159,22 @@ def resolve(op: str, device: torch.device, backend: str = "auto",
     deterministic = torch.are_deterministic_algorithms_enabled()
     key = (op, device.type, requested, dtype, deterministic)
     hit = _CACHE.get(key)
-    if hit is not None:
-        if deterministic and requested != "auto":
-            why = why_nondeterministic(op, hit[0], device.type)
-            if why is not None:
-                _refuse_nondeterministic(op, hit[0], why)
-        return hit
+    if hit is None:
+        choice = _choose(op, device.type, requested, dtype, deterministic, quiet)
+        hit = _CACHE[key] = (choice, _kernel(op, choice))
+    # an explicit backend is refused on every call, not only the first
+    why = why_nondeterministic(op, hit[0], device.type) if deterministic else None
+    if why is not None and requested != "auto":
+        _refuse_nondeterministic(op, hit[0], why)
+    return hit
+
+
+def _choose(op: str, device_type: str, requested: str, dtype: torch.dtype | None,
+            deterministic: bool, quiet: bool) -> str:
+    """resolve's choice, uncached: the requested backend if it can run `op` here, else
+    an error; for auto the first usable one, logging a fall back once."""
     if requested != "auto":
-        reason = why_unavailable(requested, device.type)
+        reason = why_unavailable(requested, device_type)
         if reason is None and (op, requested) not in _KERNELS:
             reason = f"op {op!r} has no {requested} kernel"
         if reason is None:
@@ -175,37 +183,33 @@ def resolve(op: str, device: torch.device, backend: str = "auto",
                 reason += "; backend='auto' or 'reference' runs them, in their own precision"
         if reason is not None:
             raise BackendUnavailableError(f"backend={requested!r} cannot run {op}: {reason}")
-        choice = requested
-        why = why_nondeterministic(op, choice, device.type) if deterministic else None
-        if why is not None:
-            _refuse_nondeterministic(op, choice, why)
+        return requested
     else:
-        order = _AUTO_ORDER.get(device.type, ("reference",))
-        usable = [b for b in order if (op, b) in _KERNELS and why_unavailable(b, device.type) is None]
+        order = _AUTO_ORDER.get(device_type, ("reference",))
+        usable = [b for b in order if (op, b) in _KERNELS and why_unavailable(b, device_type) is None]
         choice = next(b for b in usable if why_not_dtype(op, b, dtype) is None
-                      and not (deterministic and why_nondeterministic(op, b, device.type)))
+                      and not (deterministic and why_nondeterministic(op, b, device_type)))
         if quiet:
             pass
         elif deterministic and choice != usable[0] and why_nondeterministic(
-                op, usable[0], device.type) and (op, device.type, "det") not in _LOGGED:
-            _LOGGED.add((op, device.type, "det"))
+                op, usable[0], device_type) and (op, device_type, "det") not in _LOGGED:
+            _LOGGED.add((op, device_type, "det"))
             log.warning("dlopt_kernels: %s on %s uses the %s backend under "
                         "torch.use_deterministic_algorithms(True) (the %s backend: %s)", op,
-                        device.type, choice, usable[0],
-                        why_nondeterministic(op, usable[0], device.type))
-        elif choice != usable[0] and (op, device.type, dtype) not in _LOGGED:
+                        device_type, choice, usable[0],
+                        why_nondeterministic(op, usable[0], device_type))
+        elif choice != usable[0] and (op, device_type, dtype) not in _LOGGED:
             # a dtype the fast kernels do not take (float64): said once, not per step
-            _LOGGED.add((op, device.type, dtype))
+            _LOGGED.add((op, device_type, dtype))
             log.warning("dlopt_kernels: %s runs %s params on %s with the %s backend, in "
                         "their own precision (the %s backend: %s)", op,
-                        str(dtype).replace("torch.", ""), device.type, choice, usable[0],
+                        str(dtype).replace("torch.", ""), device_type, choice, usable[0],
                         why_not_dtype(op, usable[0], dtype))
-        elif choice != order[0] and (op, device.type) not in _LOGGED:
-            _LOGGED.add((op, device.type))
-            log.warning("dlopt_kernels: %s on %s uses the %s backend (%s)", op, device.type,
-                        choice, why_unavailable(order[0], device.type))
-    _CACHE[key] = (choice, _kernel(op, choice))
-    return _CACHE[key]
+        elif choice != order[0] and (op, device_type) not in _LOGGED:
+            _LOGGED.add((op, device_type))
+            log.warning("dlopt_kernels: %s on %s uses the %s backend (%s)", op, device_type,
+                        choice, why_unavailable(order[0], device_type))
+        return choice
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:
