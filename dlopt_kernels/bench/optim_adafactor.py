@@ -14,6 +14,15 @@ passes are the least for a vector and three for a factored param. The % of bandw
 column is against the nominal figure, as for every optimizer: the honest ceilings are
 about 62% (vectors) and 50% (factored params) there.
 
+On the 2-core EPYC the C++ kernel stays below those ceilings because its passes 2 and 3
+are bound by compute, not memory: each element costs two fp32 divisions and a square
+root (three divider operations for a factored param; `perf annotate` of the kernel),
+and a second thread speeds its step up far more than AdamW's memory-bound one
+(`torch.set_num_threads(1)` against 2). Running all three passes per cache-sized group
+of tensors (LAMB's layout), with u kept from pass 2 for pass 3, was tried on 2026-11-27
+and was not faster in a paired A/B there (pass 3 got cheaper, and pass 1 then paid the
+write-back of the previous group), so it was not kept.
+
 Cases: `common.standard_optimizer_cases` (fp32_10m, gpt2_small, tiny_1000, bf16_10m;
 their 1-D tensors take the unfactored path) plus ``matrix_10m``: one 2500 x 4000 fp32
 matrix (factored). Ours runs on every backend available for the device (plus the
