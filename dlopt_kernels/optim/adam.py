@@ -31,7 +31,8 @@ _DOC_COMMON = r"""
             the fused kernel (same maths). Both True together is an error, as in torch.
         maximize (bool): maximize the objective instead of minimizing (default: False).
         capturable (bool): accepted; our kernels read lr and step from device memory,
-            so the step is CUDA-graph capturable whatever this says.
+            so the step is CUDA-graph capturable whatever this says (with float
+            betas: Tensor betas are read on the host, docs/compat.md).
         differentiable (bool): must be False (a fused in-place step has no autograd).
         backend (str): "auto" | "cpu" | "cuda" | "triton" | "reference"; see
             ``dlopt_kernels.backends``. The environment variable ``DLOPT_BACKEND``

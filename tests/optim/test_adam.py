@@ -85,6 +85,32 @@ def test_compiled_step_matches_eager(backend):
         lr=torch.tensor(0.01), weight_decay=0.1, backend=backend))
 
 
+def test_tensor_betas_compile_around_their_host_read():
+    """Tensor betas are read on the host (docs/compat.md): torch.compile without
+    fullgraph steps exactly as eager, with betas changed in place between steps (as a
+    scheduler would), and as the same values given as floats."""
+    torch._dynamo.reset()
+    params = [torch.randn(33, 7), torch.randn(4097)]
+    schedule = [(0.8, 0.99), (0.7, 0.95), (0.9, 0.999)]
+    runs = []
+    for kind in ("compiled", "eager", "floats"):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        tb = tuple(torch.tensor(b) for b in schedule[0])
+        opt = AdamW(ps, lr=torch.tensor(0.01), betas=tb)
+        step = torch.compile(opt.step) if kind == "compiled" else opt.step
+        for k, betas in enumerate(schedule):
+            for b, v in zip(tb, betas):
+                b.fill_(v)  # float32, as the floats below
+            if kind == "floats":
+                opt.param_groups[0]["betas"] = tuple(float(b) for b in tb)
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (k + 1)) + p.detach() * 0.01
+            step()
+        runs.append([p.detach() for p in ps])
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 # ------------------------------------------------------------------------ state_dict
 
 
