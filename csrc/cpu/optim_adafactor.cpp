@@ -13,12 +13,15 @@
 //   C. p = p * (1 - lr wd) - step_size * u (u recomputed, not stored).
 //
 // Factored tensors (>= 2-D) are walked as row-major [batch, rows, cols] (contiguous
-// copies for any other layout); the states may be fp32 or the param dtype.
+// copies for any other layout); the states may be fp32 or the param dtype. The
+// arithmetic is fp32, or double for a float64 call (float64 params and states only:
+// Passes' C, update_factors<double>).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "dlopt/adafactor_math.h"
@@ -42,20 +45,40 @@ struct AfTensor {
   int64_t col_off;  // of its (batch x cols) in the column arrays,
   int64_t den_off;  // of its batch in the den array
   bool factored;
-  AdafactorCoeffs c;
-  float grad_mul;  // (maximize ? -1 : 1) / grad_scale
+  // Per-tensor values in double, each rounded once to the arithmetic's type C (fp32;
+  // double for float64 params) where a pass reads it.
+  double one_minus_beta2;  // the lerp weight (adafactor_coeffs)
+  double decay_factor;     // 1 - lr * weight_decay
+  double rho;
+  double grad_mul;  // (maximize ? -1 : 1) / grad_scale
   uint32_t sr_key;
-  float step_size;
+  double step_size;
 };
 
 // What the passes share: per-row / per-column work arrays and per-thread accumulators.
 struct AfWork {
-  float eps1_sq;
+  double eps1_sq;
   std::vector<double> row_sum;   // sum over cols of g^2, per (tensor, batch, row)
   std::vector<double> col_sum;   // [thread][sum over rows of g^2 per (tensor, batch, col)]
-  std::vector<float> row_var;    // updated row factor as stored, per (tensor, batch, row)
-  std::vector<float> col_var;    // updated column factor as stored
-  std::vector<float> den;        // max(mean(row factor), eps1) per (tensor, batch)
+  // The updated factors as stored, in the arithmetic's type C (float32 of an fp32 call,
+  // double of a float64 one: factors<C>()).
+  template <class C>
+  struct Factors {
+    std::vector<C> row_var;  // per (tensor, batch, row)
+    std::vector<C> col_var;  // per (tensor, batch, col)
+    std::vector<C> den;      // max(mean(row factor), eps1) per (tensor, batch)
+  };
+  Factors<float> f32;
+  Factors<double> f64;
+  template <class C>
+  Factors<C>& factors() {
+    if constexpr (std::is_same_v<C, double>) return f64;
+    else return f32;
+  }
+  template <class C>
+  const Factors<C>& factors() const {
+    return const_cast<AfWork*>(this)->factors<C>();
+  }
   std::vector<double> sum_p2;    // [thread][tensor]
   std::vector<double> sum_u2;    // [thread][tensor]
   int64_t total_cols = 0;
@@ -75,13 +98,14 @@ template <class P, class S, Store STORE, bool WD>
 struct Passes {
   using PT = typename P::T;
   using ST = typename S::T;
+  using C = typename P::C;  // the arithmetic's type
 
   // A: sums of squares.
   static void a(const AfTensor& a, AfWork& w, int64_t begin, int64_t end, int thread, int t) {
     const auto* __restrict__ p = static_cast<const PT*>(a.p);
     const auto* __restrict__ g = static_cast<const PT*>(a.g);
     const float* __restrict__ master = a.master;
-    const float mul = a.grad_mul;
+    const C mul = static_cast<C>(a.grad_mul);
     double ps = 0.0;
     if (a.factored) {
       double* __restrict__ col_base = w.col_sum.data() + thread * w.total_cols + a.col_off;
@@ -114,34 +138,35 @@ struct Passes {
   // B: sum(u^2); 0-/1-D tensors update their variance.
   static void b(const AfTensor& a, AfWork& w, int64_t begin, int64_t end, int thread, int t) {
     const auto* __restrict__ g = static_cast<const PT*>(a.g);
-    const float mul = a.grad_mul;
-    const float eps1_sq = w.eps1_sq;
+    const C mul = static_cast<C>(a.grad_mul);
+    const C eps1_sq = static_cast<C>(w.eps1_sq);
+    const auto& f = w.template factors<C>();
     double us = 0.0;
     if (a.factored) {
       for (int64_t gr = begin; gr < end; ++gr) {
         const int64_t b = gr / a.rows;
-        const float rv = w.row_var[a.row_off + gr];
-        const float den = w.den[a.den_off + b];
-        const float* __restrict__ cv = w.col_var.data() + a.col_off + b * a.cols;
+        const C rv = f.row_var[a.row_off + gr];
+        const C den = f.den[a.den_off + b];
+        const C* __restrict__ cv = f.col_var.data() + a.col_off + b * a.cols;
         const int64_t off = gr * a.cols;
         double rs = 0.0;
 #pragma omp simd reduction(+ : rs)
         for (int64_t c = 0; c < a.cols; ++c) {
-          const float u = adafactor_direction(P::load(g[off + c]) * mul,
-                                              factored_variance(rv, cv[c], den), eps1_sq);
+          const C u = adafactor_direction(P::load(g[off + c]) * mul,
+                                          factored_variance(rv, cv[c], den), eps1_sq);
           rs += static_cast<double>(u) * u;
         }
         us += rs;
       }
     } else {
       auto* __restrict__ var = static_cast<ST*>(a.var);
-      const float wt = a.c.one_minus_beta2;
+      const C wt = static_cast<C>(a.one_minus_beta2);
 #pragma omp simd reduction(+ : us)
       for (int64_t i = begin; i < end; ++i) {
-        const float gf = P::load(g[i]) * mul;
-        const ST stored = S::store(lerp_torch(S::load(var[i]), gf * gf, wt));
+        const C gf = P::load(g[i]) * mul;
+        const ST stored = S::store(lerp_torch(static_cast<C>(S::load(var[i])), gf * gf, wt));
         var[i] = stored;
-        const float u = adafactor_direction(gf, S::load(stored), eps1_sq);
+        const C u = adafactor_direction(gf, static_cast<C>(S::load(stored)), eps1_sq);
         us += static_cast<double>(u) * u;
       }
     }
@@ -153,22 +178,23 @@ struct Passes {
     auto* __restrict__ p = static_cast<PT*>(a.p);
     const auto* __restrict__ g = static_cast<const PT*>(a.g);
     float* __restrict__ master = a.master;
-    const float mul = a.grad_mul;
-    const float eps1_sq = w.eps1_sq;
-    const float decay = a.c.decay_factor;
-    const float step = a.step_size;
+    const C mul = static_cast<C>(a.grad_mul);
+    const C eps1_sq = static_cast<C>(w.eps1_sq);
+    const C decay = static_cast<C>(a.decay_factor);
+    const C step = static_cast<C>(a.step_size);
     const uint32_t key = a.sr_key;
+    const auto& f = w.template factors<C>();
     if (a.factored) {
       for (int64_t gr = begin; gr < end; ++gr) {
         const int64_t b = gr / a.rows;
-        const float rv = w.row_var[a.row_off + gr];
-        const float den = w.den[a.den_off + b];
-        const float* __restrict__ cv = w.col_var.data() + a.col_off + b * a.cols;
+        const C rv = f.row_var[a.row_off + gr];
+        const C den = f.den[a.den_off + b];
+        const C* __restrict__ cv = f.col_var.data() + a.col_off + b * a.cols;
         const int64_t off = gr * a.cols;
         for (int64_t c = 0; c < a.cols; ++c) {
           const int64_t i = off + c;
-          const float u = adafactor_direction(P::load(g[i]) * mul,
-                                              factored_variance(rv, cv[c], den), eps1_sq);
+          const C u = adafactor_direction(P::load(g[i]) * mul,
+                                          factored_variance(rv, cv[c], den), eps1_sq);
           write_param<P, STORE>(p, master,
                                 adafactor_apply<WD>(load_param<P, STORE>(p, master, i), u,
                                                     decay, step),
@@ -178,7 +204,8 @@ struct Passes {
     } else {
       const auto* __restrict__ var = static_cast<const ST*>(a.var);
       for (int64_t i = begin; i < end; ++i) {
-        const float u = adafactor_direction(P::load(g[i]) * mul, S::load(var[i]), eps1_sq);
+        const C u = adafactor_direction(P::load(g[i]) * mul, static_cast<C>(S::load(var[i])),
+                                        eps1_sq);
         write_param<P, STORE>(
             p, master, adafactor_apply<WD>(load_param<P, STORE>(p, master, i), u, decay, step),
             key, i);
@@ -201,28 +228,64 @@ struct PickAdafactor {
   }
 };
 
-// A factor element as fp32 / stored back at the state's dtype (returning the stored
-// value as fp32, which is what the later passes must use).
-inline float load_state(at::ScalarType st, const void* base, int64_t i) {
+// A factor element as double (exact for every state dtype) / stored back at the
+// state's dtype from the arithmetic's type C, returning the value as stored, which is
+// what the later passes must use. (C is double only for float64 states.)
+inline double load_state(at::ScalarType st, const void* base, int64_t i) {
   switch (st) {
+    case at::kDouble: return static_cast<const double*>(base)[i];
     case at::kFloat: return static_cast<const float*>(base)[i];
     case at::kBFloat16: return BF16::load(static_cast<const uint16_t*>(base)[i]);
     default: return F16::load(static_cast<const uint16_t*>(base)[i]);
   }
 }
 
-inline float store_state(at::ScalarType st, void* base, int64_t i, float x) {
+template <class C>
+inline double store_state(at::ScalarType st, void* base, int64_t i, C x) {
   switch (st) {
-    case at::kFloat: return static_cast<float*>(base)[i] = x;
+    case at::kDouble: return static_cast<double*>(base)[i] = x;
+    case at::kFloat: return static_cast<float*>(base)[i] = static_cast<float>(x);
     case at::kBFloat16: {
-      const uint16_t v = BF16::store(x);
+      const uint16_t v = BF16::store(static_cast<float>(x));
       static_cast<uint16_t*>(base)[i] = v;
       return BF16::load(v);
     }
     default: {
-      const uint16_t v = F16::store(x);
+      const uint16_t v = F16::store(static_cast<float>(x));
       static_cast<uint16_t*>(base)[i] = v;
       return F16::load(v);
+    }
+  }
+}
+
+// The factors of factored tensor `a` move towards the new means of g^2 (as stored,
+// rounded to their dtype), in the arithmetic's type C; den = max(mean(row factor), eps1)
+// per matrix of its batch. Serial: a few elements per row and column, and one parallel
+// region less (a region costs a scheduling round trip of every thread).
+template <class C>
+void update_factors(const AfTensor& a, AfWork& w, void* rv, void* cv, at::ScalarType st,
+                    double eps1, int threads) {
+  auto& f = w.factors<C>();
+  const C wt = static_cast<C>(a.one_minus_beta2);
+  const int64_t batch = a.numel / (a.rows * a.cols);
+  for (int64_t b = 0; b < batch; ++b) {
+    double rsum = 0.0;
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const int64_t j = b * a.rows + r;
+      const C mean = static_cast<C>(w.row_sum[a.row_off + j] / a.cols);
+      const double v =
+          store_state(st, rv, j, lerp_torch(static_cast<C>(load_state(st, rv, j)), mean, wt));
+      f.row_var[a.row_off + j] = static_cast<C>(v);  // exact: v is stored at C or narrower
+      rsum += v;
+    }
+    f.den[a.den_off + b] = clamp_min_nan(static_cast<C>(rsum / a.rows), static_cast<C>(eps1));
+    for (int64_t c = 0; c < a.cols; ++c) {
+      const int64_t j = b * a.cols + c;
+      double sum = 0.0;
+      for (int th = 0; th < threads; ++th) sum += w.col_sum[th * w.total_cols + a.col_off + j];
+      const C mean = static_cast<C>(sum / a.rows);
+      f.col_var[a.col_off + j] = static_cast<C>(
+          store_state(st, cv, j, lerp_torch(static_cast<C>(load_state(st, cv, j)), mean, wt)));
     }
   }
 }
@@ -248,10 +311,18 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   }
   if (n == 0) return;
   if (skip_step(found_inf)) return;  // GradScaler overflow: nothing changes, steps included
+  // A float64 call (float64 params only, computed in double): float64 factors and
+  // variances, no master copy.
+  const bool wide = float64_call(P, {}, use_master);
+  for (at::TensorList list : {row_vars, col_vars, variances})
+    for (size_t k = 0; k < list.size(); ++k)
+      TORCH_CHECK_TYPE(!wide || list[k].scalar_type() == at::kDouble,
+                       "dlopt: the states of float64 params must be float64, got ",
+                       list[k].scalar_type());
 
   const Store store = use_master ? Store::kMaster : (use_sr ? Store::kStochastic : Store::kNearest);
   const double lr_v = scalar_value(lr, "lr");
-  const float grad_mul = static_cast<float>(grad_multiplier(maximize, grad_scale));
+  const double grad_mul = grad_multiplier(maximize, grad_scale);
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
 
   // Row-major stand-ins (contiguous copies for other layouts, written back at the end).
@@ -262,7 +333,7 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   std::vector<PassFns> fns(n);
   AfWork w;
   w.n = static_cast<int64_t>(n);
-  w.eps1_sq = static_cast<float>(eps1 * eps1);
+  w.eps1_sq = eps1 * eps1;
   int64_t rows_total = 0, dens_total = 0;
   std::vector<int64_t> fidx(n, -1);  // factored index of param i
   for (size_t i = 0, kf = 0, kv = 0; i < n; ++i) {
@@ -278,7 +349,11 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     a.p = Pc[i].data_ptr();
     a.g = Gc[i].data_ptr();
     a.master = use_master ? Mc[i].data_ptr<float>() : nullptr;
-    a.c = adafactor_coeffs(lr_v, step, beta2_decay, weight_decay);
+    const AdafactorCoeffsOf<double> c = adafactor_coeffs<double>(lr_v, step, beta2_decay,
+                                                                 weight_decay);
+    a.one_minus_beta2 = c.one_minus_beta2;
+    a.decay_factor = c.decay_factor;
+    a.rho = c.rho;
     a.grad_mul = grad_mul;
     a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
     at::ScalarType st;
@@ -302,7 +377,10 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       st = Vc[k].scalar_type();
       a.var = Vc[k].data_ptr();
     }
-    fns[i] = pick_storage<PickAdafactor>(P[i].scalar_type(), st, store, weight_decay != 0.0);
+    fns[i] = wide ? pick_storage_for<PickAdafactor, double>(P[i].scalar_type(), st, store,
+                                                            weight_decay != 0.0)
+                  : pick_storage<PickAdafactor>(P[i].scalar_type(), st, store,
+                                                weight_decay != 0.0);
   }
 
   // Work items: whole rows of factored tensors (about kCpuChunk elements per item),
@@ -324,9 +402,15 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const int threads = std::max(1, at::get_num_threads());
   w.row_sum.assign(rows_total, 0.0);
   w.col_sum.assign(static_cast<size_t>(threads) * w.total_cols, 0.0);
-  w.row_var.assign(rows_total, 0.f);
-  w.col_var.assign(w.total_cols, 0.f);
-  w.den.assign(dens_total, 0.f);
+  auto size_factors = [&](auto& f) {
+    f.row_var.assign(rows_total, 0);
+    f.col_var.assign(w.total_cols, 0);
+    f.den.assign(dens_total, 0);
+  };
+  if (wide)
+    size_factors(w.f64);
+  else
+    size_factors(w.f32);
   w.sum_p2.assign(static_cast<size_t>(threads) * n, 0.0);
   w.sum_u2.assign(static_cast<size_t>(threads) * n, 0.0);
 
@@ -342,37 +426,16 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
 
   run_pass(&PassFns::a);
 
-  // The factors move towards the new means of g^2 (as stored, rounded to their dtype).
-  // Serial: a few elements per row and column, and one parallel region less (a region
-  // costs a scheduling round trip of every thread).
   for (size_t i = 0; i < n; ++i) {
     const AfTensor& a = ts[i];
     if (!a.factored || a.numel == 0) continue;
-    void* rv = Rc[fidx[i]].data_ptr();
-    void* cv = Cc[fidx[i]].data_ptr();
-    const at::ScalarType st = Rc[fidx[i]].scalar_type();
-    const float wt = a.c.one_minus_beta2;
-    const int64_t batch = a.numel / (a.rows * a.cols);
-    for (int64_t b = 0; b < batch; ++b) {
-      double rsum = 0.0;
-      for (int64_t r = 0; r < a.rows; ++r) {
-        const int64_t j = b * a.rows + r;
-        const float mean = static_cast<float>(w.row_sum[a.row_off + j] / a.cols);
-        const float v = store_state(st, rv, j, lerp_torch(load_state(st, rv, j), mean, wt));
-        w.row_var[a.row_off + j] = v;
-        rsum += v;
-      }
-      w.den[a.den_off + b] = clamp_min_nan(static_cast<float>(rsum / a.rows),
-                                           static_cast<float>(eps1));
-      for (int64_t c = 0; c < a.cols; ++c) {
-        const int64_t j = b * a.cols + c;
-        double s = 0.0;
-        for (int th = 0; th < threads; ++th) s += w.col_sum[th * w.total_cols + a.col_off + j];
-        const float mean = static_cast<float>(s / a.rows);
-        w.col_var[a.col_off + j] =
-            store_state(st, cv, j, lerp_torch(load_state(st, cv, j), mean, wt));
-      }
-    }
+    const at::Tensor& rv = Rc[fidx[i]];
+    if (wide)
+      update_factors<double>(a, w, rv.data_ptr(), Cc[fidx[i]].data_ptr(), rv.scalar_type(), eps1,
+                             threads);
+    else
+      update_factors<float>(a, w, rv.data_ptr(), Cc[fidx[i]].data_ptr(), rv.scalar_type(), eps1,
+                            threads);
   }
 
   run_pass(&PassFns::b);
@@ -385,8 +448,7 @@ void adafactor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       p2 += w.sum_p2[th * n + i];
       u2 += w.sum_u2[th * n + i];
     }
-    a.step_size = static_cast<float>(
-        adafactor_step_size(p2, u2, static_cast<double>(a.numel), eps2, a.c.rho, d));
+    a.step_size = adafactor_step_size(p2, u2, static_cast<double>(a.numel), eps2, a.rho, d);
   }
 
   run_pass(&PassFns::c);

@@ -329,6 +329,35 @@ def fp32_case(name: str, title: str, shapes: Sequence[Sequence[int]],
     return Case(name, title, numel_of(shapes), len(shapes), impls, info=dict(info or {}))
 
 
+def gpt2_case_shapes(device: torch.device, quick: bool) -> tuple[float, list, str]:
+    """The ``gpt2_small`` case's (width, shapes, title): the 148 GPT-2 small shapes, every
+    dimension x width (1 on a GPU, 1/3 on the CPU, 1/48 in quick runs)."""
+    width = (1 / 48) if quick else (1.0 if device.type == "cuda" else 1 / 3)
+    shapes = gpt2_small_shapes(width)
+    title = ("GPT-2 small shapes (124M)" if width == 1.0 else
+             f"GPT-2 small shapes, every dimension x {width:.4g} (d_model {shapes[2][0]}, "
+             f"vocab {shapes[0][0]}, positions {shapes[1][0]})")
+    return width, shapes, title
+
+
+def fp64_case(op_name: str, ours: Callable[..., Callable[[list], torch.optim.Optimizer]],
+              baselines: dict[str, Callable[[list], torch.optim.Optimizer]],
+              device: torch.device, quick: bool) -> Case:
+    """``fp64_gpt2``: the shapes of ``gpt2_small`` in float64, ours under backend='auto'
+    (float64 params go where `op_name` computes them in double) against each of
+    `baselines` (label -> factory) on float64 params. For information: no target."""
+    from dlopt_kernels.backends import registry
+    f64 = torch.float64
+    width, shapes, title = gpt2_case_shapes(device, quick)
+    chosen = registry.resolve(op_name, device, "auto", f64, quiet=True)[0]
+    impls = [optimizer_impl(f"dlopt[{chosen}] fp64", "ours", ours("auto"), shapes, f64, device,
+                            note="backend='auto' picks this for float64")]
+    impls += [optimizer_impl(f"{label} fp64", "baseline", make, shapes, f64, device)
+              for label, make in baselines.items()]
+    return Case("fp64_gpt2", f"{title}, float64 params", numel_of(shapes), len(shapes), impls,
+                info={"width": width})
+
+
 def standard_optimizer_cases(ours: Callable[..., Callable[[list], torch.optim.Optimizer]],
                              baselines: dict[str, Callable[[list], torch.optim.Optimizer]],
                              device: torch.device, quick: bool, backends: Sequence[str],
@@ -351,11 +380,7 @@ def standard_optimizer_cases(ours: Callable[..., Callable[[list], torch.optim.Op
     cases = []
     n = 50_000 if quick else 10_000_000
     cases.append(case("fp32_10m", f"one {n:,}-element fp32 tensor", [(n,)]))
-    width = (1 / 48) if quick else (1.0 if cuda else 1 / 3)
-    shapes = gpt2_small_shapes(width)
-    title = ("GPT-2 small shapes (124M)" if width == 1.0 else
-             f"GPT-2 small shapes, every dimension x {width:.4g} (d_model {shapes[2][0]}, "
-             f"vocab {shapes[0][0]}, positions {shapes[1][0]})")
+    width, shapes, title = gpt2_case_shapes(device, quick)
     cases.append(case("gpt2_small", title, shapes,
                       info={"width": width, "shapes": [list(s) for s in shapes]}))
     count = 30 if quick else 1000

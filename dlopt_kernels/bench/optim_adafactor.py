@@ -25,7 +25,8 @@ write-back of the previous group), so it was not kept.
 
 Cases: `common.standard_optimizer_cases` (fp32_10m, gpt2_small, tiny_1000, bf16_10m;
 their 1-D tensors take the unfactored path) plus ``matrix_10m``: one 2500 x 4000 fp32
-matrix (factored). Ours runs on every backend available for the device (plus the
+matrix (factored), and ``fp64_gpt2`` (`common.fp64_case`: the GPT-2 shapes in float64,
+ours under backend='auto', for information). Ours runs on every backend available for the device (plus the
 reference in quick runs).
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
     cases.insert(1, common.fp32_case("matrix_10m", f"one {rows} x {cols} fp32 matrix (factored)",
                                      [(rows, cols)], _ours, _baselines(), device, backends,
                                      auto))
+    cases.append(common.fp64_case("adafactor_step", _ours, _baselines(), device, quick))
     return cases, backends, auto
 
 

@@ -136,11 +136,7 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
                       _fp32_impls(shapes, device, backends, auto)))
 
     # 2. GPT-2 small shapes
-    width = (1 / 48) if quick else (1.0 if cuda else 1 / 3)
-    shapes = common.gpt2_small_shapes(width)
-    title = ("GPT-2 small shapes (124M)" if width == 1.0 else
-             f"GPT-2 small shapes, every dimension x {width:.4g} (d_model {shapes[2][0]}, "
-             f"vocab {shapes[0][0]}, positions {shapes[1][0]})")
+    width, shapes, title = common.gpt2_case_shapes(device, quick)
     # On a GPU the step time counts host launch overhead (the GPU idles at the start
     # event): the op-only and kernel-only rows show how much of it is Python.
     cases.append(Case("gpt2_small", title, common.numel_of(shapes), len(shapes),
@@ -176,26 +172,11 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
     cases.append(Case("bf16_10m", f"{n:,} bf16 params vs the same count in fp32", n, 1, impls))
 
     # 5. float64 params (GPT-2 small shapes, as case 2)
-    shapes = common.gpt2_small_shapes(width)
-    cases.append(Case("fp64_gpt2", f"{title}, float64 params", common.numel_of(shapes),
-                      len(shapes), _fp64_impls(shapes, device),
-                      info={"width": width}))
+    cases.append(common.fp64_case("adam_step", _ours, {
+        f"torch {label}": _torch(**kw) for label, kw in
+        (("fused", dict(fused=True)), ("foreach", dict(foreach=True)),
+         ("for-loop", dict(foreach=False)))}, device, quick))
     return cases, backends, auto
-
-
-def _fp64_impls(shapes, device) -> list[Impl]:
-    """Ours under backend='auto' (float64 params go where they are computed in double)
-    and torch's three implementations, all on float64 params."""
-    from dlopt_kernels.backends import registry
-    f64 = torch.float64
-    chosen = registry.resolve("adam_step", device, "auto", f64, quiet=True)[0]
-    impls = [common.optimizer_impl(f"dlopt[{chosen}] fp64", "ours", _ours("auto"), shapes, f64,
-                                   device, note="backend='auto' picks this for float64")]
-    for label, kw in (("fused", dict(fused=True)), ("foreach", dict(foreach=True)),
-                      ("for-loop", dict(foreach=False))):
-        impls.append(common.optimizer_impl(f"torch {label} fp64", "baseline", _torch(**kw),
-                                           shapes, f64, device))
-    return impls
 
 
 def run(quick: bool = False, device: Optional[torch.device | str] = None, progress: bool = True,

@@ -14,6 +14,9 @@ One op call runs the whole list: the kernels compute the per-row / per-column me
 g^2, the per-tensor RMS of the param and of the update in the same call (three passes
 over each tensor, no Python loop on the CPU backend).
 
+float64 params (in a call of their own, with float64 states and no master weights) are
+computed in double by the cpu and reference kernels; the GPU kernels are fp32.
+
 `lr` is a 0-dim tensor; `eps1` is a float (the optimizer resolves torch's None to the
 param dtype's machine epsilon). `grad_scale` divides the grads (GradScaler), `sr_seed`
 (an int64 0-dim tensor, or None) turns on stochastic rounding of bf16 params.
@@ -38,7 +41,7 @@ SCHEMA = (
 # in whatever order the blocks run.
 _ATOMICS = "it adds its row, column and norm sums with fp64 atomics, in a varying order"
 
-adafactor_step = define_step(SCHEMA, complex_params=False, backends={
+adafactor_step = define_step(SCHEMA, complex_params=False, float64_backends=("cpu",), backends={
     "cpu": compiled("adafactor_step"),
     "cuda": compiled("adafactor_step"),
     "triton": "dlopt_kernels.triton.optim_adafactor:adafactor_step",

@@ -36,8 +36,9 @@ class Adafactor(FusedOptimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-            float32, bfloat16, float16 (fp32 arithmetic) and float64 (in double, on
-            the reference kernels) params; complex params are refused, as torch does.
+            float32, bfloat16, float16 (fp32 arithmetic) and float64 (in double: the
+            C++ CPU kernel, or the reference kernels on other devices) params; complex
+            params are refused, as torch does.
         lr (float or Tensor): the maximum relative step size and the weight decay's
             scale (default: 1e-2). A 1-element tensor avoids recompiles under
             torch.compile when a scheduler changes it.

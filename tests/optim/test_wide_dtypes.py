@@ -1,7 +1,8 @@
 """float64 and complex params, as torch.optim takes them.
 
-float64 params (and complex128, as float64 views) run on the reference backend, in
-float64 (the compiled and Triton kernels compute in fp32); complex params of the
+float64 params (and complex128, as float64 views) are computed in double: by the C++ CPU
+and Triton kernels of the element-wise optimizers, Adafactor's C++ CPU kernel, and the
+reference kernels (LAMB; any op on a GPU without Triton); complex params of the
 optimizers whose torch twin takes them (Adam, AdamW, SGD, Adagrad, RMSprop) are stepped
 as their real views, as torch does. Each is checked step by step against the torch
 twin at the dtype's tolerance (tests/tolerances.py), Lion and LAMB against the float64
@@ -18,7 +19,7 @@ from conftest import GPU, device_backends
 from optim_twin_helpers import (assert_construction_refused, assert_same_training,
                                 check_ours_checkpoint_into_torch,
                                 check_torch_checkpoint_into_ours, twin_run)
-from reference import LambFloat64, lion_float64
+from reference import LambFloat64, adafactor_float64, lion_float64
 from tolerances import tol
 
 from dlopt_kernels import optim as dlopt_optim
@@ -182,10 +183,10 @@ def test_complex_refused_where_torch_has_no_complex_maths(name):
 
 
 # (optimizer, backend, whether its kernels compute float64 params in double): the
-# element-wise optimizers' C++ CPU and Triton kernels do (Lion: test_lion_float64...);
-# LAMB's and Adafactor's compute in fp32
+# element-wise optimizers' C++ CPU and Triton kernels do (Lion: test_lion_float64...), and
+# Adafactor's C++ CPU kernel; LAMB's kernels and Adafactor's Triton ones compute in fp32
 EXPLICIT = [(n, b, True) for n in ("AdamW", "SGD", "Adagrad", "RMSprop") for b in ("cpu", "triton")]
-EXPLICIT += [("LAMB", "cpu", False), ("LAMB", "triton", False), ("Adafactor", "cpu", False),
+EXPLICIT += [("LAMB", "cpu", False), ("LAMB", "triton", False), ("Adafactor", "cpu", True),
              ("Adafactor", "triton", False)]
 EXPLICIT += [(n, "cuda", False) for n in ("AdamW", "SGD", "LAMB")] if GPU else []
 
@@ -202,7 +203,9 @@ def test_explicit_backend_float64(name, backend, takes, dtype):
     device = "cuda" if backend == "cuda" else "cpu"
     if registry.why_unavailable(backend, device) is not None:
         pytest.skip(f"{backend} cannot run here")
-    params = _params(torch.float32, device) + _params(dtype, device)
+    # (torch's Adafactor divides by zero on a zero-size param)
+    shapes = [s for s in SHAPES if name != "Adafactor" or s != (0,)]
+    params = _params(torch.float32, device, shapes) + _params(dtype, device, shapes)
     cls = getattr(dlopt_optim, name)
     if not takes:
         assert_construction_refused(cls, params, dict(backend=backend), ValueError, "backend")
@@ -296,6 +299,53 @@ def test_adam_cpu_kernel_float64(amsgrad):
         with pytest.raises(TypeError, match="float64|Double"):
             torch.ops.dlopt.adam_step(*a)
         _assert_lists_equal([x for x in a if isinstance(x, list)],
+                            [x for x in before if isinstance(x, list)])
+
+
+def _adafactor_args(params, backend, state_dtype=None):
+    """adafactor_step's arguments for `params` with fresh zero states (torch's layout)."""
+    sd = lambda p: state_dtype or p.dtype  # noqa: E731
+    fac = [p for p in params if p.dim() >= 2]
+    return ([p for p in params], [torch.randn_like(p) for p in params],
+            [torch.zeros((*p.shape[:-1], 1), dtype=sd(p)) for p in fac],
+            [torch.zeros((*p.shape[:-2], 1, p.shape[-1]), dtype=sd(p)) for p in fac],
+            [torch.zeros_like(p, dtype=sd(p)) for p in params if p.dim() < 2], [],
+            [torch.zeros(()) for _ in params], torch.tensor(1e-2, dtype=torch.float64), -0.8,
+            torch.finfo(params[0].dtype).eps, 1e-3, 1.0, 0.1, False, None, None, None, backend)
+
+
+@pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
+                    reason="needs the C++ CPU library")
+def test_adafactor_cpu_kernel_float64():
+    """float64 Adafactor runs the C++ kernel in double under backend='auto' (the same
+    bits as backend='cpu'), within float64 rounding of the float64 oracle and of the
+    reference kernel, for factored (batched too), vector, 0-dim and zero-size params; a
+    call mixing float64 with float32 params, or float64 params with float32 states, is
+    refused (TypeError) with nothing changed."""
+    params = [torch.randn(s, dtype=torch.float64)
+              for s in [(5, 3), (2, 4, 6), (70001,), (), (0,), (3, 0), (300, 257)]]
+    args = _adafactor_args(params, "auto")
+    runs = {}
+    for backend in ("auto", "cpu", "reference"):
+        a = _clone_args(tuple(args[:-1])) + (backend,)
+        for _ in range(3):
+            torch.ops.dlopt.adafactor_step(*a)
+        runs[backend] = a
+    _assert_lists_equal(runs["auto"][:5], runs["cpu"][:5])
+    for k in (0, 2, 3, 4):
+        for x, y in zip(runs["cpu"][k], runs["reference"][k]):
+            torch.testing.assert_close(x, y, **tol(torch.float64))
+    for i, p0 in enumerate(params):
+        want, *_ = adafactor_float64(p0, [args[1][i]] * 3, lr=1e-2, beta2_decay=-0.8,
+                                     eps1=None, eps2=1e-3, d=1.0, weight_decay=0.1,
+                                     maximize=False)
+        torch.testing.assert_close(runs["cpu"][0][i], want, **tol(torch.float64))
+    for bad in (_adafactor_args([params[0].clone(), params[2].float()], "cpu"),
+                _adafactor_args([t.clone() for t in params], "cpu", torch.float32)):
+        before = _clone_args(bad)
+        with pytest.raises(TypeError, match="float64|Double"):
+            torch.ops.dlopt.adafactor_step(*bad)
+        _assert_lists_equal([x for x in bad if isinstance(x, list)],
                             [x for x in before if isinstance(x, list)])
 
 
