@@ -265,6 +265,24 @@ def test_op_routes_float64_to_reference_and_refuses_fp32_kernels():
         _assert_lists_equal(bad[:6], before[:6])
 
 
+def _float64_runs(op, args, steps=3):
+    """`steps` calls of `op` on copies of `args` (float64 lists; the last argument, the
+    backend, replaced) under backend 'auto', 'cpu' and 'reference': auto gives the cpu
+    kernel's bits, and the reference's values within float64 rounding (lists 0, 2, 3,
+    4: the params and three state lists). Returns {backend: args}."""
+    runs = {}
+    for backend in ("auto", "cpu", "reference"):
+        a = _clone_args(tuple(args[:-1])) + (backend,)
+        for _ in range(steps):
+            op(*a)
+        runs[backend] = a
+    _assert_lists_equal(runs["auto"][:5], runs["cpu"][:5])
+    for k in (0, 2, 3, 4):
+        for x, y in zip(runs["cpu"][k], runs["reference"][k]):
+            torch.testing.assert_close(x, y, **tol(torch.float64))
+    return runs
+
+
 @pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
                     reason="needs the C++ CPU library")
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -277,16 +295,7 @@ def test_adam_cpu_kernel_float64(amsgrad):
     args = list(_adam_args(params, "auto"))
     args[4] = [torch.zeros_like(p) for p in params] if amsgrad else []
     args[12] = amsgrad
-    runs = {}
-    for backend in ("auto", "cpu", "reference"):
-        a = _clone_args(tuple(args[:-1])) + (backend,)
-        for _ in range(3):
-            torch.ops.dlopt.adam_step(*a)
-        runs[backend] = a
-    _assert_lists_equal(runs["auto"][:5], runs["cpu"][:5])
-    for k in (0, 2, 3, 4):
-        for x, y in zip(runs["cpu"][k], runs["reference"][k]):
-            torch.testing.assert_close(x, y, **tol(torch.float64))
+    runs = _float64_runs(torch.ops.dlopt.adam_step, args)
     for bad in ([params[0], params[1].float()], None):
         a = _clone_args(tuple(args[:-1])) + ("cpu",)
         if bad is None:  # float32 states of float64 params
@@ -325,16 +334,7 @@ def test_adafactor_cpu_kernel_float64():
     params = [torch.randn(s, dtype=torch.float64)
               for s in [(5, 3), (2, 4, 6), (70001,), (), (0,), (3, 0), (300, 257)]]
     args = _adafactor_args(params, "auto")
-    runs = {}
-    for backend in ("auto", "cpu", "reference"):
-        a = _clone_args(tuple(args[:-1])) + (backend,)
-        for _ in range(3):
-            torch.ops.dlopt.adafactor_step(*a)
-        runs[backend] = a
-    _assert_lists_equal(runs["auto"][:5], runs["cpu"][:5])
-    for k in (0, 2, 3, 4):
-        for x, y in zip(runs["cpu"][k], runs["reference"][k]):
-            torch.testing.assert_close(x, y, **tol(torch.float64))
+    runs = _float64_runs(torch.ops.dlopt.adafactor_step, args)
     for i, p0 in enumerate(params):
         want, *_ = adafactor_float64(p0, [args[1][i]] * 3, lr=1e-2, beta2_decay=-0.8,
                                      eps1=None, eps2=1e-3, d=1.0, weight_decay=0.1,
