@@ -8,6 +8,8 @@
 //      p -= lr * trust * u, u stored by pass 1 (or, for a tensor larger than a group,
 //      recomputed from the stored m, v).
 // 24 + 16 bytes per fp32 param: read p, g, m, v, write m, v; read p, m, v, write p.
+// The arithmetic is fp32, or double for a float64 call (float64 params and states
+// only: the chunk functions' C, coeffs<C>()).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -30,14 +32,24 @@ struct LambTensorArgs {
   void* m;
   void* v;
   float* master;
-  AdamCoeffs c;
-  float grad_mul;  // 1 / grad_scale * clip factor
+  // The coefficients in the arithmetic's type C (fp32; double for float64 params):
+  // coeffs<C>(), the one of the call's type set.
+  AdamCoeffsOf<float> c32;
+  AdamCoeffsOf<double> c64;
+  double grad_mul;  // 1 / grad_scale * clip factor (rounded to C where it is used)
   uint32_t sr_key;
-  float* u;  // scratch for the direction u between the passes (nullptr: pass 2 recomputes it)
+  void* u;  // scratch of C for the direction u between the passes (nullptr: pass 2
+            // recomputes it)
+  template <class C>
+  const AdamCoeffsOf<C>& coeffs() const {
+    if constexpr (std::is_same_v<C, double>) return c64;
+    else return c32;
+  }
 };
 
+// (apply's scale: lr * trust ratio in double, rounded to C once in the chunk)
 using MomentsFn = void (*)(const LambTensorArgs&, int64_t, int64_t, double*);
-using ApplyFn = void (*)(const LambTensorArgs&, float, int64_t, int64_t);
+using ApplyFn = void (*)(const LambTensorArgs&, double, int64_t, int64_t);
 
 struct LambFns {
   MomentsFn moments;
@@ -52,35 +64,36 @@ struct LambFns {
 // and p, which this pass does not change).
 template <class P, class S, Store STORE, bool WD>
 void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, double* out) {
+  using C = typename P::C;  // the arithmetic's type
   const ChunkLoop ck(begin, end);
   const auto* __restrict__ p = ck.offset(static_cast<const typename P::T*>(a.p));
   const auto* __restrict__ g = ck.offset(static_cast<const typename P::T*>(a.g));
   auto* __restrict__ m = ck.offset(static_cast<typename S::T*>(a.m));
   auto* __restrict__ v = ck.offset(static_cast<typename S::T*>(a.v));
   const float* __restrict__ master = ck.offset(static_cast<const float*>(a.master));
-  const AdamCoeffs c = a.c;
-  const float grad_mul = a.grad_mul;
-  float* __restrict__ u_out = ck.offset(a.u);
+  const AdamCoeffsOf<C> c = a.coeffs<C>();
+  const C grad_mul = static_cast<C>(a.grad_mul);
+  C* __restrict__ u_out = ck.offset(static_cast<C*>(a.u));
   // One element: new moments stored (and u, with store_u); returns p (fp32) and u.
   // Returned by value: with `float&` out-parameters, gcc's `omp simd` lowering kept
   // them in per-lane arrays and vectorized the loop below with gathers and masked
   // scatters (seen in the disassembly), at about half the speed of plain loads.
   struct PU {
-    float p, u;
+    C p, u;
   };
   // k as a 64-bit row start plus the lane: with one 32-bit index, gcc's `omp simd`
   // lowering could not prove the lanes contiguous and gathered every load.
   auto one = [&](auto store_u, int64_t row, int j) -> PU {
     const int64_t k = row + j;
-    const float pf = load_param<P, STORE>(p, master, k);
-    float mf = S::load(m[k]);
-    float vf = S::load(v[k]);
+    const C pf = load_param<P, STORE>(p, master, k);
+    C mf = S::load(m[k]);
+    C vf = S::load(v[k]);
     adam_moments(P::load(g[k]) * grad_mul, mf, vf, c);
     const typename S::T ms = S::store(mf);
     const typename S::T vs = S::store(vf);
     m[k] = ms;
     v[k] = vs;
-    const float u = lamb_direction<WD>(pf, S::load(ms), S::load(vs), c);
+    const C u = lamb_direction<WD>(pf, S::load(ms), S::load(vs), c);
     if constexpr (decltype(store_u)::value) u_out[k] = u;
     return {pf, u};
   };
@@ -90,7 +103,7 @@ void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, dou
     double pp[kLanes] = {}, uu[kLanes] = {};
     int32_t i = 0;
     for (; i + kLanes * kRows <= ck.len; i += kLanes * kRows) {
-      float ps[kLanes] = {}, us[kLanes] = {};
+      C ps[kLanes] = {}, us[kLanes] = {};
       for (int r = 0; r < kRows; ++r) {
         const int64_t row = i + r * kLanes;
 #pragma omp simd
@@ -122,8 +135,8 @@ void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, dou
   if (!std::isfinite(sp) || !std::isfinite(su)) {  // overflowed fp32 partials: redo in double
     sp = su = 0.0;
     for (int32_t k = 0; k < ck.len; ++k) {
-      const float pf = load_param<P, STORE>(p, master, k);
-      const float u = lamb_direction<WD>(pf, S::load(m[k]), S::load(v[k]), c);
+      const C pf = load_param<P, STORE>(p, master, k);
+      const C u = lamb_direction<WD>(pf, S::load(m[k]), S::load(v[k]), c);
       sp += static_cast<double>(pf) * pf;
       su += static_cast<double>(u) * u;
     }
@@ -133,21 +146,23 @@ void lamb_moments_chunk(const LambTensorArgs& a, int64_t begin, int64_t end, dou
 }
 
 template <class P, class S, Store STORE, bool WD>
-void lamb_apply_chunk(const LambTensorArgs& a, float scale, int64_t begin, int64_t end) {
+void lamb_apply_chunk(const LambTensorArgs& a, double scale_d, int64_t begin, int64_t end) {
+  using C = typename P::C;
+  const C scale = static_cast<C>(scale_d);
   const ChunkLoop ck(begin, end);  // 32-bit index: see write_param
   auto* __restrict__ p = ck.offset(static_cast<typename P::T*>(a.p));
   const auto* __restrict__ m = ck.offset(static_cast<const typename S::T*>(a.m));
   const auto* __restrict__ v = ck.offset(static_cast<const typename S::T*>(a.v));
   float* __restrict__ master = ck.offset(a.master);
-  const float* __restrict__ u_in = ck.offset(a.u);
-  const AdamCoeffs c = a.c;
+  const C* __restrict__ u_in = ck.offset(static_cast<const C*>(a.u));
+  const AdamCoeffsOf<C> c = a.coeffs<C>();
   const uint32_t key = a.sr_key;
   for (int32_t lo = 0; lo < ck.len; lo += kPrefetchBlock) {
     prefetch_ahead(lo, p, u_in ? nullptr : m, u_in ? nullptr : v, master, u_in);
     for (int32_t i = lo, hi = ck.block_end(lo); i < hi; ++i) {
-      float pf = load_param<P, STORE>(p, master, i);
+      C pf = load_param<P, STORE>(p, master, i);
       // the same value pass 1 stored: both compute it from the stored m, v
-      const float u = u_in ? u_in[i] : lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
+      const C u = u_in ? u_in[i] : lamb_direction<WD>(pf, S::load(m[i]), S::load(v[i]), c);
       pf = pf - scale * u;
       write_param<P, STORE>(p, master, pf, key, i, ck.base);
     }
@@ -193,9 +208,12 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       ? lamb_clip_factor(scalar_value(*global_grad_norm, "global_grad_norm") * unscale,
                          max_grad_norm)
       : 1.0;
-  const float grad_mul = static_cast<float>(unscale * clip);
+  const double grad_mul = unscale * clip;
   const uint32_t seed = use_sr ? static_cast<uint32_t>(sr_seed->item<int64_t>()) : 0u;
 
+  // A float64 call: float64 params and states only, computed in double (a TypeError
+  // otherwise, before anything is written).
+  const bool wide = float64_call(P, {exp_avgs, exp_avg_sqs}, use_master);
   AlignedLists L({P, grads, exp_avgs, exp_avg_sqs, master_params}, {true, false, true, true, true});
   std::vector<LambTensorArgs> args(n);
   std::vector<LambFns> fns(n);
@@ -213,22 +231,29 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     a.m = L[2][i].data_ptr();
     a.v = L[3][i].data_ptr();
     a.master = use_master ? L[4][i].data_ptr<float>() : nullptr;
-    a.c = lamb_coeffs(step, beta1, beta2, weight_decay, eps, bias_correction);
+    if (wide)
+      a.c64 = lamb_coeffs<double>(step, beta1, beta2, weight_decay, eps, bias_correction);
+    else
+      a.c32 = lamb_coeffs<float>(step, beta1, beta2, weight_decay, eps, bias_correction);
     a.grad_mul = grad_mul;
     a.sr_key = sr_tensor_key(seed, static_cast<uint32_t>(i));
-    fns[i] = pick_storage<PickLamb>(L[0][i].scalar_type(), L[2][i].scalar_type(), store,
-                                    weight_decay != 0.0);
+    fns[i] = wide ? pick_storage_for<PickLamb, double>(L[0][i].scalar_type(),
+                                                       L[2][i].scalar_type(), store,
+                                                       weight_decay != 0.0)
+                  : pick_storage<PickLamb>(L[0][i].scalar_type(), L[2][i].scalar_type(), store,
+                                           weight_decay != 0.0);
   }
   // Both passes run per group of consecutive tensors of at most kGroupBytes (a larger
   // tensor is a group alone), so pass 2 finds the group's p, m, v still in the cache.
   constexpr int64_t kGroupBytes = 32 << 20;
   std::vector<double> partials(2 * static_cast<size_t>(chunk_base[n]));
-  std::vector<float> scales(n);
+  std::vector<double> scales(n);
   std::vector<int64_t> group_numels(n, 0);
   // Within a group that fits the cache, pass 1 also stores u (4 B per element, reused
   // across calls) so pass 2 skips its sqrt and division; a tensor larger than a group
   // recomputes u instead (no scratch as large as the model).
   static thread_local std::vector<float> u_scratch;
+  static thread_local std::vector<double> u_scratch64;
   for (size_t g0 = 0; g0 < n;) {
     size_t g1 = g0;
     int64_t bytes = 0, group_elems = 0;
@@ -239,9 +264,14 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       ++g1;
     }
     if (bytes <= kGroupBytes) {
-      if (static_cast<int64_t>(u_scratch.size()) < group_elems) u_scratch.resize(group_elems);
+      auto& scratch_f = u_scratch;
+      auto& scratch_d = u_scratch64;
+      if (wide && static_cast<int64_t>(scratch_d.size()) < group_elems) scratch_d.resize(group_elems);
+      if (!wide && static_cast<int64_t>(scratch_f.size()) < group_elems) scratch_f.resize(group_elems);
       for (size_t i = g0, off = 0; i < g1; off += numels[i], ++i)
-        args[i].u = numels[i] ? u_scratch.data() + off : nullptr;
+        args[i].u = !numels[i] ? nullptr
+                    : wide     ? static_cast<void*>(scratch_d.data() + off)
+                               : static_cast<void*>(scratch_f.data() + off);
     }
     // Pass 1: moments and per-chunk sums of p^2, u^2.
     for_each_chunk(group_numels, [&](int32_t t, int64_t b, int64_t e) {
@@ -254,7 +284,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         pp += partials[2 * c];
         uu += partials[2 * c + 1];
       }
-      scales[i] = static_cast<float>(lr_v * lamb_trust_ratio(std::sqrt(pp), std::sqrt(uu)));
+      scales[i] = lr_v * lamb_trust_ratio(std::sqrt(pp), std::sqrt(uu));
     }
     for_each_chunk(group_numels, [&](int32_t t, int64_t b, int64_t e) {
       fns[t].apply(args[t], scales[t], b, e);

@@ -11,7 +11,9 @@ cannot be one pass (every element's update needs its tensor's ||u|| first): ours
 40 B/param (pass 1: read p, g, m, v, write m, v; pass 2: read p, m, v, write p) plus 4
 for the global grad norm, so its "% BW" tops out near 64%.
 
-Cases: `common.standard_optimizer_cases` (fp32_10m, gpt2_small, tiny_1000, bf16_10m).
+Cases: `common.standard_optimizer_cases` (fp32_10m, gpt2_small, tiny_1000, bf16_10m) and
+``fp64_gpt2`` (`common.fp64_case`: the GPT-2 shapes in float64, ours under
+backend='auto', for information).
 """
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ def build_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str
     backends, auto = common.ours_backends("lamb_step", device, quick)
     cases = common.standard_optimizer_cases(_ours, _baselines(), device, quick, backends, auto,
                                             fastest="torch foreach")
+    cases.append(common.fp64_case("lamb_step", _ours, _baselines(), device, quick))
     return cases, backends, auto
 
 

@@ -1,7 +1,8 @@
 """`torch.ops.dlopt.lamb_step`: the multi-tensor LAMB step (You et al. 2019, "Large
 Batch Optimization for Deep Learning: Training BERT in 76 minutes",
 https://arxiv.org/abs/1904.00962), with NVIDIA apex FusedLAMB's global grad-norm
-clipping. Per tensor, in fp32 (csrc/include/dlopt/lamb_math.h):
+clipping. Per tensor, in fp32 (csrc/include/dlopt/lamb_math.h; in double for float64
+params on the cpu and reference kernels, in a call of their own):
 
     g  = grad / grad_scale * clip        clip = max_grad_norm / n  if n > max_grad_norm
                                          (n = global_grad_norm / grad_scale), else 1
@@ -34,7 +35,7 @@ SCHEMA = (
     "bool bias_correction, float max_grad_norm, Tensor? global_grad_norm, "
     "Tensor? grad_scale, Tensor? found_inf, Tensor? sr_seed, str backend='auto') -> ()")
 
-lamb_step = define_step(SCHEMA, complex_params=False, backends={
+lamb_step = define_step(SCHEMA, complex_params=False, float64_backends=("cpu",), backends={
     "cpu": compiled("lamb_step"),
     "cuda": compiled("lamb_step"),
     "triton": "dlopt_kernels.triton.optim_lamb:lamb_step",

@@ -41,8 +41,9 @@ class LAMB(FusedOptimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-            float32, bfloat16, float16 (fp32 arithmetic) and float64 (in double, on
-            the reference kernels) params; complex params are refused.
+            float32, bfloat16, float16 (fp32 arithmetic) and float64 (in double: the
+            C++ CPU kernel, or the reference kernels on other devices) params; complex
+            params are refused.
         lr (float or Tensor): learning rate :math:`\eta` (default: 1e-3). A 1-element
             tensor avoids recompiles under torch.compile when a scheduler changes it.
         betas (tuple of two floats): :math:`\beta_1, \beta_2` in [0, 1) (default:

@@ -163,17 +163,22 @@ def test_lion_float64_matches_paper(kwargs, device, backend):
                                                         bias_correction=False)],
                          ids=["plain", "clipped"])
 def test_lamb_float64_matches_paper(kwargs, device):
-    params = _params(torch.float64, device)
+    _check_lamb_against_paper(_params(torch.float64, device), kwargs, 4, tol(torch.float64))
+
+
+def _check_lamb_against_paper(params, kwargs, n_steps, tolerance):
+    """Ours (LAMB(params, **kwargs)) against the paper's equations in float64
+    (tests/reference.py LambFloat64) after each of n_steps steps on random grads."""
     opt = dlopt_optim.LAMB(params, **kwargs)
-    oracle = LambFloat64(params, **kwargs)
-    for _ in range(4):
+    oracle = LambFloat64(params, **{k: v for k, v in kwargs.items() if k != "backend"})
+    for _ in range(n_steps):
         grads = [torch.randn_like(p) for p in params]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
         want = oracle.step(grads)
         for p, w in zip(params, want):
-            torch.testing.assert_close(p.detach(), w.to(device), **tol(torch.float64))
+            torch.testing.assert_close(p.detach(), w.to(p), **tolerance)
 
 
 @pytest.mark.parametrize("name", ["Lion", "LAMB", "Adafactor"])
@@ -184,9 +189,9 @@ def test_complex_refused_where_torch_has_no_complex_maths(name):
 
 # (optimizer, backend, whether its kernels compute float64 params in double): the
 # element-wise optimizers' C++ CPU and Triton kernels do (Lion: test_lion_float64...), and
-# Adafactor's C++ CPU kernel; LAMB's kernels and Adafactor's Triton ones compute in fp32
+# LAMB's and Adafactor's C++ CPU kernels; their Triton ones compute in fp32
 EXPLICIT = [(n, b, True) for n in ("AdamW", "SGD", "Adagrad", "RMSprop") for b in ("cpu", "triton")]
-EXPLICIT += [("LAMB", "cpu", False), ("LAMB", "triton", False), ("Adafactor", "cpu", True),
+EXPLICIT += [("LAMB", "cpu", True), ("LAMB", "triton", False), ("Adafactor", "cpu", True),
              ("Adafactor", "triton", False)]
 EXPLICIT += [(n, "cuda", False) for n in ("AdamW", "SGD", "LAMB")] if GPU else []
 
@@ -209,6 +214,9 @@ def test_explicit_backend_float64(name, backend, takes, dtype):
     cls = getattr(dlopt_optim, name)
     if not takes:
         assert_construction_refused(cls, params, dict(backend=backend), ValueError, "backend")
+        return
+    if name == "LAMB":  # no torch twin: the paper's equations
+        _check_lamb_against_paper(params, dict(lr=1e-2, backend=backend), 2, tol(torch.float32))
         return
     twin_run(cls, getattr(torch.optim, name), dict(lr=1e-2, backend=backend), params, 2,
              tolerance=tol(torch.float32))  # (the float32 params set the tolerance)
@@ -247,22 +255,17 @@ def _assert_lists_equal(a, b):
             assert torch.equal(s, t)
 
 
-def test_op_routes_float64_to_reference_and_refuses_fp32_kernels():
-    """torch.ops.dlopt.lamb_step (whose compiled kernels compute in fp32) on float64
-    lists: backend='auto' runs the reference kernel (the same bits as asking for it);
-    backend='cpu' refuses, changing nothing."""
+def test_op_refuses_float64_on_fp32_kernels():
+    """torch.ops.dlopt.lamb_step on float64 lists with backend='triton' (whose kernels
+    compute in fp32) refuses, naming the backend, and changes nothing."""
+    if registry.why_unavailable("triton", "cpu") is not None:
+        pytest.skip("triton cannot run here")
     params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (7,), ()]]
-    auto = _lamb_args(params, "auto")
-    ref = _clone_args(auto[:-1]) + ("reference",)
-    torch.ops.dlopt.lamb_step(*auto)
-    torch.ops.dlopt.lamb_step(*ref)
-    _assert_lists_equal(auto[:6], ref[:6])
-    if registry.why_unavailable("cpu", "cpu") is None:
-        bad = _lamb_args([p.clone() for p in params], "cpu")
-        before = _clone_args(bad[:-1])
-        with pytest.raises(ValueError, match="backend='cpu'.*float64"):
-            torch.ops.dlopt.lamb_step(*bad)
-        _assert_lists_equal(bad[:6], before[:6])
+    bad = _lamb_args(params, "triton")
+    before = _clone_args(bad[:-1])
+    with pytest.raises(ValueError, match="backend='triton'.*float64"):
+        torch.ops.dlopt.lamb_step(*bad)
+    _assert_lists_equal(bad[:6], before[:6])
 
 
 def _float64_runs(op, args, steps=3):
@@ -345,6 +348,27 @@ def test_adafactor_cpu_kernel_float64():
         before = _clone_args(bad)
         with pytest.raises(TypeError, match="float64|Double"):
             torch.ops.dlopt.adafactor_step(*bad)
+        _assert_lists_equal([x for x in bad if isinstance(x, list)],
+                            [x for x in before if isinstance(x, list)])
+
+
+@pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
+                    reason="needs the C++ CPU library")
+def test_lamb_cpu_kernel_float64():
+    """float64 LAMB runs the C++ kernel in double under backend='auto' (the same bits as
+    backend='cpu'), within float64 rounding of the reference kernel, a tensor larger
+    than a cache group (recomputing u) included; a call mixing float64 with float32
+    params, or float64 params with float32 states, is refused (TypeError) with nothing
+    changed."""
+    params = [torch.randn(s, dtype=torch.float64)
+              for s in [(5, 3), (70001,), (), (0,), (300, 257), (4_300_000,)]]
+    _float64_runs(torch.ops.dlopt.lamb_step, _lamb_args(params, "auto"))
+    states32 = _lamb_args([t.clone() for t in params[:3]], "cpu")
+    states32[2][0], states32[3][0] = states32[2][0].float(), states32[3][0].float()
+    for bad in (_lamb_args([params[0].clone(), params[1].float()], "cpu"), states32):
+        before = _clone_args(bad)
+        with pytest.raises(TypeError, match="float64|Double"):
+            torch.ops.dlopt.lamb_step(*bad)
         _assert_lists_equal([x for x in bad if isinstance(x, list)],
                             [x for x in before if isinstance(x, list)])
 

@@ -108,9 +108,8 @@ auto pick_storage(at::ScalarType pt, at::ScalarType st, Store store, Args... arg
       return f32_state ? Pick<F16, F32, Store::kNearest>::get(args...)
                        : Pick<F16, F16, Store::kNearest>::get(args...);
     default:
-      // float64 reaches here only in LAMB's kernel (fp32 only), in a list whose first
-      // param is not float64 (the first decides the backend: ops/_library.py); the
-      // element-wise ops and Adafactor take float64 calls (float64_call below)
+      // float64 never reaches here: every CPU kernel takes float64 calls (float64_call
+      // below: float64 params only, refused before this is called otherwise)
       TORCH_CHECK_TYPE(false, "dlopt: unsupported param dtype ", pt, kDtypeHint);
   }
 }

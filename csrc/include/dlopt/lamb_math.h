@@ -14,7 +14,8 @@
 // The kernels make two passes: the first updates m, v and sums p^2 and u^2 per
 // chunk; the second recomputes u from the stored m, v (so it is bit for bit the u
 // whose norm was taken) and updates p. Arithmetic is fp32 per element; norms and
-// the trust ratio are computed in double.
+// the trust ratio are computed in double. (double per element too for float64 params,
+// in the C++ CPU kernel: the templates' C.)
 #pragma once
 #include "dlopt/adam_math.h"
 #include "dlopt/macros.h"
@@ -25,21 +26,22 @@ namespace dlopt {
 // Adam's coefficients with lr = 1 (lr goes with the trust ratio): step_size is
 // 1 / (1 - beta1^t) and inv_bc2_sqrt 1 / sqrt(1 - beta2^t), or both 1 without bias
 // correction.
-DLOPT_HD AdamCoeffs lamb_coeffs(double step, double beta1, double beta2, double weight_decay,
-                                double eps, bool bias_correction) {
-  AdamCoeffs c = adam_coeffs(1.0, step, beta1, beta2, weight_decay, eps);
+template <class C = float>
+DLOPT_HD AdamCoeffsOf<C> lamb_coeffs(double step, double beta1, double beta2,
+                                     double weight_decay, double eps, bool bias_correction) {
+  AdamCoeffsOf<C> c = adam_coeffs<C>(1.0, step, beta1, beta2, weight_decay, eps);
   if (!bias_correction) {
-    c.step_size = 1.f;
-    c.inv_bc2_sqrt = 1.f;
+    c.step_size = C(1);
+    c.inv_bc2_sqrt = C(1);
   }
   return c;
 }
 
 // u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, from the moments as stored.
 // The decay term is the L2 penalty's gradient, added to the update.
-template <bool WEIGHT_DECAY>
-DLOPT_HD float lamb_direction(float p, float m, float v, const AdamCoeffs& c) {
-  const float u = adam_direction(m, v, c);
+template <bool WEIGHT_DECAY, class C>
+DLOPT_HD C lamb_direction(C p, C m, C v, const AdamCoeffsOf<C>& c) {
+  const C u = adam_direction(m, v, c);
   return WEIGHT_DECAY ? l2_decayed_grad(u, p, c.weight_decay) : u;
 }
 
