@@ -34,6 +34,7 @@ from dlopt_kernels.triton._common import (
     count_steps,
     f64,
     gpu_sizes,
+    l2_decayed_grad,
     load_param,
     multi_tensor_groups,
     next_step,
@@ -68,10 +69,11 @@ def _coeffs(step_ptr, fi_ptr, n, beta1, beta2, HAS_FI: tl.constexpr,
 
 @triton.jit
 def _direction(p, m, v, step_size, inv_bc2_sqrt, eps, weight_decay, WD: tl.constexpr):
-    """lamb_direction: m_hat / (sqrt(v_hat) + eps) + weight_decay * p."""
+    """lamb_direction: m_hat / (sqrt(v_hat) + eps) + weight_decay * p (one rounding:
+    l2_decayed_grad)."""
     u = adam_direction(m, v, step_size, inv_bc2_sqrt, eps)
     if WD:
-        u = u + weight_decay * p
+        u = l2_decayed_grad(u, p, weight_decay)
     return u
 
 

@@ -55,10 +55,15 @@ DLOPT_HD C decayed_minus(C p, C decay_factor, C delta) {
   return fmadd(p, decay_factor, -delta);
 }
 
-// L2 weight decay (Adam, SGD, RMSprop, Adagrad): the penalty's gradient added to g.
+// L2 weight decay (Adam, SGD, RMSprop, Adagrad, LAMB's update): the penalty's gradient
+// added to g, g + weight_decay * p rounded once (fmadd), as torch's CPU
+// `grad.add(param, alpha=weight_decay)` computes it. With two roundings, a g that
+// nearly cancels weight_decay * p kept the product's rounding error, large against the
+// small sum: a float64 RMSprop momentum buffer came out thousands of ulps from torch's
+// (tests/optim/test_wide_dtypes.py test_matches_torch, a rare draw).
 template <class C>
 DLOPT_HD C l2_decayed_grad(C g, C p, C weight_decay) {
-  return g + weight_decay * p;
+  return fmadd(weight_decay, p, g);
 }
 
 }  // namespace dlopt

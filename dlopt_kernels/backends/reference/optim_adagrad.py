@@ -28,7 +28,7 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tens
                                                      state_steps, grad_mul):
             clr = lr_v / (1.0 + (step - 1.0) * lr_decay)
             if weight_decay != 0.0:
-                g = g + weight_decay * pf
+                g = g.add(pf, alpha=weight_decay)  # l2_decayed_grad
             s = state_sums[i].to(pf.dtype) + g * g
             state_sums[i].copy_(s)
             store_param(p, pf - clr * g / (s.sqrt() + eps), master, seed, i)

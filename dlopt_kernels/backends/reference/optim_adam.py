@@ -39,7 +39,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                 if decoupled_weight_decay:
                     pf = pf * decay
                 else:
-                    g = g + weight_decay * pf
+                    g = g.add(pf, alpha=weight_decay)  # l2_decayed_grad
             m, v = adam_moments(g, m, v, beta1, beta2)
             v_hat = v
             if amsgrad:

@@ -64,7 +64,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
             u = adam_direction(exp_avgs[i].to(cd), exp_avg_sqs[i].to(cd), step_size,
                                inv_bc2_sqrt, eps)
             if weight_decay != 0.0:
-                u = u + weight_decay * pf
+                u = u.add(pf, alpha=weight_decay)  # l2_decayed_grad
             sums[i, 0] = pf.double().square().sum()
             sums[i, 1] = u.double().square().sum()
             updates.append((pf, u, master))

@@ -25,7 +25,7 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_
     with torch.no_grad():
         for i, p, pf, g, master, _ in each_tensor(params, grads, master_params, [], grad_mul):
             if weight_decay != 0.0:
-                g = g + weight_decay * pf
+                g = g.add(pf, alpha=weight_decay)  # l2_decayed_grad
             if momentum != 0.0:
                 buf = momentum_buffers[i]
                 if new_buffers and new_buffers[i]:
