@@ -200,9 +200,11 @@ def load_grad(g_ptr, offs, mask, grad_mul, CT: tl.constexpr = tl.float32):
 
 @triton.jit
 def l2_decayed_grad(g, p, weight_decay, CT: tl.constexpr = tl.float32):
-    """weight_decay.h l2_decayed_grad: g + weight_decay * p rounded once (weight_decay
-    an fp64 argument, rounded once to CT)."""
-    return fmadd(f64(weight_decay).to(CT), p, g)
+    """weight_decay.h l2_decayed_grad: g + weight_decay * p (weight_decay an fp64
+    argument, rounded once to CT), with one rounding in fp64 and two in fp32, as there."""
+    if CT == tl.float64:
+        return fmadd(f64(weight_decay).to(CT), p, g)
+    return g + f64(weight_decay).to(CT) * p
 
 
 @triton.jit

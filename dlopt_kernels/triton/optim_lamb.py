@@ -69,8 +69,7 @@ def _coeffs(step_ptr, fi_ptr, n, beta1, beta2, HAS_FI: tl.constexpr,
 
 @triton.jit
 def _direction(p, m, v, step_size, inv_bc2_sqrt, eps, weight_decay, WD: tl.constexpr):
-    """lamb_direction: m_hat / (sqrt(v_hat) + eps) + weight_decay * p (one rounding:
-    l2_decayed_grad)."""
+    """lamb_direction: m_hat / (sqrt(v_hat) + eps) + weight_decay * p (l2_decayed_grad)."""
     u = adam_direction(m, v, step_size, inv_bc2_sqrt, eps)
     if WD:
         u = l2_decayed_grad(u, p, weight_decay)

@@ -2,6 +2,7 @@
 // Triton and reference twins are `decoupled_decay_factor` in their _common.py).
 #pragma once
 #include <cmath>
+#include <type_traits>
 #include "dlopt/macros.h"
 
 namespace dlopt {
@@ -56,14 +57,21 @@ DLOPT_HD C decayed_minus(C p, C decay_factor, C delta) {
 }
 
 // L2 weight decay (Adam, SGD, RMSprop, Adagrad, LAMB's update): the penalty's gradient
-// added to g, g + weight_decay * p rounded once (fmadd), as torch's CPU
-// `grad.add(param, alpha=weight_decay)` computes it. With two roundings, a g that
+// added to g. In double (float64 params, CPU kernels) rounded once (fmadd), as torch's
+// CPU `grad.add(param, alpha=weight_decay)` computes it: with two roundings, a g that
 // nearly cancels weight_decay * p kept the product's rounding error, large against the
-// small sum: a float64 RMSprop momentum buffer came out thousands of ulps from torch's
-// (tests/optim/test_wide_dtypes.py test_matches_torch, a rare draw).
+// small sum, and a float64 RMSprop momentum buffer came out thousands of ulps from
+// torch's (tests/optim/test_wide_dtypes.py test_l2_decay_of_cancelling_grads_...). In
+// fp32 two roundings, well inside the fp32 tolerance: the fused form made ptxas spill
+// registers in the heaviest CUDA RMSprop instantiation (fp16 params, fp32 states,
+// centered, momentum; python tools/check_cuda.py).
 template <class C>
 DLOPT_HD C l2_decayed_grad(C g, C p, C weight_decay) {
-  return fmadd(weight_decay, p, g);
+  if constexpr (std::is_same_v<C, double>) {
+    return fmadd(weight_decay, p, g);
+  } else {
+    return g + weight_decay * p;
+  }
 }
 
 }  // namespace dlopt

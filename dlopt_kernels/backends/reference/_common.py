@@ -60,6 +60,13 @@ def grad_multiplier(maximize: bool, grad_scale: Optional[Tensor]) -> float:
     return (-1.0 if maximize else 1.0) / (float(grad_scale) if grad_scale is not None else 1.0)
 
 
+def l2_decayed_grad(g: torch.Tensor, p: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """weight_decay.h l2_decayed_grad: g + weight_decay * p, in float64 with one rounding
+    as torch's CPU `grad.add(param, alpha=weight_decay)` (and the C++ kernels' fmadd),
+    in fp32 with two."""
+    return g.add(p, alpha=weight_decay) if g.dtype == torch.float64 else g + weight_decay * p
+
+
 def decoupled_decay_factor(lr: float, weight_decay: float) -> float:
     """weight_decay.h: p <- p * (1 - lr * weight_decay), the factor in double."""
     return 1.0 - lr * weight_decay

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_elementwise_lists
-from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
-                                                      store_param)
+from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier,
+                                                      l2_decayed_grad, skip_step, store_param)
 
 
 def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tensor,
@@ -28,7 +28,7 @@ def adagrad_step(params, grads, state_sums, master_params, state_steps, lr: Tens
                                                      state_steps, grad_mul):
             clr = lr_v / (1.0 + (step - 1.0) * lr_decay)
             if weight_decay != 0.0:
-                g = g.add(pf, alpha=weight_decay)  # l2_decayed_grad
+                g = l2_decayed_grad(g, pf, weight_decay)
             s = state_sums[i].to(pf.dtype) + g * g
             state_sums[i].copy_(s)
             store_param(p, pf - clr * g / (s.sqrt() + eps), master, seed, i)

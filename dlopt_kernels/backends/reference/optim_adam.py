@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
-                                                      each_tensor, store_param)
+                                                      each_tensor, l2_decayed_grad, store_param)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
@@ -39,7 +39,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
                 if decoupled_weight_decay:
                     pf = pf * decay
                 else:
-                    g = g.add(pf, alpha=weight_decay)  # l2_decayed_grad
+                    g = l2_decayed_grad(g, pf, weight_decay)
             m, v = adam_moments(g, m, v, beta1, beta2)
             v_hat = v
             if amsgrad:

@@ -11,7 +11,7 @@ from torch import Tensor
 from dlopt_kernels.backends.checks import check_elementwise_lists
 from dlopt_kernels.backends.reference._common import (adam_coeffs, adam_direction, adam_moments,
                                                       compute_dtype, count_steps, grad_multiplier,
-                                                      skip_step, store_param)
+                                                      l2_decayed_grad, skip_step, store_param)
 
 
 def lamb_clip_factor(global_norm: float, max_norm: float) -> float:
@@ -64,7 +64,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, 
             u = adam_direction(exp_avgs[i].to(cd), exp_avg_sqs[i].to(cd), step_size,
                                inv_bc2_sqrt, eps)
             if weight_decay != 0.0:
-                u = u.add(pf, alpha=weight_decay)  # l2_decayed_grad
+                u = l2_decayed_grad(u, pf, weight_decay)
             sums[i, 0] = pf.double().square().sum()
             sums[i, 1] = u.double().square().sum()
             updates.append((pf, u, master))

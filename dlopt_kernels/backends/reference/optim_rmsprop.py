@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_rmsprop_lists
-from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
-                                                      store_param)
+from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier,
+                                                      l2_decayed_grad, skip_step, store_param)
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master_params,
@@ -30,7 +30,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, master
             # device this backend rounds as torch does: centered RMSprop's v - ga^2
             # cancels and amplifies any other order's rounding along the trajectory.
             if weight_decay != 0.0:
-                g = g.add(pf, alpha=weight_decay)
+                g = l2_decayed_grad(g, pf, weight_decay)
             v = square_avgs[i].to(pf.dtype)
             v.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
             square_avgs[i].copy_(v)

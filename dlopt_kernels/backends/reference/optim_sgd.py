@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from dlopt_kernels.backends.checks import check_sgd_lists
-from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier, skip_step,
-                                                      store_param)
+from dlopt_kernels.backends.reference._common import (each_tensor, grad_multiplier,
+                                                      l2_decayed_grad, skip_step, store_param)
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_decay: float,
@@ -25,7 +25,7 @@ def sgd_step(params, grads, momentum_buffers, master_params, lr: Tensor, weight_
     with torch.no_grad():
         for i, p, pf, g, master, _ in each_tensor(params, grads, master_params, [], grad_mul):
             if weight_decay != 0.0:
-                g = g.add(pf, alpha=weight_decay)  # l2_decayed_grad
+                g = l2_decayed_grad(g, pf, weight_decay)
             if momentum != 0.0:
                 buf = momentum_buffers[i]
                 if new_buffers and new_buffers[i]:
