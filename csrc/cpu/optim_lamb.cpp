@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -264,14 +265,15 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       ++g1;
     }
     if (bytes <= kGroupBytes) {
-      auto& scratch_f = u_scratch;
-      auto& scratch_d = u_scratch64;
-      if (wide && static_cast<int64_t>(scratch_d.size()) < group_elems) scratch_d.resize(group_elems);
-      if (!wide && static_cast<int64_t>(scratch_f.size()) < group_elems) scratch_f.resize(group_elems);
+      const size_t need = static_cast<size_t>(group_elems);  // grows, never shrinks
+      if (wide)
+        u_scratch64.resize(std::max(u_scratch64.size(), need));
+      else
+        u_scratch.resize(std::max(u_scratch.size(), need));
       for (size_t i = g0, off = 0; i < g1; off += numels[i], ++i)
         args[i].u = !numels[i] ? nullptr
-                    : wide     ? static_cast<void*>(scratch_d.data() + off)
-                               : static_cast<void*>(scratch_f.data() + off);
+                    : wide     ? static_cast<void*>(u_scratch64.data() + off)
+                               : static_cast<void*>(u_scratch.data() + off);
     }
     // Pass 1: moments and per-chunk sums of p^2, u^2.
     for_each_chunk(group_numels, [&](int32_t t, int64_t b, int64_t e) {

@@ -399,6 +399,23 @@ def test_lamb_cpu_kernel_float64():
                             [x for x in before if isinstance(x, list)])
 
 
+@pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
+                    reason="needs the C++ CPU library")
+@pytest.mark.parametrize("op", ["lamb_step", "adafactor_step"])
+def test_float64_master_weights_refused_by_cpu_kernel(op):
+    """LAMB's and Adafactor's C++ kernels, which take float64 calls since they compute
+    in double, refuse master weights for float64 params (naming them), nothing changed."""
+    params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (70,)]]
+    args = list((_lamb_args if op == "lamb_step" else _adafactor_args)(params, "cpu"))
+    master_at = 4 if op == "lamb_step" else 5
+    args[master_at] = [p.float() for p in params]
+    before = _clone_args(tuple(args))
+    with pytest.raises((RuntimeError, TypeError), match="master"):
+        getattr(torch.ops.dlopt, op)(*args)
+    _assert_lists_equal([x for x in args if isinstance(x, list)],
+                        [x for x in before if isinstance(x, list)])
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_float64_call_rules(backend):
     """Every backend that takes float64 params: master weights are refused for them
