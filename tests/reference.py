@@ -86,15 +86,20 @@ def adagrad_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float
 def rmsprop_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float,
                     alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
                     momentum: float = 0.0, centered: bool = False, maximize: bool = False,
-                    trace: list | None = None):
+                    init: tuple | None = None, trace: list | None = None,
+                    buf_magnitude: list | None = None):
     """Apply len(grads) RMSprop steps (Hinton's lecture 6e; the centered variant of
     Graves 2013; torch's momentum on the normalized gradient) to a float64 copy of
-    `param`. Returns (param, square_avg, grad_avg, momentum_buffer); `trace`, if given,
-    receives the param after every step."""
+    `param`, from zero states or from init = (square_avg, grad_avg, momentum_buffer).
+    Returns (param, square_avg, grad_avg, momentum_buffer); `trace`, if given, receives
+    the param after every step; `buf_magnitude`, if given, receives the momentum
+    buffer's terms summed in absolute value (momentum * m + |g / avg|, from |init
+    buffer|): the scale any fp32 run's rounding error in the buffer is relative to, as
+    its terms can be large and cancel."""
     p = param.detach().double().clone()
-    v = torch.zeros_like(p)
-    ga = torch.zeros_like(p)
-    b = torch.zeros_like(p)
+    v, ga, b = ((t.detach().double().clone() for t in init) if init is not None
+                else (torch.zeros_like(p) for _ in range(3)))
+    mag = b.abs()
     for g in grads:
         g = -g.double() if maximize else g.double()
         if weight_decay:
@@ -107,11 +112,14 @@ def rmsprop_float64(param: torch.Tensor, grads: list[torch.Tensor], *, lr: float
             avg = v.sqrt() + eps
         if momentum > 0:
             b = momentum * b + g / avg
+            mag = momentum * mag + (g / avg).abs()
             p = p - lr * b
         else:
             p = p - lr * g / avg
         if trace is not None:
             trace.append(p)
+    if buf_magnitude is not None:
+        buf_magnitude.append(mag)
     return p, v, ga, b
 
 

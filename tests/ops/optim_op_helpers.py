@@ -165,15 +165,32 @@ def assert_fp32_close(got, want) -> None:
                                **tol(torch.float32))
 
 
-def assert_state_close_normwise(got, want) -> None:
+def assert_state_close_normwise(got, want, magnitude=None) -> None:
     """fp32 row of the table, with the absolute part scaled by the tensor's largest
     |value|: for states such as RMSprop's momentum buffer (a sum of g / avg terms that
     can be large and cancel), elementwise relative error is not what fp32 rounding
-    bounds, the error relative to the tensor's scale is."""
+    bounds, the error relative to the tensor's scale is. magnitude (float64, elementwise,
+    from the oracle: the state's terms summed in absolute value) raises that scale where
+    the terms are larger still: a scalar or a small tensor whose every element cancels
+    has no large |value| to lend its scale."""
     rtol, atol = tol(torch.float32).values()
     want = want.to(got.dtype)
     scale = float(want.abs().max()) if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol + rtol * scale)
+    if magnitude is None:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol + rtol * scale)
+        return
+    assert got.shape == want.shape == magnitude.shape, (got.shape, want.shape, magnitude.shape)
+    w = want.double().cpu()
+    err = (got.double().cpu() - w).abs()
+    allowed = atol + rtol * (magnitude.cpu().clamp_min(scale) + w.abs())
+    bad = ~(err <= allowed)  # NaN fails
+    if bad.any():
+        j = int(bad.reshape(-1).nonzero()[0])
+        raise AssertionError(
+            f"{int(bad.sum())} of {got.numel()} elements differ beyond the tolerance; first "
+            f"at flat index {j}: got {got.reshape(-1)[j].item()!r}, want "
+            f"{w.reshape(-1)[j].item()!r}, allowed {allowed.reshape(-1)[j].item():.3g} "
+            f"(terms' magnitude {magnitude.reshape(-1)[j].item():.3g})")
 
 
 # ----------------------------------------------------------------- poisoned memory
@@ -321,11 +338,14 @@ def check_twin_and_oracle(ours, params0, grads_seq, ref_ps, ref_opt, oracle, sta
     keeps; the step counts equal torch's. bf16/fp16: ours' error against the oracle at
     most LOWP_ERR_RATIO x torch's (LowpErrors). oracle(i, p0, grads_i, trace) -> (param,
     {state key: tensor}) in float64, appending the param after every step to trace;
-    states(i) -> ours' state tensors of param i by torch's key names."""
+    states(i) -> ours' state tensors of param i by torch's key names. The oracle may
+    return a third item, {state key: magnitude}, passed to state_close as magnitude=
+    (see assert_state_close_normwise)."""
     lowp = LowpErrors()
     for i, p0 in enumerate(params0):
         trace = []
-        want64, states64 = oracle(i, p0, [g[i] for g in grads_seq], trace)
+        want64, states64, *more = oracle(i, p0, [g[i] for g in grads_seq], trace)
+        mags = more[0] if more else {}
         got, want = ours.params[i], ref_ps[i].detach()
         st = ref_opt.state[ref_ps[i]]
         assert got.dtype == p0.dtype and got.shape == p0.shape
@@ -336,8 +356,9 @@ def check_twin_and_oracle(ours, params0, grads_seq, ref_ps, ref_opt, oracle, sta
             torch.testing.assert_close(got.double(), want64, **tol(torch.float32))
             for key, t in states(i).items():
                 if key in st:
-                    state_close(t, st[key])
-                    state_close(t.double(), states64[key])
+                    kw = {"magnitude": mags[key]} if key in mags else {}
+                    state_close(t, st[key], **kw)
+                    state_close(t.double(), states64[key], **kw)
         else:
             lowp.add(got, want, want64, trace_scale(p0, trace))
     lowp.check()
