@@ -281,17 +281,24 @@ def _assert_lists_equal(a, b):
             assert torch.equal(s, t)
 
 
+def _assert_refused(call, args, exc, match):
+    """call(*args) raises exc (message matching `match`), and every list argument
+    (params, grads, states) holds the same values as before the call."""
+    before = _clone_args(tuple(args))
+    with pytest.raises(exc, match=match):
+        call(*args)
+    _assert_lists_equal([x for x in args if isinstance(x, list)],
+                        [x for x in before if isinstance(x, list)])
+
+
 def test_op_refuses_float64_on_fp32_kernels():
     """torch.ops.dlopt.lamb_step on float64 lists with backend='triton' (whose kernels
     compute in fp32) refuses, naming the backend, and changes nothing."""
     if registry.why_unavailable("triton", "cpu") is not None:
         pytest.skip("triton cannot run here")
     params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (7,), ()]]
-    bad = _lamb_args(params, "triton")
-    before = _clone_args(bad[:-1])
-    with pytest.raises(ValueError, match="backend='triton'.*float64"):
-        torch.ops.dlopt.lamb_step(*bad)
-    _assert_lists_equal(bad[:6], before[:6])
+    _assert_refused(torch.ops.dlopt.lamb_step, _lamb_args(params, "triton"), ValueError,
+                    "backend='triton'.*float64")
 
 
 def _float64_runs(op, args, steps=3):
@@ -333,11 +340,7 @@ def test_adam_cpu_kernel_float64(amsgrad):
                     a[k][0] = a[k][0].float()
         else:
             a = _adam_args([t.clone() for t in bad], "cpu")
-        before = _clone_args(a)
-        with pytest.raises(TypeError, match="float64|Double"):
-            torch.ops.dlopt.adam_step(*a)
-        _assert_lists_equal([x for x in a if isinstance(x, list)],
-                            [x for x in before if isinstance(x, list)])
+        _assert_refused(torch.ops.dlopt.adam_step, a, TypeError, "float64|Double")
 
 
 def _adafactor_args(params, backend, state_dtype=None):
@@ -371,11 +374,7 @@ def test_adafactor_cpu_kernel_float64():
         torch.testing.assert_close(runs["cpu"][0][i], want, **tol(torch.float64))
     for bad in (_adafactor_args([params[0].clone(), params[2].float()], "cpu"),
                 _adafactor_args([t.clone() for t in params], "cpu", torch.float32)):
-        before = _clone_args(bad)
-        with pytest.raises(TypeError, match="float64|Double"):
-            torch.ops.dlopt.adafactor_step(*bad)
-        _assert_lists_equal([x for x in bad if isinstance(x, list)],
-                            [x for x in before if isinstance(x, list)])
+        _assert_refused(torch.ops.dlopt.adafactor_step, bad, TypeError, "float64|Double")
 
 
 @pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
@@ -392,11 +391,7 @@ def test_lamb_cpu_kernel_float64():
     states32 = _lamb_args([t.clone() for t in params[:3]], "cpu")
     states32[2][0], states32[3][0] = states32[2][0].float(), states32[3][0].float()
     for bad in (_lamb_args([params[0].clone(), params[1].float()], "cpu"), states32):
-        before = _clone_args(bad)
-        with pytest.raises(TypeError, match="float64|Double"):
-            torch.ops.dlopt.lamb_step(*bad)
-        _assert_lists_equal([x for x in bad if isinstance(x, list)],
-                            [x for x in before if isinstance(x, list)])
+        _assert_refused(torch.ops.dlopt.lamb_step, bad, TypeError, "float64|Double")
 
 
 @pytest.mark.skipif(registry.why_unavailable("cpu", "cpu") is not None,
@@ -409,11 +404,7 @@ def test_float64_master_weights_refused_by_cpu_kernel(op):
     args = list((_lamb_args if op == "lamb_step" else _adafactor_args)(params, "cpu"))
     master_at = 4 if op == "lamb_step" else 5
     args[master_at] = [p.float() for p in params]
-    before = _clone_args(tuple(args))
-    with pytest.raises((RuntimeError, TypeError), match="master"):
-        getattr(torch.ops.dlopt, op)(*args)
-    _assert_lists_equal([x for x in args if isinstance(x, list)],
-                        [x for x in before if isinstance(x, list)])
+    _assert_refused(getattr(torch.ops.dlopt, op), args, (RuntimeError, TypeError), "master")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
@@ -427,11 +418,7 @@ def test_float64_call_rules(backend):
     params = [torch.randn(s, dtype=torch.float64) for s in [(5, 3), (70,)]]
     args = list(_adam_args(params, backend))
     args[5] = [p.float() for p in params]  # master weights
-    before = _clone_args(tuple(args))
-    with pytest.raises((RuntimeError, TypeError), match="master"):
-        torch.ops.dlopt.adam_step(*args)
-    _assert_lists_equal([x for x in args if isinstance(x, list)],
-                        [x for x in before if isinstance(x, list)])
+    _assert_refused(torch.ops.dlopt.adam_step, args, (RuntimeError, TypeError), "master")
     plain = list(_clone_args(tuple(args)))
     plain[5] = []
     seeded = list(_clone_args(tuple(plain)))
@@ -476,12 +463,8 @@ def test_conjugated_views(entry):
     for k in (0, 2):  # a param, a state
         bad = list(_clone_args(tuple(plain)))
         bad[k] = [bad[k][0].conj()]
-        before = _clone_args(tuple(bad))
         exc, match = (RuntimeError, "conjugate") if entry == "op" else (TypeError, "conjugated")
-        with pytest.raises(exc, match=match):
-            call(*bad)
-        _assert_lists_equal([x for x in bad if isinstance(x, list)],
-                            [x for x in before if isinstance(x, list)])
+        _assert_refused(call, bad, exc, match)
 
 
 def test_op_refuses_complex32():
